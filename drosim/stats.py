@@ -1,0 +1,76 @@
+"""Statistics for the studies: log-log slopes with bootstrap intervals, quantile bands.
+
+Slopes are fitted by least squares of log(median error) on log(x) across the grid of x;
+the interval resamples trials (with replacement, within each x) and refits, so it reflects
+the Monte-Carlo uncertainty of the medians.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Slope", "loglog_slope", "quantile_band"]
+
+
+class Slope(NamedTuple):
+    """A fitted log-log slope with its bootstrap confidence interval."""
+
+    slope: float
+    low: float
+    high: float
+
+    def contains(self, value: float, tolerance: float = 0.0) -> bool:
+        """Whether value lies in [low - tolerance, high + tolerance]."""
+        return self.low - tolerance <= value <= self.high + tolerance
+
+
+def loglog_slope(frame: pd.DataFrame, x: str, y: str, *, boots: int = 500,
+                 level: float = 0.9, seed: int = 0) -> Slope:
+    """Slope of log(median y) against log(x), with a bootstrap interval over trials.
+
+    Args:
+        frame: one row per trial and x value.
+        x: the column of the grid (e.g. "n").
+        y: the column of the measured error (positive).
+        boots: bootstrap resamples.
+        level: confidence level of the interval.
+        seed: the bootstrap's seed.
+
+    Returns:
+        Slope(slope, low, high).
+
+    Raises:
+        ValueError: fewer than two distinct x values, or non-positive y.
+
+    Example:
+        >>> import pandas as pd
+        >>> f = pd.DataFrame({"n": [10, 10, 100, 100], "err": [1.0, 1.2, 0.1, 0.12]})
+        >>> round(loglog_slope(f, "n", "err").slope, 3)
+        -1.0
+    """
+    groups = [np.log(g[y].to_numpy(dtype=float)) for _, g in frame.groupby(x, sort=True)]
+    xs = np.log(np.sort(frame[x].unique()).astype(float))
+    if len(xs) < 2:
+        raise ValueError(f"a slope needs at least two distinct values of {x}")
+    if not all(np.isfinite(g).all() for g in groups):
+        raise ValueError(f"{y} must be positive and finite to take logs")
+    slope = float(np.polyfit(xs, [np.median(g) for g in groups], 1)[0])
+    rng = np.random.default_rng(seed)
+    resampled = np.empty(boots)
+    for b in range(boots):
+        medians = [np.median(rng.choice(g, size=g.size)) for g in groups]
+        resampled[b] = np.polyfit(xs, medians, 1)[0]
+    tail = (1 - level) / 2
+    return Slope(slope, float(np.quantile(resampled, tail)),
+                 float(np.quantile(resampled, 1 - tail)))
+
+
+def quantile_band(frame: pd.DataFrame, by: list[str], y: str, low: float = 0.1,
+                  high: float = 0.9) -> pd.DataFrame:
+    """Median and [low, high] quantiles of y per group (columns median, low, high)."""
+    grouped = frame.groupby(by)[y]
+    return pd.DataFrame({"median": grouped.median(), "low": grouped.quantile(low),
+                         "high": grouped.quantile(high)}).reset_index()

@@ -1,0 +1,96 @@
+"""What every paper check returns, and the small helpers the checks share.
+
+A check is a module with a ``run(preset, out) -> CheckResult`` function. It measures one
+claim of the paper (or one finding of the anchors) and says in plain words whether the
+measurement reproduces it. "Not reproduced" is a finding, not an error: only a check that
+raises is a failure of the software.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, get_args
+
+import numpy as np
+import pandas as pd
+
+Preset = Literal["quick", "full"]
+Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
+
+PRESETS: tuple[str, ...] = get_args(Preset)
+VERDICTS: tuple[str, ...] = get_args(Verdict)
+
+# cvxpy statuses whose value we trust as a reference; anything else is counted and skipped.
+TRUSTED_STATUSES = ("optimal", "optimal_inaccurate")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing DataFrames with == is not a bool
+class CheckResult:
+    """The outcome of one paper check.
+
+    Attributes:
+        claim: the claim's label in paper.md ("C1", "C1, C6", ...) or "anchors".
+        title: a short name for what is checked.
+        paper_says: the claim, in the paper's (or the anchors') words.
+        measured: what this check measured, with the numbers that decide the verdict.
+        verdict: "reproduced", "not reproduced" or "inconclusive".
+        table: the detailed measurements, one row per configuration.
+    """
+
+    claim: str
+    title: str
+    paper_says: str
+    measured: str
+    verdict: Verdict
+    table: pd.DataFrame
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if not isinstance(self.table, pd.DataFrame):
+            raise TypeError(f"table must be a pandas DataFrame, got {type(self.table).__name__}")
+
+
+class Check(Protocol):
+    """A check module: anything with this ``run`` function."""
+
+    def run(self, preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
+        """Run the check.
+
+        Args:
+            preset: "quick" (seconds) or "full" (larger sizes, more seeds).
+            out: the folder where the check may write figures.
+
+        Returns:
+            The check's result.
+        """
+        ...
+
+
+def load_check(name: str) -> Check:
+    """Import the check module ``paper_checks.<name>``.
+
+    Args:
+        name: the module's name, as listed in ``paper_checks.CHECKS``.
+
+    Returns:
+        The module, which has a ``run`` function.
+    """
+    return importlib.import_module(f"paper_checks.{name}")
+
+
+def spread(losses: np.ndarray) -> float:
+    """max - min of the losses: the scale on which worst-case values are compared.
+
+    Every worst case over a chi-square or KL ball lies in [mean, max], so an error
+    divided by the spread is a relative error on the only range the answer can take.
+
+    Args:
+        losses: 1-D array of per-sample losses, not all equal.
+
+    Returns:
+        The spread, a positive float.
+    """
+    return float(np.ptp(losses))

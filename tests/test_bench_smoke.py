@@ -1,0 +1,109 @@
+"""Smoke test of bench/bench_dro.py, and the published chi2 baseline's documented defect."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from drosim.dro import chi2_worst_case
+from drosim.published import (
+    published_chi2_candidates,
+    published_chi2_objective,
+    published_chi2_value_at,
+    published_kl_weights,
+)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_dro.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """bench/bench_dro.py imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_dro", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exp_losses(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.empty(n, dtype=torch.float64).exponential_(generator=gen)
+
+
+def test_run_benchmark_tiny(bench: ModuleType) -> None:
+    pytest.importorskip("cvxpy")
+    df = bench.run_benchmark(ns=[64], batch=4, repeats=1, baseline_problems=2)
+    assert list(df.columns) == bench.COLUMNS
+    devices = bench.available_devices()
+    assert len(df) == len(bench.SOLVERS) * len(devices)
+    assert set(df["solver"]) == {"chi2", "kl"}
+    for column in ("ours_s", "cvxpy_s", "cvxpy/ours"):
+        assert (df[column] > 0).all() and df[column].map(math.isfinite).all(), column
+    chi2 = df[df["solver"] == "chi2"]
+    assert (chi2["published_s"] > 0).all() and chi2["published/ours"].map(math.isfinite).all()
+    # The timed problems are solved, and solved right.
+    assert (df["max_abs_err_vs_cvxpy"] < 1e-5).all()
+    assert (df["pass"] == "-").all()  # the speed target applies at n = 4096 only
+
+
+def test_markdown_table(bench: ModuleType) -> None:
+    df = bench.pd.DataFrame({"a": [1.0, math.nan], "b": ["x", "y"]})
+    lines = bench.to_markdown(df).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("|") and "n/a" in lines[3]
+
+
+def test_memory_probe_calibrates(bench: ModuleType) -> None:
+    """One input-sized copy measures as about one input (4 MiB, in a fresh process)."""
+    r = bench.measure_memory("copy", 8, 65536, "cpu", timeout_s=60)
+    assert r["input_bytes"] == 8 * 65536 * 8
+    assert 0.5 <= r["extra_bytes"] / r["input_bytes"] <= 2.0, r
+
+
+def test_published_chi2_worst_case_below_mean() -> None:
+    """anchors.md: with sqrt(2 rho) < 1 the published value falls below the mean."""
+    losses = _exp_losses(64, seed=0)
+    mean = float(losses.mean())
+    published = published_chi2_objective(losses, 0.01)
+    assert published.objective < mean
+    assert float(chi2_worst_case(losses, 0.01).value) >= mean
+    # g is increasing there, so the search returns its left-most candidate, min - 1.
+    assert published.eta == float(losses.min()) - 1
+    assert published.objective == published_chi2_value_at(losses, published.eta, 0.01)
+
+
+@pytest.mark.parametrize("rho", [0.5, 2.0])
+def test_published_chi2_finite_when_sqrt_2rho_at_least_one(rho: float) -> None:
+    losses = _exp_losses(64, seed=0)
+    published = published_chi2_objective(losses, rho)
+    assert math.isfinite(published.objective)
+    # Not the chi-square worst case, whose constant is sqrt(1 + 2 rho) > sqrt(2 rho).
+    assert published.objective < float(chi2_worst_case(losses, rho).value)
+
+
+def test_published_candidates_and_attached_gradients() -> None:
+    losses = torch.tensor([2.0, 0.0, 2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    assert published_chi2_candidates(losses).tolist() == [-1.0, 0.0, 1.0, 2.0, 3.0]
+    out = published_chi2_objective(losses, 2.0)
+    out.loss.backward()  # the weights are NOT detached: the gradient goes through them
+    assert out.weights.requires_grad and losses.grad is not None
+    assert not torch.allclose(losses.grad, out.weights.detach())
+    kl = published_kl_weights(losses, 0.5)
+    assert kl.weights.requires_grad
+    assert float(kl.weights.detach().sum()) == pytest.approx(1.0)
+    assert float(kl.loss.detach()) == pytest.approx(float((kl.weights * losses).sum().detach()))
+
+
+def test_published_timing_extrapolates_over_budget(bench: ModuleType) -> None:
+    """Over the time budget, a prefix of the candidates is timed and the table says so."""
+    losses = bench.make_losses(1, 1024)
+    seconds, note = bench.time_published(losses, 0.1, count=1, budget_s=0.0)
+    assert seconds > 0 and math.isfinite(seconds)
+    assert note.startswith("EXTRAPOLATED") and f"of {1024 + 2} candidates" in note

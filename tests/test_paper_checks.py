@@ -1,0 +1,119 @@
+"""Tests of the paper checks: each check on its quick preset, and the command line end to end.
+
+The expected claims and table columns are written out here (not read from the modules) so
+that a change to what a check reports shows up as a test failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from paper_checks import CHECKS, VERDICTS, CheckResult, load_check
+from paper_checks import __main__ as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# check name -> (claim, detail-table columns, files written to the output folder)
+EXPECTED: dict[str, tuple[str, list[str], list[str]]] = {
+    "duality": (
+        "C1, C6",
+        ["set", "n", "rho", "comparisons", "skipped", "max_gap", "max_primal_gap",
+         "max_dual_gap", "max_infeasibility", "max_regulariser_gap"],
+        [],
+    ),
+    "worst_case_curve": (
+        "C1 (figure)",
+        ["set", "rho", "ours", "cvxpy", "status", "gap"],
+        ["worst_case_vs_rho.png", "worst_case_vs_rho.pdf"],
+    ),
+    "published_chi2": (
+        "anchors",
+        ["rho", "n", "seed", "exact_ours", "exact_cvxpy", "cvxpy_status", "published", "mean",
+         "published_below_mean", "anchors_exact", "anchors_published", "anchors_mean"],
+        [],
+    ),
+}
+
+
+def _fake_result(verdict: str) -> CheckResult:
+    return CheckResult("C0", "title", "paper", "measured", verdict, pd.DataFrame({"x": [1]}))
+
+
+def test_every_registered_check_is_tested() -> None:
+    assert set(CHECKS) == set(EXPECTED)
+
+
+def test_check_result_rejects_an_unknown_verdict() -> None:
+    with pytest.raises(ValueError, match="verdict"):
+        _fake_result("probably")
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_check_reproduces_on_quick_preset(name: str, tmp_path: Path) -> None:
+    claim, columns, files = EXPECTED[name]
+    result = load_check(name).run("quick", out=tmp_path)
+
+    assert isinstance(result, CheckResult)
+    assert result.claim == claim
+    assert result.title and result.paper_says and result.measured
+    # Every check here measures our exact solvers (or the anchors' finding) on fixed seeds:
+    # a verdict other than "reproduced" means a solver or a reference changed.
+    assert result.verdict == "reproduced", result.measured
+    assert list(result.table.columns) == columns
+    assert len(result.table) > 0
+    for file in files:
+        assert (tmp_path / file).stat().st_size > 0
+
+
+def test_published_chi2_matches_the_anchors_first_row() -> None:
+    # Seed 0 happens to be the anchors' sample for (rho, n) = (0.01, 64).
+    table = load_check("published_chi2").run("quick").table
+    row = table[(table["rho"] == 0.01) & (table["n"] == 64)].iloc[0]
+    for ours, anchors in (("exact_ours", "anchors_exact"), ("published", "anchors_published"),
+                          ("mean", "anchors_mean")):
+        assert row[ours] == pytest.approx(row[anchors], abs=5e-5)
+
+
+def test_report_shouts_when_a_claim_does_not_reproduce() -> None:
+    assert "*** NOT REPRODUCED ***" in cli.report("fake", _fake_result("not reproduced"), 1.0)
+    assert "NOT REPRODUCED" not in cli.report("fake", _fake_result("reproduced"), 1.0)
+
+
+def test_command_line_writes_the_claims_table(tmp_path: Path) -> None:
+    # The repository root on the path: the command must work from a checkout, installed or not.
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+    run = subprocess.run([sys.executable, "-m", "paper_checks", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    assert run.returncode == 0, run.stderr
+    claims = pd.read_csv(tmp_path / "claims.csv")
+    assert list(claims["check"]) == list(CHECKS)
+    assert list(claims.columns) == ["check", "claim", "title", "paper_says", "measured",
+                                    "verdict", "seconds"]
+    assert set(claims["verdict"]) <= set(VERDICTS)
+    assert (tmp_path / "claims.md").read_text().count("\n") == len(CHECKS) + 2
+    for name in CHECKS:
+        assert (tmp_path / "checks" / f"{name}.csv").exists()
+        assert f"== {name}:" in run.stdout
+    assert (tmp_path / "worst_case_vs_rho.png").exists()
+
+
+def test_a_crashing_check_fails_the_run_but_is_recorded(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(preset: str, out: Path) -> CheckResult:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "load_check", lambda name: SimpleNamespace(run=crash))
+
+    assert cli.main(["--out", str(tmp_path), "--only", "duality"]) == 1
+    claims = pd.read_csv(tmp_path / "claims.csv")
+    assert list(claims["verdict"]) == ["crashed"]
+    assert "RuntimeError: boom" in claims.loc[0, "measured"]
