@@ -60,6 +60,10 @@ __all__ = [
 # exponential, normal, log-normal, Pareto, tied and two-point losses; rho from 1e-6 to 30)
 # log tau* is exact to 1e-10 after 10 iterations; 24 leave a wide margin.
 _KL_ITERATIONS = 24
+# Radii below which the KL dual is replaced by its small-radius expansion (see kl_worst_case):
+# its error O(rho * spread) is then below the rounding of the exact solve.
+_KL_SMALL_RADIUS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
+                    torch.bfloat16: 1e-3}
 
 
 class DROResult(NamedTuple):
@@ -166,17 +170,37 @@ def _with_danskin_gradient(value: Tensor, weights: Tensor, losses: Tensor) -> Te
     return value + (weights * (losses - losses.detach())).sum(-1)
 
 
-def _normalise(losses: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(l - shift) / scale with shift = max and scale = max - min (1 where the row is flat).
+class _Scale(NamedTuple):
+    """l = shift + scale * z / factor for the normalised losses z in [-1, 0] (max 0)."""
+
+    shift: Tensor
+    scale: Tensor
+    factor: Tensor
+
+    def restore(self, value_z: Tensor) -> Tensor:
+        """A location (value, eta) back in the losses' units."""
+        return (self.shift * self.factor + self.scale * value_z) / self.factor
+
+    def restore_spread(self, spread_z: Tensor) -> Tensor:
+        """A spread (tau) back in the losses' units."""
+        return self.scale * spread_z / self.factor
+
+
+def _normalise(losses: Tensor) -> tuple[Tensor, _Scale]:
+    """z = (l - max) / (max - min) per row (a flat row gets scale 1), and how to undo it.
 
     Solving on this scale keeps 1e30-sized losses from overflowing squares and
-    exponentials, and keeps small spreads on large offsets exact to rounding. One new
-    tensor of the input's size is allocated.
+    exponentials, and keeps small spreads on large offsets exact to rounding. Rows whose
+    spread overflows are first multiplied by 1/4, which is exact. One new tensor of the
+    input's size is allocated.
     """
     hi = losses.amax(-1, keepdim=True)
-    scale = hi - losses.amin(-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (losses - hi).div_(scale), hi.squeeze(-1), scale.squeeze(-1)
+    lo = losses.amin(-1, keepdim=True)
+    factor = torch.where(torch.isinf(hi - lo), 0.25, 1.0).to(losses.dtype)
+    scale = hi * factor - lo * factor
+    scale = torch.where(scale > 0, scale, 1.0)
+    z = (losses * factor).sub_(hi * factor).div_(scale)
+    return z, _Scale(hi.squeeze(-1), scale.squeeze(-1), factor.squeeze(-1))
 
 
 def _finish_weights(weights: Tensor, is_max: Tensor, on_max: Tensor, is_mean: Tensor
@@ -194,7 +218,7 @@ def _finish_weights(weights: Tensor, is_max: Tensor, on_max: Tensor, is_mean: Te
 # ---------------------------------------------------------------------- chi-square
 
 
-def _chi2_solve(z: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _chi2_solve(z: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Minimise g(eta) = eta + c sqrt(mean((z - eta)_+^2)) exactly, for rows of z with max 0.
 
     g is convex, and C^1 below max(z). With z sorted descending (s_1 >= ... >= s_n) and the
@@ -225,10 +249,10 @@ def _chi2_solve(z: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a1, a2, sj, kf = top(k, p1), top(k, p2), top(j, s), k.to(s.dtype)
         first = a1 - kf * sj  # sum_{i<j} (s_i - s_j)
         second = a2 - 2 * sj * a1 + kf * sj * sj  # sum_{i<j} (s_i - s_j)^2
-        return c2 * first * first < n * second
+        return (1 + 2 * rho) * first * first < n * second
 
     ties = (s == 0).sum(-1, dtype=torch.int32).to(torch.int64)
-    on_max = c2 * ties >= n
+    on_max = ties + 2 * rho * ties >= n
     # Binary search for J = max{j : eta* < s_j}: true for j <= ties (those equal the max and
     # eta* < max off on_max rows), false at j = n + 1 (s_{n+1} = -inf). The iteration count
     # depends on n only, never on the data.
@@ -247,7 +271,8 @@ def _chi2_solve(z: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     v = (a2 / kf - m * m).clamp_min(0)
     upper = top(k, s)
     lower = torch.where(k < n, top((k + 1).clamp(max=n), s), -math.inf)
-    excess = (c2 * kf - n).clamp_min(0)
+    # c^2 k - n written so that it stays exact when 1 + 2 rho rounds to 1.
+    excess = ((kf - n) + 2 * rho * kf).clamp_min(0)
     stationary = m - torch.sqrt(n * v / excess.clamp_min(torch.finfo(s.dtype).tiny))
     eta = torch.minimum(torch.maximum(stationary, lower), upper)
     # At an interior stationary point g = m_k + sqrt(v_k (c^2 k - n) / n) (no cancellation
@@ -255,7 +280,7 @@ def _chi2_solve(z: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # the top-k prefix sums is exact.
     sq = (a2 - 2 * eta * a1 + kf * eta * eta).clamp_min(0)
     value = torch.where(stationary == eta, m + torch.sqrt(v * excess / n),
-                        eta + torch.sqrt(c2 * sq / n))
+                        eta + torch.sqrt((1 + 2 * rho) * sq / n))
     zero = torch.zeros_like(eta)
     return torch.where(on_max, zero, eta), torch.where(on_max, zero, value), on_max
 
@@ -293,9 +318,9 @@ def chi2_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
     _check_losses(losses)
     rho_t = _as_radius(rho, losses)
     with torch.no_grad():
-        eta_z, value_z, on_max = _chi2_solve(_normalise(losses.detach())[0], 1 + 2 * rho_t)
+        eta_z, value_z, on_max = _chi2_solve(_normalise(losses.detach())[0], rho_t)
         # Rebuild the normalised losses rather than keep them through the solve (memory).
-        z, shift, scale = _normalise(losses.detach())
+        z, scale = _normalise(losses.detach())
         is_max = z == 0
         is_mean = rho_t == 0
         value_z = torch.where(is_mean, z.mean(-1), value_z)
@@ -303,27 +328,43 @@ def chi2_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
         # Rounding can leave no excess right at the max: the worst case is then the argmax.
         on_max = on_max | (weights.sum(-1) <= 0)
         weights = _finish_weights(weights, is_max, on_max, is_mean)
-        value = shift + scale * value_z
-        dual = torch.where(is_mean, -math.inf, shift + scale * eta_z)
+        value = scale.restore(value_z)
+        dual = torch.where(is_mean, -math.inf, scale.restore(eta_z))
     return DROResult(_with_danskin_gradient(value, weights, losses), weights, dual)
 
 
 # ------------------------------------------------------------------------------ KL
 
 
-def _kl_of_tilt(z: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(q || uniform) for q = softmax(z / e^u), and Var_q(z / e^u) = -d KL / d u.
+def _tilt(z: Tensor, mean: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exponential tilt of normalised rows z (max 0, row means ``mean``) at temperature tau.
 
-    Rows of z have max 0, so t = z / e^u <= 0 with a 0 entry: sum exp(t) lies in [1, n]
-    and needs no max-shift. Six passes over z, two tensors of its size besides z.
+    Returns (t, g, log E exp(t), warm) with t = (z - shift) / tau and, per row, either
+    shift = 0 when tau < -mean (a cold tilt: t <= 0 keeps the gaps below the max exact,
+    g = exp(t)), or shift = mean (a warm tilt: g = expm1(t), which keeps the tiny tilts of
+    large temperatures, i.e. small radii, to relative precision). exp(t) = g + warm.
     """
-    t = z / u.exp().unsqueeze(-1)
-    e = t.exp()
-    total = e.sum(-1)
-    mean_t = _row_dot(e, t) / total
-    second = _row_dot(e.mul_(t), t) / total
-    kl = mean_t - torch.log(total / z.shape[-1])
-    return kl, (second - mean_t.square()).clamp_min(0)
+    n = z.shape[-1]
+    warm = tau >= -mean
+    shift = torch.where(warm, mean, 0.0)
+    t = (z - shift.unsqueeze(-1)).div_(tau.unsqueeze(-1))
+    g = torch.expm1(t).add_((~warm).to(t.dtype).unsqueeze(-1))
+    g_sum = g.sum(-1)
+    log_mean_exp = torch.where(warm, torch.log1p(g_sum / n), torch.log(g_sum / n))
+    return t, g, log_mean_exp, warm
+
+
+def _kl_of_tilt(z: Tensor, mean: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For q = softmax(z / tau), tau = e^u: KL(q || uniform), Var_q(z / tau) (= -d KL / d u),
+    and log E exp(t), warm as in :func:`_tilt`. Two tensors of z's size besides z."""
+    n = z.shape[-1]
+    t, g, log_mean_exp, warm = _tilt(z, mean, u.exp())
+    ones = warm.to(z.dtype)  # exp(t) = g + ones
+    total = g.sum(-1) + n * ones
+    mean_t = (ones * t.sum(-1) + _row_dot(g, t)) / total
+    second = (ones * _row_dot(t, t) + _row_dot(g.mul_(t), t)) / total
+    kl = mean_t - log_mean_exp  # KL = E_q[t] - log E exp(t), whatever the shift
+    return kl, (second - mean_t.square()).clamp_min(0), log_mean_exp, warm
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -331,7 +372,7 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
-def _kl_solve(z: Tensor, rho: Tensor) -> Tensor:
+def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor) -> Tensor:
     """u* = log tau* solving KL(softmax(z / tau) || uniform) = rho, for rows z in [-1, 0].
 
     Newton on log KL(u) = log rho, which is nearly linear in u for large tau (where
@@ -349,7 +390,7 @@ def _kl_solve(z: Tensor, rho: Tensor) -> Tensor:
     # so Newton's iterates approach the root from the right without overshooting.
     u = u_hi
     for _ in range(_KL_ITERATIONS):
-        kl, var_t = _kl_of_tilt(z, u)
+        kl, var_t, _, _ = _kl_of_tilt(z, mean, u)
         above = kl > rho  # u is left of the root
         u_lo = torch.where(above, u, u_lo)
         u_hi = torch.where(above, u_hi, u)
@@ -393,23 +434,28 @@ def kl_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
     rho_t = _as_radius(rho, losses)
     n = losses.shape[-1]
     with torch.no_grad():
-        z, shift, scale = _normalise(losses.detach())
+        z, scale = _normalise(losses.detach())
         is_max = z == 0
         on_max = rho_t >= torch.log(n / is_max.sum(-1).to(z.dtype))
         is_mean = (rho_t == 0) & ~on_max
-        # Rows whose answer is the max or the mean run the same iterations harmlessly.
-        u = _kl_solve(z, rho_t)
-        tau_z = u.exp()
         mean_z = z.mean(-1)
-        weights = z.div_(tau_z.unsqueeze(-1))  # z / tau*, in z's storage
-        log_mean_exp = torch.logsumexp(weights, -1) - math.log(n)
-        weights.sub_(log_mean_exp.unsqueeze(-1) + math.log(n)).exp_()  # softmax(z / tau*)
+        var_z = z.var(-1, unbiased=False)
+        # Below _KL_SMALL_RADIUS the KL is too close to rounding to solve for; there
+        # tau* = sqrt(Var / (2 rho)) and value = mean + sqrt(2 rho Var) hold up to O(rho).
+        small = rho_t < _KL_SMALL_RADIUS[z.dtype]
+        tiny = torch.finfo(z.dtype).tiny
+        u = torch.where(small, 0.5 * torch.log(var_z.clamp_min(tiny) / (2 * rho_t.clamp_min(tiny))),
+                        _kl_solve(z, mean_z, rho_t))
+        _, _, log_mean_exp, warm = _kl_of_tilt(z, mean_z, u)
+        tau_z = u.exp()
+        value_z = torch.where(small, mean_z + torch.sqrt(2 * rho_t * var_z),
+                              torch.where(warm, mean_z, 0.0) + tau_z * (rho_t + log_mean_exp))
+        weights = torch.softmax(z.div_(tau_z.unsqueeze(-1)), -1)
         weights = _finish_weights(weights, is_max, on_max, is_mean)
-        value_z = torch.where(on_max, 0.0,
-                              torch.where(is_mean, mean_z, tau_z * (rho_t + log_mean_exp)))
+        value_z = torch.where(on_max, 0.0, torch.where(is_mean, mean_z, value_z))
         tau_z = torch.where(on_max, 0.0, torch.where(is_mean, math.inf, tau_z))
-        value = shift + scale * value_z
-        dual = scale * tau_z
+        value = scale.restore(value_z)
+        dual = scale.restore_spread(tau_z)
     return DROResult(_with_danskin_gradient(value, weights, losses), weights, dual)
 
 
@@ -439,18 +485,19 @@ def kl_tilted(losses: Tensor, tau: float | Tensor) -> DROResult:
     """
     _check_losses(losses)
     tau_t = _as_radius(tau, losses, "tau")
-    n = losses.shape[-1]
     with torch.no_grad():
-        z, shift, scale = _normalise(losses.detach())
+        z, scale = _normalise(losses.detach())
         is_max = z == 0
-        cold, flat = tau_t == 0, torch.isinf(tau_t)  # the max and the mean
+        tau_z = scale.factor * tau_t / scale.scale  # 0 when tau underflows on this scale
+        cold, flat = tau_z == 0, torch.isinf(tau_z)  # the max and the mean
         mean_z = z.mean(-1)
-        weights = z.div_(torch.where(cold | flat, 1.0, tau_t / scale).unsqueeze(-1))
-        log_mean_exp = torch.logsumexp(weights, -1) - math.log(n)
-        weights.sub_(log_mean_exp.unsqueeze(-1) + math.log(n)).exp_()
+        _, weights, log_mean_exp, warm = _tilt(z, mean_z, torch.where(cold | flat, 1.0, tau_z))
+        del z
+        weights.add_(warm.to(weights.dtype).unsqueeze(-1))  # exp(t), normalised below
         weights = _finish_weights(weights, is_max, cold, flat)
-        value = shift + torch.where(cold, 0.0, torch.where(flat, scale * mean_z,
-                                                           tau_t * log_mean_exp))
+        value_z = torch.where(cold, 0.0, torch.where(flat, mean_z, torch.where(warm, mean_z, 0.0)
+                                                     + tau_z * log_mean_exp))
+        value = scale.restore(value_z)
     return DROResult(_with_danskin_gradient(value, weights, losses), weights, tau_t.clone())
 
 

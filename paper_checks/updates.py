@@ -48,6 +48,7 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
     verdict = "reproduced" if worst <= TOLERANCE else "not reproduced"
 
     quiet = table[(table["noise"] == 0) & (table["method"] != "REBEL")]
+    rounds = int(frame["iteration"].max())
     noisy = table[table["noise"] > 0]
     measured = (
         f"Noiseless REBEL: max |theta_t - theta_t^MD| = {worst:.1e} over "
@@ -59,8 +60,11 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         + "; ".join(f"{_name(r)}, noise {r['noise']:g}: gap {r['final_gap']:.2f}, shortfall "
                     f"{r['reward_shortfall']:.4f}" for _, r in noisy.iterrows())
         + ". Exactness needs the pairs of each round to span R^d (a concentrated policy "
-        "often draws y = y'); W-REBEL is exact only while rho^2 u' Sigma_n^-1 u <= 1, "
-        f"u = theta_alpha / ||theta_alpha||. Figures: {', '.join(p.name for p in paths)}."
+        "often draws y = y'); noiseless W-REBEL is exact only while rho^2 u' Sigma_n^-1 u <= 1 "
+        "(u = theta_alpha / ||theta_alpha||; beyond, its square-root-lasso step shrinks w). "
+        "On the mirror-descent path that condition (population Sigma_t) first fails at: "
+        + "; ".join(f"rho {rho:g}: {_first_failure(rho, rounds)}" for rho in updates.RADII)
+        + f". Figures: {', '.join(p.name for p in paths)}."
     )
     return CheckResult(
         claim="C6 (online)",
@@ -96,6 +100,12 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     ], axis=1).reset_index()
     table["reward_shortfall"] = table["md_reward"] - table["final_reward"]
     return table
+
+
+def _first_failure(rho: float, rounds: int) -> str:
+    """ "iteration k" where rho^2 u' Sigma_k^-1 u first exceeds 1, or "never"."""
+    failing = updates.wasserstein_condition(rho, rounds) > 1
+    return f"iteration {int(failing.argmax())}" if failing.any() else f"never (t <= {rounds})"
 
 
 def _name(row: pd.Series) -> str:

@@ -119,9 +119,17 @@ def chi2_dual_objective(losses: Tensor, rho: float, eta: float) -> float:
     l = [mpmath.mpf(float(x)) for x in losses.detach().double().cpu().reshape(-1)]
     if math.isinf(eta) and eta < 0:
         return float(mpmath.fsum(l) / len(l))
-    e = mpmath.mpf(eta)
-    second = mpmath.fsum((x - e) ** 2 for x in l if x > e) / len(l)
-    return float(e + mpmath.sqrt(1 + 2 * mpmath.mpf(rho)) * mpmath.sqrt(second))
+    with mpmath.workdps(_digits(l, eta)):
+        e = mpmath.mpf(eta)
+        second = mpmath.fsum((x - e) ** 2 for x in l if x > e) / len(l)
+        return float(e + mpmath.sqrt(1 + 2 * mpmath.mpf(rho)) * mpmath.sqrt(second))
+
+
+def _digits(l: list, far: float) -> int:
+    """Digits for the dual objective at a dual variable ``far`` from the data: its terms are
+    (far / spread)^2 times the answer, and they cancel."""
+    spread = float(max(l) - min(l)) or 1.0
+    return 50 + 2 * max(0, int(math.log10(abs(far) / spread + 1)))
 
 
 def kl_dual_objective(losses: Tensor, rho: float, tau: float) -> float:
@@ -132,9 +140,10 @@ def kl_dual_objective(losses: Tensor, rho: float, tau: float) -> float:
         return float(max(l))
     if math.isinf(tau):
         return float(mpmath.fsum(l) / len(l))
-    t, hi = mpmath.mpf(tau), max(l)
-    mean_exp = mpmath.fsum(mpmath.exp((x - hi) / t) for x in l) / len(l)
-    return float(hi + t * (mpmath.mpf(rho) + mpmath.log(mean_exp)))
+    with mpmath.workdps(_digits(l, tau)):
+        t, hi = mpmath.mpf(tau), max(l)
+        mean_exp = mpmath.fsum(mpmath.exp((x - hi) / t) for x in l) / len(l)
+        return float(hi + t * (mpmath.mpf(rho) + mpmath.log(mean_exp)))
 
 
 def solved_reference(fn, *args):

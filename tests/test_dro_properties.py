@@ -141,6 +141,7 @@ def test_value_is_monotone_non_decreasing_in_rho(name, device, l):
 
 @settings(max_examples=60)
 @given(l=losses_arrays(max_n=500))
+@example(l=np.array([-1.2341e-4] + [1.2341e-4] * 8))  # tau >> spread: +1.5e-12 steps
 def test_kl_tilted_value_is_monotone_non_increasing_in_tau(device, l):
     grid = [0.0, *np.geomspace(1e-4, 1e4, 40).tolist()]
     lt = t64(l, device).expand(len(grid), -1)
@@ -191,7 +192,7 @@ def test_tiny_radius_gives_mean_plus_sqrt_two_rho_variance(name, rho):
 # ----------------------------------------------------------------------- equivariances
 
 
-def _dyadic_losses(max_n: int = 200):
+def _dyadic_losses(max_n: int = 100):
     """Multiples of 1/64 in [-1024, 1024]: shifts by integers and scalings by powers of two
     are exact on them, so the solver sees bit-identical normalised inputs."""
     return hnp.arrays(np.float64, st.integers(1, max_n),
@@ -246,7 +247,7 @@ def test_scaling_losses_scales_value(name, device, l, rho, a):
 @solver_names
 @settings(max_examples=40)
 @given(l=_dyadic_losses(), rho=rhos(), k=st.integers(-20, 20))
-@example(l=np.array([153.96875, 0.0, 126.0625, 0.0]), rho=2.2250738585072014e-308, k=0)
+@example(l=np.array([0.0] * 5 + [1.0] * 20), rho=1e-105, k=0)  # chi2: NaN weights
 def test_scaling_by_powers_of_two_keeps_weights(name, device, l, rho, k):
     solve, _ = SOLVERS[name]
     lt = t64(l, device)

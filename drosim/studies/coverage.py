@@ -286,7 +286,8 @@ def wasserstein2(support: FiniteSupport, freq: Tensor) -> np.ndarray:
     atoms = support.atoms.cpu().numpy()
     cost = ((atoms[:, None, :] - atoms[None, :, :]) ** 2).sum(-1)
     probs = support.probs.cpu().numpy()
-    return np.sqrt([transport_cost(probs, row, cost) for row in freq.cpu().numpy()])
+    costs = np.array([transport_cost(probs, row, cost) for row in freq.cpu().numpy()])
+    return np.sqrt(np.maximum(costs, 0.0))  # HiGHS may return -1e-17 for a zero cost
 
 
 def _all_divergences(support: FiniteSupport, atoms: Tensor) -> dict[str, np.ndarray]:

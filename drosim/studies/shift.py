@@ -137,16 +137,13 @@ def run(preset: str = "quick", *, device: str | torch.device = "cpu",
                                   spec=method.spec(PAIRS), method=method.loss,
                                   beta=method.beta, eval_mixtures=grid, generator=stream)
             rewards.append(result.rewards[-1])
-        reward = torch.cat(rewards).cpu().numpy()  # (T, A)
-        block = pd.concat([mixtures] * trials, ignore_index=True)
-        block.insert(0, "mixture", np.tile(np.arange(len(mixtures)), trials))
-        block.insert(0, "trial", np.repeat(np.arange(trials), len(mixtures)))
-        block.insert(0, "step", step)
-        block.insert(0, "rho", method.radius(PAIRS))
-        block.insert(0, "family", method.family)
-        block.insert(0, "loss", method.loss)
-        block.insert(0, "method", method.name)
-        block["reward"] = reward.ravel()
+        mixture = np.tile(np.arange(len(mixtures)), trials)  # trial-major, as reward.ravel()
+        block = pd.DataFrame({
+            "method": method.name, "loss": method.loss, "family": method.family,
+            "rho": method.radius(PAIRS), "step": step,
+            "trial": np.repeat(np.arange(trials), len(mixtures)), "mixture": mixture})
+        block = block.join(mixtures.iloc[mixture].reset_index(drop=True))
+        block["reward"] = torch.cat(rewards).cpu().numpy().ravel()  # (T, A) flattened
         blocks.append(block)
     return pd.concat(blocks, ignore_index=True)
 

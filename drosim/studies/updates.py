@@ -41,7 +41,7 @@ from drosim.studies.montecarlo import ALPHA_0, resolve_preset
 from drosim.studies.shift import DIM, ETA, preference_world
 from drosim.studies.shift import PAIRS as SHIFT_PAIRS
 
-__all__ = ["PRESETS", "methods", "plot", "run"]
+__all__ = ["PRESETS", "methods", "plot", "run", "wasserstein_condition"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"rounds": 10, "noises": (0.0, 0.5), "trials": 16, "seed": 0},
@@ -58,6 +58,30 @@ def methods() -> list[Method]:
     names = {"chi2": "chi2-REBEL", "kl": "KL-REBEL", "wasserstein": "W-REBEL"}
     return [Method("REBEL")] + [Method(name, "rebel", family, rho)
                                 for family, name in names.items() for rho in RADII]
+
+
+def wasserstein_condition(rho: float, rounds: int) -> np.ndarray:
+    """rho^2 u^T Sigma_t^-1 u along the mirror-descent path, t = 0 .. rounds.
+
+    Sigma_t is the population second moment of dphi under the policy of mirror descent's
+    iterate t, u = theta_alpha / ||theta_alpha||. Noiseless W-REBEL returns theta_alpha
+    exactly when the same quantity with the sampled Sigma_n is at most 1, so where this one
+    exceeds 1 W-REBEL leaves mirror descent (up to the sampling of Sigma_n).
+
+    Args:
+        rho: the Wasserstein radius.
+        rounds: the number of mirror-descent steps.
+
+    Returns:
+        ``(rounds + 1,)`` values.
+    """
+    world = preference_world(0.0)
+    target = world.reward_parameter(world.features.new_tensor(ALPHA_0))
+    path = mirror_descent(world.features.new_zeros(DIM), target, ETA, rounds)
+    unit = target / target.norm()
+    sigma = world.pair_covariance(path)  # (rounds + 1, d, d)
+    solved = torch.linalg.solve(sigma, unit.expand(rounds + 1, DIM).unsqueeze(-1))
+    return (rho**2 * (unit @ solved.squeeze(-1).T)).cpu().numpy()
 
 
 def run(preset: str = "quick", *, device: str | torch.device = "cpu",
