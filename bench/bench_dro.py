@@ -357,9 +357,9 @@ PROBES: dict[str, Probe] = {
     "sort": Probe("breakdown: torch.sort values + int64 indices (chi2)",
                   lambda z: torch.sort(z, dim=-1, descending=True), on_z=True),
     "chi2_core": Probe("breakdown: _chi2_solve on normalised z",
-                       lambda z: _private("_chi2_solve")(z, 1 + 2 * _radius(z)), on_z=True),
+                       lambda z: _private("_chi2_solve")(z, _radius(z)), on_z=True),
     "kl_core": Probe("breakdown: _kl_solve on normalised z",
-                     lambda z: _private("_kl_solve")(z, _radius(z)), on_z=True),
+                     lambda z: _private("_kl_solve")(z, z.mean(-1), _radius(z)), on_z=True),
 }
 
 

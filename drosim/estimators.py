@@ -13,7 +13,8 @@ robust aggregation (the ambiguity specs of :mod:`drosim.dro`):
   constant, Shafieezadeh-Abadeh et al. 2015).
 
 The robust objectives are jointly convex in w and the dual variable (eta for chi-square,
-tau for KL), so each fit is a damped Newton method on (w, dual) with exact derivatives and
+tau for KL), and smooth except in the minimax regime (a radius so large that the worst case
+is the largest loss; the fit warns there), so each fit is a damped Newton method on (w, dual) with exact derivatives and
 a backtracking line search evaluated for all step sizes at once: no Python loop over trials
 or samples and no host synchronisation; the iteration count is fixed. The returned
 objective is evaluated by :mod:`drosim.dro` at the fitted w.
@@ -22,6 +23,7 @@ objective is evaluated by :mod:`drosim.dro` at the fitted w.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -340,8 +342,22 @@ def _fit(problem: _Problem, w0: Tensor) -> Fit:
     zero = torch.zeros_like(w)
     zero_objective, zero_dual = robust_objective(problem, zero)
     better = (zero_objective < objective).unsqueeze(-1)
+    _warn_if_minimax(problem, w)
     return Fit(torch.where(better, zero, w), torch.minimum(objective, zero_objective),
                torch.where(better.squeeze(-1), zero_dual, dual))
+
+
+def _warn_if_minimax(problem: _Problem, w: Tensor) -> None:
+    """Warn when the worst case at w is the max: min_w max_i l_i(w) is a non-smooth problem,
+    and the Newton iterates are not guaranteed to reach its minimiser."""
+    if isinstance(problem.spec, Chi2 | KL):
+        l = problem.loss.value(torch.einsum("tnd,td->tn", problem.dphi, w))
+        at_max = (robust_objective(problem, w)[0] >= l.amax(-1)) & (l.amax(-1) > l.amin(-1))
+        if bool(at_max.any()):
+            warnings.warn(f"{int(at_max.sum())} fit(s) sit in the minimax regime (the worst case "
+                          f"is the largest loss): the radius {problem.spec} is too large for n = "
+                          f"{l.shape[-1]}, and the fit may not be the exact minimiser",
+                          RuntimeWarning, stacklevel=3)
 
 
 def robust_objective(problem: _Problem, w: Tensor) -> tuple[Tensor, Tensor]:

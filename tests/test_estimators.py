@@ -1,0 +1,139 @@
+"""The batched (DRO-)REBEL / (DRO-)DPO estimators against cvxpy, and their invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from drosim import reference
+from drosim.dro import KL, Chi2, KLTemperature, Wasserstein
+from drosim.estimators import dpo, rebel
+
+F64 = torch.float64
+REBEL_SPECS = [None, Chi2(0.05), Chi2(1.0), KL(0.05), KL(0.5), KLTemperature(0.5),
+               Wasserstein(0.05), Wasserstein(0.5)]
+DPO_SPECS = [None, Chi2(0.05), KL(0.05), KLTemperature(0.5), Wasserstein(0.05, p=1)]
+
+
+@st.composite
+def regression(draw, logistic: bool = False):
+    """One problem: n pairs in d dimensions, possibly ill-conditioned or with tiny n.
+
+    n >= 4 (d + 1) keeps the worst case at the minimiser off the max for the radii used here
+    (the minimax regime, where the estimators warn that Newton is not exact).
+    """
+    d = draw(st.integers(1, 5))
+    n = draw(st.integers(4 * (d + 1), 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    condition = draw(st.sampled_from([1.0, 1e2, 1e4]))
+    g = np.random.default_rng(seed)
+    dphi = g.standard_normal((n, d)) * np.geomspace(1.0, 1.0 / condition, d)
+    theta = g.standard_normal(d)
+    if logistic:
+        # Labels from Bradley-Terry with both outcomes in every problem (no separation).
+        pref = (g.random(n) < 1 / (1 + np.exp(-dphi @ theta))).astype(float)
+        pref[:2] = [0.0, 1.0]
+        return dphi, pref
+    return dphi, dphi @ theta + draw(st.sampled_from([0.1, 1.0])) * g.standard_normal(n)
+
+
+def _assert_matches(fit_w, fit_objective, ref, scale):
+    assume(ref.status == "optimal")
+    # Objective within 1e-6 relative; ours may only be lower (it is a minimiser too).
+    assert fit_objective <= ref.objective + 1e-6 * abs(ref.objective) + 1e-12
+    assert fit_objective >= ref.objective - 1e-6 * abs(ref.objective) - 1e-12
+    assert np.max(np.abs(fit_w - ref.w)) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("spec", REBEL_SPECS, ids=str)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=regression())
+def test_rebel_equals_cvxpy_minimiser(spec, problem):
+    dphi, dr = problem
+    fit = rebel(torch.from_numpy(dphi)[None], torch.from_numpy(dr)[None], spec)
+    ref = reference.rebel_fit(dphi, dr, spec)
+    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref,
+                    1 + np.max(np.abs(ref.w)) if ref.w is not None else 1)
+
+
+@pytest.mark.parametrize("spec", DPO_SPECS, ids=str)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=regression(logistic=True))
+def test_dpo_equals_cvxpy_minimiser(spec, problem):
+    dphi, pref = problem
+    ridge = 1e-2  # keeps nearly separable draws bounded, in both solvers alike
+    fit = dpo(torch.from_numpy(dphi)[None], torch.from_numpy(pref)[None], 1.0, spec, ridge=ridge)
+    ref = reference.dpo_fit(dphi, pref, 1.0, spec, ridge=ridge)
+    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref,
+                    1 + np.max(np.abs(ref.w)) if ref.w is not None else 1)
+
+
+def _batch(trials=6, n=50, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dphi = torch.randn(trials, n, d, generator=g, dtype=F64)
+    theta = torch.randn(d, generator=g, dtype=F64)
+    dr = dphi @ theta + 0.5 * torch.randn(trials, n, generator=g, dtype=F64)
+    pref = torch.bernoulli(torch.sigmoid(dphi @ theta), generator=g)
+    return dphi, dr, pref, theta
+
+
+@pytest.mark.parametrize("spec", REBEL_SPECS[1:], ids=str)
+def test_robust_rebel_objective_is_never_below_the_plain_one(spec):
+    dphi, dr, _, _ = _batch()
+    plain, robust = rebel(dphi, dr), rebel(dphi, dr, spec)
+    assert torch.all(robust.objective >= plain.objective - 1e-12)
+
+
+@pytest.mark.parametrize("spec", DPO_SPECS[1:], ids=str)
+def test_robust_dpo_objective_is_never_below_the_plain_one(spec):
+    dphi, _, pref, _ = _batch()
+    plain, robust = dpo(dphi, pref, 1.0), dpo(dphi, pref, 1.0, spec)
+    assert torch.all(robust.objective >= plain.objective - 1e-12)
+
+
+@pytest.mark.parametrize("spec", [None, Chi2(0.1), KL(0.1), Wasserstein(0.1)], ids=str)
+def test_batched_fit_equals_one_trial_at_a_time(spec):
+    dphi, dr, _, _ = _batch()
+    batched = rebel(dphi, dr, spec)
+    for i in range(dphi.shape[0]):
+        single = rebel(dphi[i : i + 1], dr[i : i + 1], spec)
+        torch.testing.assert_close(batched.w[i], single.w[0], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("spec", [Chi2(0.3), KL(0.3)], ids=str)
+def test_noiseless_well_specified_rebel_recovers_theta_for_any_radius(spec):
+    # Every loss vanishes at theta*, so every worst case does too: theta* is the minimiser.
+    dphi, _, _, theta = _batch()
+    fit = rebel(dphi, dphi @ theta, spec)
+    torch.testing.assert_close(fit.w, theta.expand_as(fit.w), rtol=0, atol=1e-6)
+
+
+def test_large_wasserstein_radius_gives_the_exact_zero_solution():
+    # The square-root lasso is solved by w = 0 once rho >= ||E[r dphi]|| / sqrt(E r^2) at 0.
+    dphi, dr, _, _ = _batch()
+    fit = rebel(dphi, dr, Wasserstein(1e3))
+    assert torch.all(fit.w == 0)
+    torch.testing.assert_close(fit.objective, dr.square().mean(-1))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda d, r, p: rebel(d, r[:, :-1]), "must have shape"),
+        (lambda d, r, p: rebel(d[:, :0], r[:, :0]), "empty batch"),
+        (lambda d, r, p: rebel(d, r * float("nan")), "NaN or infinite"),
+        (lambda d, r, p: rebel(d, r, Chi2(-1.0)), "finite and >= 0"),
+        (lambda d, r, p: rebel(d, r, Wasserstein(0.1, p=1)), "exact for p = 2"),
+        (lambda d, r, p: dpo(d, p, 0.0), "beta must be positive"),
+        (lambda d, r, p: dpo(d, p + 0.5, 1.0), "labels 0 or 1"),
+        (lambda d, r, p: dpo(d, p, 1.0, Wasserstein(0.1)), "exact for p = 1"),
+        (lambda d, r, p: rebel(d[0], r), "must be \\(trials, n, d\\)"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, match):
+    dphi, dr, pref, _ = _batch()
+    with pytest.raises(ValueError, match=match):
+        call(dphi, dr, pref)
