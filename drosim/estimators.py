@@ -14,10 +14,12 @@ robust aggregation (the ambiguity specs of :mod:`drosim.dro`):
 
 The robust objectives are jointly convex in w and the dual variable (eta for chi-square,
 tau for KL), and smooth except in the minimax regime (a radius so large that the worst case
-is the largest loss; the fit warns there), so each fit is a damped Newton method on (w, dual) with exact derivatives and
-a backtracking line search evaluated for all step sizes at once: no Python loop over trials
-or samples and no host synchronisation; the iteration count is fixed. The returned
-objective is evaluated by :mod:`drosim.dro` at the fitted w.
+is the largest loss; the fit warns there). Each fit is a damped Newton method on (w, dual)
+with exact derivatives, the dual re-minimised exactly by :mod:`drosim.dro` after each step,
+and a backtracking line search along the Newton ray evaluated for all step sizes at once.
+Nothing loops over trials or samples in Python; the only host synchronisation is the
+early stop, once per iteration. The returned objective is evaluated by :mod:`drosim.dro`
+at the fitted w.
 """
 
 from __future__ import annotations
