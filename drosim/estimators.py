@@ -344,9 +344,45 @@ def _fit(problem: _Problem, w0: Tensor) -> Fit:
     zero = torch.zeros_like(w)
     zero_objective, zero_dual = robust_objective(problem, zero)
     better = (zero_objective < objective).unsqueeze(-1)
+    w = torch.where(better, zero, w)
     _warn_if_minimax(problem, w)
-    return Fit(torch.where(better, zero, w), torch.minimum(objective, zero_objective),
+    return Fit(w, torch.minimum(objective, zero_objective),
                torch.where(better.squeeze(-1), zero_dual, dual))
+
+
+def _square_root_lasso(dphi: Tensor, dr: Tensor, rho: float) -> Tensor:
+    """argmin_w ||dphi w - dr|| / sqrt(n) + rho ||w||, exactly, batched: W-REBEL (p = 2).
+
+    Stationarity reads dphi^T r + lambda w = 0 with lambda = rho sqrt(n) ||r|| / ||w||, so
+    the minimiser is the ridge solution w(lambda) = (dphi^T dphi + lambda I)^-1 dphi^T dr at
+    the root of rho sqrt(n) ||r(lambda)|| = lambda ||w(lambda)|| (the left side grows and the
+    right side's ratio to it grows with lambda). One eigendecomposition of dphi^T dphi makes
+    each evaluation O(d^2), and bisection in log lambda finds the root to rounding. Where no
+    root exists the minimiser is w = 0 (when rho sqrt(n) ||dr|| >= ||dphi^T dr||) or the
+    exact least-squares fit (zero residuals); both are among the candidates compared.
+    """
+    n = dphi.shape[1]
+    gram = dphi.transpose(-1, -2) @ dphi
+    evals, evecs = torch.linalg.eigh(gram)
+    evals = evals.clamp_min(0)
+    b = (evecs.transpose(-1, -2) @ (dphi.transpose(-1, -2) @ dr.unsqueeze(-1))).squeeze(-1)
+    yy = dr.square().sum(-1)
+
+    def ridge(lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(w in the eigenbasis, ||r||, ||w||) at lambda."""
+        coef = b / (evals + lam.unsqueeze(-1))
+        resid_sq = yy - 2 * (coef * b).sum(-1) + (coef.square() * evals).sum(-1)
+        return coef, resid_sq.clamp_min(0).sqrt(), coef.norm(dim=-1)
+
+    scale = evals.amax(-1).clamp_min(torch.finfo(dphi.dtype).tiny)
+    lo, hi = torch.log(scale) - 40, torch.log(scale) + 40
+    for _ in range(200):  # bisection: the bracket spans 80 nats, 2^-200 of it is rounding
+        mid = 0.5 * (lo + hi)
+        _, resid, norm = ridge(mid.exp())
+        grow = rho * math.sqrt(n) * resid > mid.exp() * norm  # lambda below the root
+        lo, hi = torch.where(grow, mid, lo), torch.where(grow, hi, mid)
+    coef, _, _ = ridge((0.5 * (lo + hi)).exp())
+    return (evecs @ coef.unsqueeze(-1)).squeeze(-1)
 
 
 def _warn_if_minimax(problem: _Problem, w: Tensor) -> None:
@@ -423,8 +459,16 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None) -> Fit:
     w_ls = base.minimise(dphi.new_zeros(dphi.shape[0], dphi.shape[-1]), iterations=2)
     if plain:
         return Fit(w_ls, *robust_objective(base, w_ls))
-    penalty = spec.rho if isinstance(spec, Wasserstein) else 0.0
-    return _fit(_Problem(dphi, loss, spec, penalty, 0.0), w_ls)
+    if isinstance(spec, Wasserstein):
+        problem = _Problem(dphi, loss, spec, spec.rho, 0.0)
+        candidates = torch.stack([_square_root_lasso(dphi, dr, spec.rho), w_ls,
+                                  torch.zeros_like(w_ls)])
+        objectives = torch.stack([robust_objective(problem, w)[0] for w in candidates])
+        best = objectives.argmin(0)
+        w = candidates.gather(0, best.reshape(1, -1, 1).expand(1, *w_ls.shape))[0]
+        return Fit(w, objectives.gather(0, best.unsqueeze(0))[0], torch.full_like(best, math.nan,
+                                                                                   dtype=w.dtype))
+    return _fit(_Problem(dphi, loss, spec, 0.0, 0.0), w_ls)
 
 
 def dpo(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet | None = None,

@@ -212,6 +212,9 @@ def draw_power_law(ax: object, grid: np.ndarray, anchor: tuple[float, float], sl
             label=f"{label} (slope {slope:g})")
 
 
+__all__ += ["save_figure"]
+
+
 def save_figure(fig: Figure, out_dir: Path | str, stem: str, dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``out_dir/stem.png`` and ``.pdf`` (creating out_dir); return the paths."""
     out_dir = Path(out_dir)

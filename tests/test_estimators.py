@@ -40,12 +40,15 @@ def regression(draw, logistic: bool = False):
     return dphi, dphi @ theta + draw(st.sampled_from([0.1, 1.0])) * g.standard_normal(n)
 
 
-def _assert_matches(fit_w, fit_objective, ref, scale):
+def _assert_matches(fit_w, fit_objective, ref, dphi):
     assume(ref.status == "optimal")
     # Objective within 1e-6 relative; ours may only be lower (it is a minimiser too).
     assert fit_objective <= ref.objective + 1e-6 * abs(ref.objective) + 1e-12
     assert fit_objective >= ref.objective - 1e-6 * abs(ref.objective) - 1e-12
-    assert np.max(np.abs(fit_w - ref.w)) <= 1e-4 * scale
+    # Parameters within 1e-4 in the data's own norm sqrt(mean <dphi, w - w_ref>^2): on
+    # ill-conditioned draws the flat directions are set by cvxpy's tolerance, not the data.
+    gap = np.sqrt(np.mean(np.square(dphi @ (fit_w - ref.w))))
+    assert gap <= 1e-4 * (1 + np.sqrt(np.mean(np.square(dphi @ ref.w))))
 
 
 @pytest.mark.parametrize("spec", REBEL_SPECS, ids=str)
@@ -55,8 +58,7 @@ def test_rebel_equals_cvxpy_minimiser(spec, problem):
     dphi, dr = problem
     fit = rebel(torch.from_numpy(dphi)[None], torch.from_numpy(dr)[None], spec)
     ref = reference.rebel_fit(dphi, dr, spec)
-    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref,
-                    1 + np.max(np.abs(ref.w)) if ref.w is not None else 1)
+    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref, dphi)
 
 
 @pytest.mark.parametrize("spec", DPO_SPECS, ids=str)
@@ -67,8 +69,7 @@ def test_dpo_equals_cvxpy_minimiser(spec, problem):
     ridge = 1e-2  # keeps nearly separable draws bounded, in both solvers alike
     fit = dpo(torch.from_numpy(dphi)[None], torch.from_numpy(pref)[None], 1.0, spec, ridge=ridge)
     ref = reference.dpo_fit(dphi, pref, 1.0, spec, ridge=ridge)
-    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref,
-                    1 + np.max(np.abs(ref.w)) if ref.w is not None else 1)
+    _assert_matches(fit.w[0].numpy(), float(fit.objective[0]), ref, dphi)
 
 
 def _batch(trials=6, n=50, d=3, seed=0):
