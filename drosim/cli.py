@@ -1,6 +1,6 @@
 """The ``drosim`` command line.
 
-    drosim run   [--preset quick|full] [--out figures]      every paper check, figure and
+    drosim run   [--preset quick|full] [--out figures/PRESET]  every paper check, figure and
                                                              the claims table (the main job)
     drosim study NAME [--preset quick|full] [--out DIR] [--device cpu|cuda]
                  [--memory-budget BYTES]                    one study: its table and figures
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="every paper check, figure and the claims table")
     run.add_argument("--preset", choices=("quick", "full"), default="quick")
-    run.add_argument("--out", type=Path, default=Path("figures"))
+    run.add_argument("--out", type=Path, default=None, help="default: figures/<preset>")
     run.set_defaults(handler=_run)
 
     study = commands.add_parser("study", help="one study: its table (CSV) and figures")
@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from paper_checks.__main__ import main as run_checks
 
-    return run_checks(["--preset", args.preset, "--out", str(args.out)])
+    out = ["--out", str(args.out)] if args.out else []
+    return run_checks(["--preset", args.preset, *out])
 
 
 def _study(args: argparse.Namespace) -> int:

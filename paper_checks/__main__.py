@@ -1,6 +1,6 @@
 """Run the paper checks and write their results.
 
-    python -m paper_checks [--preset quick|full] [--out figures] [--only NAME ...]
+    python -m paper_checks [--preset quick|full] [--out figures/PRESET] [--only NAME ...]
 
 Prints, for each check, the claim, what the paper says, what was measured and the verdict;
 writes ``<out>/claims.csv`` and ``<out>/claims.md`` (one row per check) and each check's
@@ -117,11 +117,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="quick",
                         help="quick: seconds per check; full: larger sizes and more seeds")
-    parser.add_argument("--out", type=Path, default=Path("figures"),
-                        help="folder for claims.csv, claims.md, checks/ and figures")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for claims.csv, claims.md, checks/ and figures "
+                             "(default: figures/<preset>)")
     parser.add_argument("--only", nargs="+", choices=CHECKS, metavar="NAME",
                         help=f"run only these checks (of: {', '.join(CHECKS)})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # One folder per preset: the committed full-preset figures survive a quick run.
+    args.out = args.out or Path("figures") / args.preset
+    return args
 
 
 if __name__ == "__main__":

@@ -284,3 +284,11 @@ def test_large_n_runs_in_linear_memory(name):
     for i in (0, 3):
         _assert_certified(type(res)(res.value[i], res.weights[i], res.dual[i]), l[i],
                           float(rho[i]), divergence)
+
+
+def test_chi2_subnormal_radius_gives_the_uniform_limit(device):
+    """1 + 2 rho rounds to 1 and n v / (2 rho k) overflows: eta* = -inf, weights uniform."""
+    l = torch.tensor([0.0] * 5 + [1.0] * 20, dtype=torch.float64, device=device)
+    res = chi2_worst_case(l, 5e-324)
+    torch.testing.assert_close(res.weights, torch.full_like(l, 1 / 25))
+    assert float(res.value) == pytest.approx(0.8, abs=1e-15)
