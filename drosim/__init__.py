@@ -1,35 +1,10 @@
-"""drosim: distributionally robust REBEL, from exact duals to transformer policies."""
+"""drosim: distributionally robust REBEL, from exact duals to transformer policies.
 
-from drosim.dro import (
-    KL,
-    AmbiguitySet,
-    Chi2,
-    DROResult,
-    KLTemperature,
-    Wasserstein,
-    WassersteinResult,
-    chi2_worst_case,
-    kl_tilted,
-    kl_worst_case,
-    robust_mean,
-    wasserstein_linear_sq_worst_case,
-    wasserstein_penalty,
-)
+The robust aggregations live in :mod:`drosim.dro` and are re-exported here.
+"""
+
+from drosim import dro
+from drosim.dro import *  # noqa: F403  (the public API of drosim.dro, listed in its __all__)
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "KL",
-    "AmbiguitySet",
-    "Chi2",
-    "DROResult",
-    "KLTemperature",
-    "Wasserstein",
-    "WassersteinResult",
-    "chi2_worst_case",
-    "kl_tilted",
-    "kl_worst_case",
-    "robust_mean",
-    "wasserstein_linear_sq_worst_case",
-    "wasserstein_penalty",
-]
+__all__ = list(dro.__all__)
