@@ -350,6 +350,19 @@ def _fit(problem: _Problem, w0: Tensor) -> Fit:
                torch.where(better.squeeze(-1), zero_dual, dual))
 
 
+def _least_squares(dphi: Tensor, dr: Tensor) -> Tensor:
+    """argmin_w mean (<w, dphi_i> - dr_i)^2 by the normal equations, batched.
+
+    A ridge of 1e-12 times the Gram matrix's mean eigenvalue keeps rank-deficient batches
+    (n < d, repeated features) solvable; it moves the solution only at rounding level.
+    """
+    gram = dphi.transpose(-1, -2) @ dphi
+    ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    moment = (dr.unsqueeze(-2) @ dphi).squeeze(-2)  # dphi^T dr
+    return torch.linalg.solve(gram + ridge.reshape(-1, 1, 1) * eye, moment)
+
+
 def _square_root_lasso(dphi: Tensor, dr: Tensor, rho: float) -> Tensor:
     """argmin_w ||dphi w - dr|| / sqrt(n) + rho ||w||, exactly, batched: W-REBEL (p = 2).
 
@@ -455,8 +468,7 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None) -> Fit:
     plain = _plain(spec)
     loss = _Pointwise("squared", dr)
     base = _Problem(dphi, loss, None, 0.0, 0.0)
-    # Least squares is quadratic: Newton from 0 is exact in one step; a second polishes.
-    w_ls = base.minimise(dphi.new_zeros(dphi.shape[0], dphi.shape[-1]), iterations=2)
+    w_ls = _least_squares(dphi, dr)
     if plain:
         return Fit(w_ls, *robust_objective(base, w_ls))
     if isinstance(spec, Wasserstein):
