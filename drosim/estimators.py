@@ -162,17 +162,12 @@ def _kl_curvature(l: Tensor, tau: Tensor, rho: float | None) -> _Curvature:
     )
 
 
-def _mean_curvature(l: Tensor, root: bool) -> _Curvature:
-    """A = mean(l), or sqrt(mean(l)) for the Wasserstein REBEL objective."""
+def _mean_curvature(l: Tensor) -> _Curvature:
+    """A = mean(l)."""
     n = l.shape[-1]
-    m = l.mean(-1)
-    if not root:
-        zeros = torch.zeros_like(l)
-        return _Curvature(m, torch.full_like(l, 1.0 / n), zeros, zeros, torch.zeros_like(m))
-    root_m = m.clamp_min(torch.finfo(l.dtype).tiny).sqrt()
-    grad = (0.5 / (n * root_m)).unsqueeze(-1).expand_as(l)
-    return _Curvature(root_m, grad, torch.zeros_like(l), torch.ones_like(l),
-                      -0.25 / (n**2 * root_m.pow(3)))
+    zeros = torch.zeros_like(l)
+    return _Curvature(l.mean(-1), torch.full_like(l, 1.0 / n), zeros, zeros,
+                      torch.zeros_like(l[..., 0]))
 
 
 # ---------------------------------------------------------------------- the solver
@@ -196,8 +191,7 @@ class _Problem:
             return _kl_curvature(l, a[..., 0], spec.rho)
         if isinstance(spec, KLTemperature):
             return _kl_curvature(l, torch.full_like(l[..., 0], spec.tau), None)
-        return _mean_curvature(l, root=isinstance(spec, Wasserstein) and self.loss.kind ==
-                               "squared")
+        return _mean_curvature(l)
 
     def objective(self, x: Tensor, step: Tensor | None = None,
                   alphas: Tensor | None = None) -> Tensor:
@@ -226,8 +220,6 @@ class _Problem:
             value = torch.where(tau > 0, safe * (spec.rho + lse), math.inf)
         elif isinstance(spec, KLTemperature):
             value = spec.tau * (torch.logsumexp(l / spec.tau, -1) - math.log(l.shape[-1]))
-        elif isinstance(spec, Wasserstein) and self.loss.kind == "squared":
-            value = l.mean(-1).sqrt()
         else:
             value = l.mean(-1)
         return value + self.penalty * w.norm(dim=-1) + 0.5 * self.ridge * w.square().sum(-1)
@@ -339,15 +331,20 @@ def _fit(problem: _Problem, w0: Tensor) -> Fit:
     explicitly.
     """
     x0 = torch.cat([w0, _initial_dual(problem, w0)], -1)
-    w = problem.minimise(x0)[..., : problem.dphi.shape[-1]]
-    objective, dual = robust_objective(problem, w)
-    zero = torch.zeros_like(w)
-    zero_objective, zero_dual = robust_objective(problem, zero)
-    better = (zero_objective < objective).unsqueeze(-1)
-    w = torch.where(better, zero, w)
-    _warn_if_minimax(problem, w)
-    return Fit(w, torch.minimum(objective, zero_objective),
-               torch.where(better.squeeze(-1), zero_dual, dual))
+    fit = _best_of(problem, [problem.minimise(x0)[..., : problem.dphi.shape[-1]],
+                             torch.zeros_like(w0)])
+    _warn_if_minimax(problem, fit.w)
+    return fit
+
+
+def _best_of(problem: _Problem, candidates: list[Tensor]) -> Fit:
+    """Per trial, the candidate w ``(T, d)`` with the lowest robust objective."""
+    results = [robust_objective(problem, w) for w in candidates]
+    objectives = torch.stack([objective for objective, _ in results])  # (C, T)
+    best = objectives.argmin(0, keepdim=True)
+    w = torch.stack(candidates).gather(0, best.unsqueeze(-1).expand(1, *candidates[0].shape))
+    dual = torch.stack([dual for _, dual in results]).gather(0, best)
+    return Fit(w[0], objectives.gather(0, best)[0], dual[0])
 
 
 def _least_squares(dphi: Tensor, dr: Tensor) -> Tensor:
@@ -472,14 +469,9 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None) -> Fit:
     if plain:
         return Fit(w_ls, *robust_objective(base, w_ls))
     if isinstance(spec, Wasserstein):
-        problem = _Problem(dphi, loss, spec, spec.rho, 0.0)
-        candidates = torch.stack([_square_root_lasso(dphi, dr, spec.rho), w_ls,
-                                  torch.zeros_like(w_ls)])
-        objectives = torch.stack([robust_objective(problem, w)[0] for w in candidates])
-        best = objectives.argmin(0)
-        w = candidates.gather(0, best.reshape(1, -1, 1).expand(1, *w_ls.shape))[0]
-        return Fit(w, objectives.gather(0, best.unsqueeze(0))[0], torch.full_like(best, math.nan,
-                                                                                   dtype=w.dtype))
+        # The exact ridge-path solution, or one of the kinks it cannot reach (see there).
+        return _best_of(_Problem(dphi, loss, spec, spec.rho, 0.0),
+                        [_square_root_lasso(dphi, dr, spec.rho), w_ls, torch.zeros_like(w_ls)])
     return _fit(_Problem(dphi, loss, spec, 0.0, 0.0), w_ls)
 
 
