@@ -11,13 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
-           "drosim.methods", "drosim.stats", "drosim.chunks"]
+           "drosim.stats", "drosim.chunks", "drosim.llm.data",
+           "drosim.llm.demo_world", "drosim.llm.logprobs", "drosim.llm.losses",
+           "drosim.llm.methods", "drosim.llm.objective", "drosim.llm.rewards",
+           "drosim.llm.rollout"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} docstring example(s) of {name} failed"
+    assert result.attempted > 0, f"{name} has no docstring example"
 
 
 def readme_blocks() -> list[str]:

@@ -1,0 +1,328 @@
+"""Atomic, exactly-resumable training checkpoints.
+
+A run directory holds its checkpoints as::
+
+    run_dir/checkpoints/
+        iteration-000010/   model.safetensors  optimizer.pt  scheduler.pt  rng.pt  state.json
+        iteration-000020/   ...
+        latest              "iteration-000020": the one checkpoint a resume may trust
+
+Resuming must be exact: a run killed at any moment and resumed from ``latest_checkpoint`` ends
+with the same weights, bit for bit, as a run that was never interrupted. Two things make that
+hold. Everything that decides the future of the run is saved: weights, optimizer and scheduler
+state, the position in the prompt stream and every global random number generator. And a
+checkpoint only gets its final name once all of its files are on disk, and ``latest`` is only
+pointed at a complete checkpoint, so a crash while saving leaves the previous one in force.
+
+Only the global generators (python ``random``, numpy's global state, torch CPU and CUDA) are
+captured, and only in the process that saves; a trainer that draws from its own
+``torch.Generator`` objects, or from different streams on each distributed rank, must put their
+state in ``TrainState.extra`` or derive them from the iteration number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+
+# A checkpoint is first written to ".tmp-<final name>-<random>" next to its final place.
+_TMP_PREFIX = ".tmp-"
+_CHECKPOINT_NAME = re.compile(r"iteration-(\d+)")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands, besides its weights, optimizer, scheduler and RNG state.
+
+    Attributes:
+        iteration: number of completed training iterations.
+        data_position: number of prompts consumed from the prompt stream.
+        extra: anything else to carry over (the config dict, metrics so far); must be
+            JSON-serialisable.
+    """
+
+    iteration: int
+    data_position: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(iteration: int) -> str:
+    """The directory name of the checkpoint taken after ``iteration`` iterations."""
+    return f"iteration-{iteration:06d}"
+
+
+# ------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    state: TrainState,
+    keep: int = 2,
+) -> Path:
+    """Atomically write a checkpoint of the run and point ``latest`` at it.
+
+    The checkpoint is written into a temporary sibling directory, every file is fsynced, and
+    only then is the directory renamed to ``run_dir/checkpoints/iteration-NNNNNN`` and
+    ``latest`` rewritten (a temporary file plus ``os.replace``). Old checkpoints are deleted
+    after that. A crash at any point leaves ``latest_checkpoint`` naming a complete checkpoint:
+    the previous one, or the new one once it is in place.
+
+    Saving an iteration that already has a checkpoint directory replaces it; this happens when
+    a finished run is resumed and saves its last iteration again, or when a crash came after a
+    checkpoint was renamed into place but before ``latest`` named it.
+
+    Args:
+        run_dir: the run's output directory; ``checkpoints/`` is created inside it.
+        model: the policy; a ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped
+            so the saved names carry no ``module.`` prefix.
+        optimizer: its state dict goes to ``optimizer.pt``.
+        scheduler: its state dict goes to ``scheduler.pt``; ``None`` writes no such file.
+        state: iteration, prompt-stream position and JSON-serialisable extras.
+        keep: how many checkpoints to keep: this one and the ``keep - 1`` newest before it.
+
+    Returns:
+        The path of the new checkpoint directory.
+
+    Raises:
+        ValueError: if ``keep`` < 1 or ``state.iteration`` < 0.
+        TypeError: if ``state.extra`` is not JSON-serialisable (raised before anything is
+            written).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if state.iteration < 0:
+        raise ValueError(f"state.iteration must be non-negative, got {state.iteration}")
+    # Serialise first: a bad `extra` should fail before any file is touched.
+    state_json = json.dumps(
+        {"iteration": state.iteration, "data_position": state.data_position,
+         "extra": state.extra},
+        indent=2,
+    )
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(state.iteration)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+
+    safetensors.torch.save_model(_unwrap(model), str(tmp / MODEL_FILE))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+    torch.save(_rng_state(), tmp / RNG_FILE)
+    (tmp / STATE_FILE).write_text(state_json)
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+
+    final = root / name
+    if final.exists():
+        if _read_latest(root) == name:
+            # `latest` must never name a directory that is being replaced: point it at the
+            # complete temporary copy while the old one is deleted.
+            _write_latest(root, tmp.name)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    _write_latest(root, name)
+    _prune(root, newest=state.iteration, keep=keep)
+    return final
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a DDP or DataParallel wrapper holds, so the checkpoint loads unwrapped."""
+    if isinstance(model, DistributedDataParallel | DataParallel):
+        return model.module
+    return model
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global generator's state, in types that ``torch.load(weights_only=True)`` accepts.
+
+    Python's ``random.getstate()`` is a tuple of ints, which the weights-only unpickler
+    accepts; numpy's state holds an ndarray, which it does not, so its key becomes a list.
+    """
+    # The legacy global state is what np.random.* calls in user code draw from.
+    np_state = np.random.get_state(legacy=False)  # noqa: NPY002
+    return {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(),
+                                        "pos": np_state["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+        # Querying CUDA's state would initialise CUDA in a CPU-only run; an uninitialised CUDA
+        # has not drawn anything, so there is nothing to save.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    }
+
+
+def _write_latest(root: Path, name: str) -> None:
+    """Atomically make ``root/latest`` hold ``name``."""
+    tmp = root / f"{_TMP_PREFIX}{LATEST_FILE}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST_FILE)
+    _fsync(root)
+
+
+def _prune(root: Path, *, newest: int, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints up to ``newest``, and any leftovers.
+
+    Checkpoints numbered after ``newest`` belong to an abandoned continuation (the run was
+    resumed from an earlier point), and temporary directories are saves that never finished;
+    neither can be named by ``latest`` once this save is in place.
+    """
+    iterations = sorted(
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if path.is_dir() and (match := _CHECKPOINT_NAME.fullmatch(path.name))
+    )
+    kept = [path for iteration, path in iterations if iteration <= newest][-keep:]
+    for _, path in iterations:
+        if path not in kept:
+            shutil.rmtree(path)
+    for path in root.glob(f"{_TMP_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk so a power loss cannot reorder them."""
+    if path.is_dir() and os.name != "posix":
+        return  # only POSIX can open a directory to fsync it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint that ``run_dir/checkpoints/latest`` names.
+
+    Checkpoint directories that ``latest`` does not name (a save that crashed before updating
+    it) and temporary directories are ignored.
+
+    Args:
+        run_dir: the run's output directory.
+
+    Returns:
+        The checkpoint directory, or ``None`` when the run has no ``latest`` pointer yet.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    name = _read_latest(root)
+    if name is None:
+        return None
+    path = root / name
+    if name.startswith(_TMP_PREFIX) and not path.exists():
+        # While replacing the checkpoint `latest` named, save_checkpoint pointed `latest` at
+        # the complete temporary directory; a crash right after renaming that directory into
+        # place leaves `latest` naming it by its old name ".tmp-<final name>-<random>".
+        path = root / name.removeprefix(_TMP_PREFIX).rsplit("-", 1)[0]
+    return path
+
+
+def _read_latest(root: Path) -> str | None:
+    """The directory name ``root/latest`` holds, or ``None`` when there is no such file."""
+    try:
+        return (root / LATEST_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    map_location: str | torch.device = "cpu",
+) -> TrainState:
+    """Restore a run from a checkpoint written by :func:`save_checkpoint`.
+
+    Weights (strictly: every name must match), optimizer and scheduler state are loaded in
+    place, and every global generator (python ``random``, numpy, torch CPU, and CUDA where the
+    checkpoint has CUDA state and CUDA is available) is reset to its state at save time.
+
+    Args:
+        path: a checkpoint directory, e.g. ``latest_checkpoint(run_dir)``.
+        model: the policy, built as when saving; a DDP/DataParallel wrapper is unwrapped.
+        optimizer: built over ``model``'s parameters, as when saving.
+        scheduler: built over ``optimizer`` as when saving, or ``None`` to skip it.
+        map_location: where tensors are read to before being copied into ``model`` and
+            ``optimizer`` (which keep their own devices).
+
+    Returns:
+        The saved :class:`TrainState`.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a directory or misses a file (an incomplete or
+            partly deleted checkpoint), including ``scheduler.pt`` when ``scheduler`` is given.
+        RuntimeError: if the saved weights do not match ``model``'s names or shapes.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}: not a directory")
+    required = [*REQUIRED_FILES, SCHEDULER_FILE] if scheduler is not None else REQUIRED_FILES
+    missing = [file for file in required if not (path / file).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"incomplete checkpoint {path}: missing {', '.join(missing)}"
+        )
+
+    safetensors.torch.load_model(_unwrap(model), path / MODEL_FILE, strict=True,
+                                 device=str(map_location))
+    optimizer.load_state_dict(
+        torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+    )
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    # Generator states must be CPU byte tensors whatever map_location says.
+    _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+
+    saved = json.loads((path / STATE_FILE).read_text())
+    return TrainState(iteration=saved["iteration"], data_position=saved["data_position"],
+                      extra=saved["extra"])
+
+
+def _set_rng_state(states: dict[str, Any]) -> None:
+    """Reset every global generator to the states ``_rng_state`` returned."""
+    random.setstate(states["python"])
+    np_state = states["numpy"]
+    np.random.set_state({**np_state, "state": {  # noqa: NPY002
+        "key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+        "pos": np_state["state"]["pos"]}})
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        # A run resumed on fewer GPUs than it was saved on cannot be bitwise exact anyway;
+        # restore the devices that exist.
+        for device, cuda_state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -1,0 +1,75 @@
+"""``drosim-llm``: the transformer-side command line.
+
+    drosim-llm demo --out DIR [--smoke] [--methods rebel,w-rebel] [--seeds 0,1,2]
+    drosim-llm train [--config demo|smoke|PATH.yaml] [--resume] [key=value ...]
+    torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
+
+``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
+``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from drosim.llm.config import bundled_config_path, load_config
+
+
+def _config_path(name: str | None) -> Path | None:
+    if name is None:
+        return None
+    return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drosim-llm", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="the offline CPU demo: table and figure in --out")
+    demo.add_argument("--out", required=True, help="output directory")
+    demo.add_argument("--smoke", action="store_true", help="seconds-long configuration")
+    demo.add_argument("--methods", default=None, help="comma-separated methods")
+    demo.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds")
+    demo.add_argument("--no-progress", action="store_true")
+
+    train = commands.add_parser("train", help="one online training run")
+    train.add_argument("--config", default=None,
+                       help="bundled config name (demo, smoke, gpt2-small-gpu) or a YAML path")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in out_dir")
+    train.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            import pandas as pd
+
+            from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
+
+            methods = tuple(args.methods.split(",")) if args.methods else DEMO_METHODS
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+            run_demo(args.out, smoke=args.smoke, methods=methods, seeds=seeds,
+                     progress=not args.no_progress)
+            summary = pd.read_csv(Path(args.out) / "summary.csv")
+            trained = summary[summary.trained_on | summary.mixture.isin(["mean", "worst"])]
+            print(trained.drop(columns="trained_on").to_string(index=False,
+                                                                float_format="{:.3f}".format))
+            if "rebel" in methods and len(seeds) > 1:
+                print(learning_report(summary))
+            print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+        else:
+            from drosim.llm.trainer import train as run_training
+
+            config = load_config(_config_path(args.config), args.overrides)
+            out = run_training(config, resume=args.resume)
+            print(f"finished: {out / 'final'}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"drosim-llm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""Training configuration: one dataclass, read from YAML and ``key=value`` overrides.
+
+Values are layered as defaults <- YAML file <- command-line overrides, type-checked against the
+dataclass annotations and validated, so a typo or a nonsensical value fails before any model
+is loaded::
+
+    config = load_config(bundled_config_path("smoke"), ["lr=3e-4", "method=chi2-rebel"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from drosim.llm.methods import METHODS
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def _default_eval_mixtures() -> list[dict[str, float]]:
+    # The two training objectives, their mix, and objectives the policy never trains on.
+    return [
+        {"joy": 1.0},
+        {"calm": 1.0},
+        {"joy": 0.5, "calm": 0.5},
+        {"anger": 1.0},
+        {"formal": 1.0},
+        {"calm": 0.5, "formal": 0.5},
+    ]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; see ``llm/configs/*.yaml`` for examples."""
+
+    # policy / data
+    model: str = "demo"  # "demo" (the built-in tiny world) or a local path / hub name
+    tokenizer: str | None = None  # None: the same as `model`
+    prompts: str = "demo"  # "demo", a .txt (one prompt per line) or .jsonl ({"prompt": ...})
+    eval_prompts: str = "demo"
+    reward: str = "demo"  # "demo" (rule-based word lists) or a HF sequence classifier
+    train_mixture: dict[str, float] = field(default_factory=lambda: {"joy": 0.5, "calm": 0.5})
+    eval_mixtures: list[dict[str, float]] = field(default_factory=_default_eval_mixtures)
+    # method
+    method: str = "rebel"  # one of METHODS
+    eta: float = 0.1  # REBEL step size
+    beta: float = 0.1  # DPO / IPO
+    chi2_rho: float = 0.01
+    kl_rho: float = 0.01
+    kl_tau: float = 0.1
+    w_rho: float = 0.01
+    w_p: float = 2.0
+    # loop
+    iterations: int = 30
+    pairs_per_iteration: int = 32  # prompts per iteration (two responses each), over all ranks
+    epochs: int = 2  # passes over each iteration's pairs
+    minibatch_size: int = 16  # pairs per optimiser step, over all ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_iterations: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 12
+    eval_every: int = 5
+    num_eval_prompts: int = 64
+    checkpoint_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # one of DEVICES
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    out_dir: str = "runs/default"
+
+
+# Resolved once: with `from __future__ import annotations` the field types are strings.
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Build a validated config from the defaults, a YAML file and ``key=value`` overrides.
+
+    Later sources win: defaults <- YAML file <- overrides. Override values are parsed as YAML,
+    so ``lr=3e-4``, ``bf16=true``, ``tokenizer=null`` and ``train_mixture={joy: 0.7, calm: 0.3}``
+    all work.
+
+    Args:
+        path: a YAML mapping of field names to values, or ``None`` for the defaults alone.
+        overrides: ``key=value`` strings, applied in order.
+
+    Returns:
+        The validated :class:`TrainConfig`.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: for a malformed file or override, an unknown key (the message suggests
+            close matches), a value of the wrong type, or a value ``validate_config`` rejects.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_read_yaml(Path(path)))
+    for override in overrides:
+        key, value = _parse_override(override)
+        values[key] = value
+    config = TrainConfig(**{key: _coerce(key, value, _FIELD_TYPES[key])
+                            for key, value in values.items()})
+    validate_config(config)
+    return config
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``3e-4`` as a float.
+
+    YAML 1.1, which PyYAML implements, only resolves exponent floats written with a dot
+    (``3.0e-4``); plain ``safe_load`` returns the string "3e-4", a trap for learning rates.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, its keys checked against the fields."""
+    with open(path) as f:
+        values = yaml.load(f, Loader=_Loader)
+    if values is None:  # an empty file, or comments only
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got "
+                         f"{type(values).__name__}")
+    for key in values:
+        _check_known(key, where=str(path))
+    return values
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {override!r} is not of the form key=value")
+    _check_known(key, where=f"override {override!r}")
+    try:
+        return key, yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {override!r}: the value is not valid YAML: {err}") from err
+
+
+def _check_known(key: Any, *, where: str) -> None:
+    """Reject a key that is not a TrainConfig field, suggesting the fields it resembles."""
+    if key in _FIELD_TYPES:
+        return
+    close = difflib.get_close_matches(str(key), _FIELD_TYPES, n=3)
+    hint = (f"did you mean {' or '.join(map(repr, close))}?" if close
+            else f"valid keys: {', '.join(_FIELD_TYPES)}")
+    raise ValueError(f"unknown config key {key!r} in {where}; {hint}")
+
+
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+               str: "a string"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint``, with ints widened to floats.
+
+    Args:
+        key: the field (or the path inside it, like ``train_mixture['joy']``) for messages.
+        value: the value as YAML parsed it or as the dataclass holds it.
+        hint: the field's resolved annotation.
+
+    Returns:
+        ``value``, with ints where floats are expected turned into floats.
+
+    Raises:
+        ValueError: if ``value`` is not of the annotated type; ``bool`` is not accepted as a
+            number, nor a number as a ``bool``.
+    """
+    origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # the optional fields: `X | None`
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(key, value, "a mapping")
+        key_type, value_type = typing.get_args(hint)
+        return {_coerce(f"{key} key", k, key_type): _coerce(f"{key}[{k!r}]", v, value_type)
+                for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, "a list")
+        (item_type,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    # bool is a subclass of int: `true` must not pass for 1, nor 1 for `true`.
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is float and is_number:
+        return float(value)
+    if hint is int and is_number and isinstance(value, int):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    raise _type_error(key, value, _TYPE_NAMES[hint])
+
+
+def _type_error(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+# --------------------------------------------------------------------------------- validation
+
+# Fields with a lower bound alone; the rest are checked one by one in validate_config.
+_POSITIVE = ("eta", "beta", "kl_tau", "lr", "max_grad_norm", "temperature")
+_NON_NEGATIVE = ("chi2_rho", "kl_rho", "w_rho", "weight_decay", "warmup_iterations")
+_AT_LEAST_ONE = ("iterations", "pairs_per_iteration", "epochs", "minibatch_size",
+                 "max_new_tokens", "eval_every", "num_eval_prompts", "checkpoint_every")
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check every field's type and range.
+
+    Comparisons are written so that NaN fails them.
+
+    Args:
+        config: the config to check.
+
+    Raises:
+        ValueError: naming the first offending field and what it must be: a wrong type, an
+            unknown method or device, a radius or weight decay below 0, a step size,
+            temperature, tau, beta, learning rate or clipping norm not above 0, ``w_p`` < 1,
+            a count below 1, ``minibatch_size`` > ``pairs_per_iteration``, ``top_p`` outside
+            (0, 1], a seed outside [0, 2**32), a mixture with a negative or non-finite weight
+            or weights not summing to a positive number, or no eval mixture.
+    """
+    for f in dataclasses.fields(config):
+        _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; valid methods: "
+                         f"{', '.join(METHODS)}")
+    if config.device not in DEVICES:
+        raise ValueError(f"unknown device {config.device!r}; valid devices: "
+                         f"{', '.join(DEVICES)}")
+    for name in _POSITIVE:
+        _require(config, name, lambda v: v > 0, "> 0")
+    for name in _NON_NEGATIVE:
+        _require(config, name, lambda v: v >= 0, ">= 0")
+    for name in _AT_LEAST_ONE:
+        _require(config, name, lambda v: v >= 1, ">= 1")
+    _require(config, "w_p", lambda v: v >= 1, ">= 1 (a Wasserstein order)")
+    _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
+    _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
+             f"<= pairs_per_iteration ({config.pairs_per_iteration})")
+    _check_mixture("train_mixture", config.train_mixture)
+    if not config.eval_mixtures:
+        raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
+    for i, mixture in enumerate(config.eval_mixtures):
+        _check_mixture(f"eval_mixtures[{i}]", mixture)
+
+
+def _require(config: TrainConfig, name: str, ok: Callable[[Any], bool], requirement: str) -> None:
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_mixture(name: str, mixture: dict[str, float]) -> None:
+    """A mixture weighs objectives: finite, non-negative weights with a positive sum."""
+    for objective, weight in mixture.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name}: the weight of {objective!r} must be finite and >= 0, "
+                             f"got {weight!r}")
+    if not sum(mixture.values()) > 0:
+        raise ValueError(f"{name}: the weights must sum to a positive number, got {mixture}")
+
+
+# ------------------------------------------------------------------------------ saving / files
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain dicts, lists and scalars (JSON- and YAML-serialisable), a copy."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML that :func:`load_config` reads back to an equal config.
+
+    Args:
+        config: the config to write.
+        path: the YAML file to (over)write; its directory must exist.
+    """
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def bundled_config_path(name: str) -> Path:
+    """The path of a config shipped in ``llm/configs``, by name (``"smoke"`` -> smoke.yaml).
+
+    Args:
+        name: the file name without ``.yaml``.
+
+    Returns:
+        The path of the YAML file.
+
+    Raises:
+        ValueError: if there is no such bundled config; the message lists those there are.
+    """
+    available = sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml"))
+    if name not in available:
+        raise ValueError(f"no bundled config {name!r}; available: {', '.join(available)}")
+    return CONFIGS_DIR / f"{name}.yaml"

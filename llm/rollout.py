@@ -1,0 +1,129 @@
+"""Sampling response pairs from the current policy pi_t.
+
+Prompts are tokenised once, left-padded, and every prompt is sampled twice in ONE
+``generate`` call (``num_return_sequences=2``). The response of a row is everything generated
+up to and including its first end-of-sequence token; what ``generate`` writes after it is
+padding. The pi_t log-probabilities REBEL needs are recorded by one batched forward pass right
+after sampling (at temperature 1: they are the policy's own probabilities, not the tempered
+sampling distribution's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from drosim.llm.logprobs import sequence_logprobs
+from torch import Tensor, nn
+
+
+class SampledPairs(NamedTuple):
+    """Two sampled responses for each of n prompts.
+
+    Attributes:
+        input_ids: ``(n, 2, T)`` prompt (left-padded) + response (right-padded) tokens.
+        attention_mask: ``(n, 2, T)``.
+        response_mask: ``(n, 2, T)``.
+        logprobs: ``(n, 2)`` log pi_t(y | x) recorded at sampling time.
+        responses: n lists of the two decoded responses (special tokens removed).
+        empty: ``(n, 2)`` bool, True where a response has no token.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    responses: list[list[str]]
+    empty: Tensor
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (as TRL does for RL fine-tuning): the log-probs of
+    the update must be those of the policy that sampled, not of a random sub-network."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def response_mask_after(prompt_length: int, sequences: Tensor, eos_token_id: int) -> Tensor:
+    """Mask of the generated tokens up to and including each row's first EOS.
+
+    Example:
+        >>> import torch
+        >>> seq = torch.tensor([[7, 4, 2, 0, 0], [7, 4, 4, 4, 2]])   # eos = 2, pad = 0
+        >>> response_mask_after(1, seq, eos_token_id=2).tolist()
+        [[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    """
+    generated = sequences[:, prompt_length:]
+    is_eos = (generated == eos_token_id).long()
+    before_or_at_first_eos = (is_eos.cumsum(-1) - is_eos) == 0
+    mask = torch.zeros_like(sequences, dtype=torch.long)
+    mask[:, prompt_length:] = before_or_at_first_eos.long()
+    return mask
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists left-padded to a common length, and their attention mask.
+
+    Padding by hand leaves the caller's tokenizer untouched (it may have no pad token).
+
+    Example:
+        >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32
+                 ) -> SampledPairs:
+    """Sample two responses per prompt from ``policy`` and record their log-probabilities.
+
+    Sampling draws from torch's global RNG, so a checkpoint that saves it resumes exactly.
+
+    Args:
+        policy: a causal LM with ``generate`` (a ``transformers`` model).
+        tokenizer: its tokenizer; needs an EOS token (and uses it as padding if it has none).
+        prompts: n prompt strings.
+        temperature: sampling temperature > 0.
+        top_p: nucleus mass in (0, 1].
+        max_new_tokens: response length cap >= 1.
+
+    Returns:
+        :class:`SampledPairs`.
+
+    Raises:
+        ValueError: no prompts, or a bad sampling parameter.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to sample from")
+    if not temperature > 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and max_new_tokens >= 1; got "
+                         f"{temperature}, {top_p}, {max_new_tokens}")
+    device = next(policy.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id)
+    input_ids, prompt_mask = left_pad(tokenizer(list(prompts))["input_ids"], pad_id)
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    sequences = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True,
+                                temperature=temperature, top_p=top_p, top_k=0,
+                                max_new_tokens=max_new_tokens, num_return_sequences=2,
+                                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+    prompt_length = input_ids.shape[1]
+    response_mask = response_mask_after(prompt_length, sequences, tokenizer.eos_token_id)
+    prompt_mask = prompt_mask.repeat_interleave(2, dim=0)
+    attention_mask = torch.cat([prompt_mask, response_mask[:, prompt_length:]], dim=1)
+    out = sequence_logprobs(policy, sequences, attention_mask, response_mask)
+    responses = tokenizer.batch_decode(
+        torch.where(response_mask.bool(), sequences, pad_id)[:, prompt_length:],
+        skip_special_tokens=True)
+    n = len(prompts)
+    return SampledPairs(sequences.view(n, 2, -1), attention_mask.view(n, 2, -1),
+                        response_mask.view(n, 2, -1), out.logprobs.view(n, 2),
+                        [responses[2 * i:2 * i + 2] for i in range(n)], out.empty.view(n, 2))

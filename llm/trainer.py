@@ -1,0 +1,333 @@
+"""The online DRO-REBEL training loop.
+
+Each iteration t:
+
+1. take the next ``pairs_per_iteration`` prompts of the stream (this rank's share);
+2. sample two responses per prompt from pi_t and record their log-probabilities;
+3. score them under every objective and mix them with the training mixture alpha_0;
+4. run ``epochs`` passes of minibatch updates (:func:`drosim.llm.update.update_step`);
+5. every ``eval_every`` iterations, score held-out prompts under the mixture grid.
+
+Metrics go to ``<out_dir>/metrics.jsonl`` (and TensorBoard when asked and installed);
+checkpoints to ``<out_dir>/checkpoints`` every ``checkpoint_every`` iterations and when
+SIGTERM or SIGINT arrives (the loop finishes its iteration, saves, and exits). ``resume=True``
+restarts from the latest checkpoint: weights, optimiser, scheduler, iteration and data
+position are restored and every iteration draws its randomness from a seed of (run, rank,
+iteration), so on CPU a resumed run ends with the same bits as an uninterrupted one. Under
+``torchrun`` every rank samples its own share of the prompts and the robust objective is
+global over ranks (see :mod:`drosim.llm.objective`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from drosim.llm.batch import PairBatch
+from drosim.llm.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from drosim.llm.config import TrainConfig, save_config
+from drosim.llm.data import PromptStream, load_prompts
+from drosim.llm.evaluation import evaluate_mixtures
+from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.methods import make_method
+from drosim.llm.rewards import (
+    RewardModel,
+    SequenceClassifierReward,
+    WordListReward,
+    mixture_weights,
+    score,
+)
+from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
+from drosim.llm.update import update_step
+from tqdm.auto import tqdm
+
+EVAL_SEED = 1234
+DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2
+
+
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    """Join the ``torchrun`` process group if the environment describes one.
+
+    Uses NCCL when training on CUDA and gloo otherwise.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(config: TrainConfig, local_rank: int) -> str:
+    if config.device == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank}" if config.device == "cuda" else config.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the global state user reward code may draw from
+    torch.manual_seed(seed)
+
+
+def load_policy(config: TrainConfig, out_dir: Path):
+    """The initial policy and its tokenizer: ``model="demo"`` builds (once, cached in
+    ``out_dir/base``) the offline demo's pre-trained tiny GPT-2; anything else is passed to
+    ``from_pretrained`` (a local directory or a hub name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    source = config.model
+    if source == "demo":
+        from drosim.llm.demo import build_demo_base
+
+        source = str(build_demo_base(out_dir / "base", seed=config.seed))
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return policy, tokenizer
+
+
+def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
+    if config.reward == "demo":
+        from drosim.llm.demo_world import OBJECTIVES
+
+        return WordListReward(OBJECTIVES)
+    return SequenceClassifierReward(config.reward, device=device)
+
+
+def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPairs
+                ) -> torch.Tensor:
+    """``(n, 2, objectives)`` scores of the sampled pairs."""
+    flat = score(reward_model, [p for p in prompts for _ in range(2)],
+                 [r for pair in pairs.responses for r in pair])
+    return flat.view(len(prompts), 2, -1)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; a second signal falls back to the default action."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (rank 0), optionally mirrored to TensorBoard."""
+
+    def __init__(self, path: Path, *, keep_until: int | None, tensorboard: bool):
+        self.path = path
+        if keep_until is not None and path.exists():
+            # lines written after the checkpoint we resume from are replayed by the resumed run
+            kept = [line for line in path.read_text().splitlines()
+                    if json.loads(line)["iteration"] <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif keep_until is None:
+            path.write_text("")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("tensorboard is not installed: metrics go to JSONL only", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, record["iteration"])
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Run (or resume) the online loop described by ``config``; returns the run directory.
+
+    The final policy and tokenizer are saved to ``<out_dir>/final``.
+
+    Raises:
+        ValueError: an invalid configuration, or bad data met during training (NaN rewards,
+            empty batches), with the rows named.
+        SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
+    """
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = init_distributed(config.device if config.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(config, world.local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if config.pairs_per_iteration % world.world_size or config.minibatch_size % world.world_size:
+        raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
+                         f"minibatch_size ({config.minibatch_size}) must be multiples of the "
+                         f"{world.world_size} ranks")
+    method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
+                         kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
+
+    seed_everything(config.seed)
+    policy, tokenizer = load_policy(config, out_dir)
+    policy.to(device)
+    disable_dropout(policy)
+    reference = None
+    if method.pointwise != "rebel":
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    reward_model = load_reward_model(config, device)
+    alpha = mixture_weights(reward_model.objectives, config.train_mixture)
+    stream = PromptStream(load_prompts(config.prompts, demo_seed=DEMO_TRAIN_PROMPT_SEED),
+                          seed=config.seed)
+    eval_prompts = load_prompts(config.eval_prompts, demo_seed=DEMO_EVAL_PROMPT_SEED)
+    eval_prompts = eval_prompts[:config.num_eval_prompts]
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    warmup = max(config.warmup_iterations, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
+
+    state = TrainState(iteration=0, data_position=0, extra={})
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=policy, optimizer=optimizer,
+                                scheduler=scheduler, map_location=device)
+    if world.is_main:
+        save_config(config, out_dir / "config.yaml")
+    log = MetricsLog(out_dir / "metrics.jsonl",
+                     keep_until=state.iteration if checkpoint is not None else None,
+                     tensorboard=config.tensorboard and world.is_main) if world.is_main else None
+
+    stop = StopFlag()
+    stop.install()
+    autocast_dtype = torch.bfloat16 if config.bf16 else None
+    local_pairs = config.pairs_per_iteration // world.world_size
+    local_minibatch = config.minibatch_size // world.world_size
+
+    def evaluate(iteration: int) -> None:
+        if not world.is_main:
+            return
+        report = evaluate_mixtures(policy, tokenizer, reward_model, eval_prompts,
+                                   config.eval_mixtures, temperature=config.temperature,
+                                   top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                                   seed=EVAL_SEED)
+        log.write({"iteration": iteration, "kind": "eval", **report})
+
+    if state.iteration == 0:
+        evaluate(0)
+    bar = tqdm(range(state.iteration, config.iterations), initial=state.iteration,
+               total=config.iterations, desc=f"{config.method}",
+               disable=not (config.progress and world.is_main))
+    for iteration in bar:
+        started = time.perf_counter()
+        # a seed per (run, rank, iteration): ranks sample different responses, and a resumed
+        # run draws what the uninterrupted one drew whatever the rank count
+        seed_everything(iteration_seed(config.seed, world.rank, iteration))
+        prompts = stream.take(state.data_position, config.pairs_per_iteration)
+        prompts = prompts[world.rank * local_pairs:(world.rank + 1) * local_pairs]
+        policy.eval()
+        pairs = sample_pairs(policy, tokenizer, prompts, temperature=config.temperature,
+                             top_p=config.top_p, max_new_tokens=config.max_new_tokens)
+        policy.train()
+        scores = score_pairs(reward_model, prompts, pairs).to(device)
+        reference_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                reference_logprobs = sequence_logprobs(
+                    reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
+                    pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
+        batch = PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
+                          pairs.logprobs, scores @ alpha.to(device), reference_logprobs)
+        steps = []
+        for _ in range(config.epochs):
+            order = torch.randperm(local_pairs).to(device)
+            for start in range(0, local_pairs - local_minibatch + 1, local_minibatch):
+                minibatch = batch.select(order[start:start + local_minibatch])
+                steps.append(update_step(policy, optimizer, minibatch, method, eta=config.eta,
+                                         beta=config.beta, max_grad_norm=config.max_grad_norm,
+                                         autocast_dtype=autocast_dtype))
+        scheduler.step()
+        state = TrainState(iteration + 1, state.data_position + config.pairs_per_iteration, {})
+        record = {"iteration": iteration + 1, "kind": "train",
+                  "train_reward": _global_mean(batch.rewards),
+                  "objective": sum(s.objective for s in steps) / len(steps),
+                  "loss": sum(s.mean_loss for s in steps) / len(steps),
+                  "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
+                  "max_weight": max(s.max_weight for s in steps),
+                  "empty_responses": int(pairs.empty.sum()),
+                  "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.perf_counter() - started}
+        if world.is_main:
+            log.write(record)
+            bar.set_postfix(reward=f"{record['train_reward']:.3f}",
+                            objective=f"{record['objective']:.3g}")
+        if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
+            evaluate(iteration + 1)
+        if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
+            if world.is_main:
+                save_checkpoint(out_dir, model=policy, optimizer=optimizer,
+                                scheduler=scheduler, state=state)
+            if world.world_size > 1:
+                dist.barrier()
+        if stop.signal is not None:
+            print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
+                  f"resume with --resume (checkpoint in {out_dir / 'checkpoints'})",
+                  file=sys.stderr)
+            raise SystemExit(128 + stop.signal)
+
+    if world.is_main:
+        policy.save_pretrained(out_dir / "final")
+        tokenizer.save_pretrained(out_dir / "final")
+    if world.world_size > 1:
+        dist.barrier()
+    return out_dir
+
+
+def _global_mean(values: torch.Tensor) -> float:
+    total = torch.stack([values.sum(), values.new_tensor(float(values.numel()))])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    """The RNG seed of one rank's iteration (distinct across ranks and iterations)."""
+    return ((seed * 1_000_003 + iteration) * 4096 + rank) % 2**32

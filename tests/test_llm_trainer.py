@@ -1,0 +1,154 @@
+"""The trainer end to end, through the ``drosim-llm`` command line in subprocesses:
+exact resume after SIGKILL, checkpoint-and-exit on SIGTERM, bad configurations, and the
+demo's smoke configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo, summarise
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# 12 short iterations, a checkpoint every 4: a kill lands between checkpoints
+RUN = ["train", "--config", "smoke", "method=chi2-rebel", "chi2_rho=0.1", "iterations=12",
+       "checkpoint_every=4", "eval_every=5"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_demo_base(tmp_path_factory.mktemp("llm") / "base", pretrain_steps=20,
+                           corpus_size=300)
+
+
+def command(out: Path, base: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "drosim.llm.cli", *RUN, f"model={base}", f"out_dir={out}",
+            *extra]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def train_records(out: Path) -> list[dict]:
+    if not (out / "metrics.jsonl").exists():
+        return []
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def wait_for_iteration(process: subprocess.Popen, out: Path, iteration: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(r["iteration"] >= iteration for r in train_records(out)):
+            return
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    raise TimeoutError(f"iteration {iteration} never logged")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llm") / "uninterrupted"
+    subprocess.run(command(out, base), env=ENV, check=True, capture_output=True)
+    return out
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    ours, theirs = final_weights(resumed), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), f"{name} differs after resume"
+    # the metrics log holds every iteration once, with the same numbers
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in train_records(resumed)]
+    expected = [{k: v for k, v in r.items() if k != "seconds"} for r in train_records(reference)]
+    assert strip == expected
+
+
+def test_resume_after_sigkill_is_bitwise_exact(base, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out, base), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_iteration(process, out, 5)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("iteration-*"))
+    assert checkpoints and checkpoints[-1] < "iteration-000012"
+    assert not (out / "final").exists()
+
+    subprocess.run(command(out, base, "--resume"), env=ENV, check=True, capture_output=True)
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_checkpoints_then_resumes_exactly(base, uninterrupted, tmp_path):
+    out = tmp_path / "terminated"
+    process = subprocess.Popen(command(out, base), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for_iteration(process, out, 1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait() == 128 + signal.SIGTERM
+    assert "resume with --resume" in process.stderr.read()
+    state = json.loads(next((out / "checkpoints").glob("iteration-*/state.json")).read_text())
+    assert state["iteration"] == train_records(out)[-1]["iteration"]
+
+    subprocess.run(command(out, base, "--resume"), env=ENV, check=True, capture_output=True)
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("chi2_rho=-1", "chi2_rho"),
+    ("method=ppo", "unknown method"),
+    ("train_mixture={joy: 1, sadness: 1}", "unknown objectives"),
+    ("temperature=0", "temperature"),
+    ("minibatch_size=64", "minibatch_size"),
+])
+def test_bad_configuration_is_a_clear_error(base, tmp_path, override, message):
+    result = subprocess.run(command(tmp_path / "bad", base, override), env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_demo_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    rewards = run_demo(out, smoke=True, seeds=(0, 1), progress=False)
+    assert (out / "rewards.png").stat().st_size > 10_000
+    table = pd.read_csv(out / "rewards.csv")
+    pd.testing.assert_frame_equal(table, rewards, check_dtype=False)
+    assert set(table.method) == set(DEMO_METHODS)
+    assert set(table.seed) == {0, 1}
+    assert {"1 joy", "1 anger", "0.5 joy + 0.5 calm", "worst", "mean"} <= set(table.mixture)
+    assert table.reward.between(0, 1).all()
+    # every (method, seed) evaluated before training and at the end
+    per_run = table.groupby(["method", "seed"]).iteration.agg(["min", "max"])
+    assert (per_run["min"] == 0).all() and (per_run["max"] == 3).all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.trained_on.sum() == len(DEMO_METHODS)
+
+    # a second call finds every run finished and only rebuilds the table
+    started = time.perf_counter()
+    again = run_demo(out, smoke=True, seeds=(0, 1), progress=False)
+    assert time.perf_counter() - started < 10
+    pd.testing.assert_frame_equal(again, rewards)
+
+
+@pytest.mark.slow
+def test_demo_rebel_learns_beyond_seed_spread(tmp_path):
+    """The embedded default's acceptance: REBEL's training-mixture reward rises well beyond
+    its seed-to-seed spread (the full demo configuration, REBEL only)."""
+    rewards = run_demo(tmp_path, methods=("rebel",), seeds=(0, 1, 2), progress=False)
+    trained = rewards[rewards.mixture == "0.5 joy + 0.5 calm"]
+    start = trained[trained.iteration == 0].reward
+    end = trained[trained.iteration == trained.iteration.max()].reward
+    assert end.mean() - start.mean() > 2 * end.std()
+    assert end.min() > start.max() + 0.1
+    assert "rebel learns" in learning_report(summarise(rewards, "0.5 joy + 0.5 calm"))
