@@ -36,7 +36,6 @@ def build_demo_base(path: str | Path, *, seed: int = 0, corpus_size: int = 4000,
         pretrain_demo_model,
         train_demo_tokenizer,
     )
-
     from transformers.utils import logging as hf_logging
 
     path = Path(path)

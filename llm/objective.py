@@ -34,7 +34,8 @@ class RobustObjective(NamedTuple):
     Attributes:
         loss: scalar to call ``backward()`` on; its gradient, summed over ranks, is the
             gradient of the global objective (its value is not the objective's).
-        value: the global robust objective F, detached (the same on every rank).
+        value: the global robust objective F, detached (the same on every rank), a float64
+            scalar on the CPU.
         weights: ``(n_local,)`` d F / d l_i for this rank's samples (the worst-case weights
             for chi2 and KL), detached.
     """
@@ -134,9 +135,12 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
     gathered = []
     for tensor in local:
         full, own = gather_detached(tensor)
-        gathered.append(full.requires_grad_())
+        # The dual is solved on the host in float64: n numbers cross the bus once, instead of
+        # the solver's thousands of tiny kernel launches on a GPU.
+        gathered.append(full.to("cpu", torch.float64).requires_grad_())
     value = robust_mean(gathered[0], spec,
                         grad_sq_norms=gathered[1] if len(gathered) > 1 else None)
-    coefficients = torch.autograd.grad(value, gathered)
-    loss = sum((c[own] * t).sum() for c, t in zip(coefficients, local, strict=True))
-    return RobustObjective(loss, value.detach(), coefficients[0][own])
+    coefficients = [c[own].to(losses.device, losses.dtype)
+                    for c in torch.autograd.grad(value, gathered)]
+    loss = sum((c * t).sum() for c, t in zip(coefficients, local, strict=True))
+    return RobustObjective(loss, value.detach(), coefficients[0])

@@ -166,6 +166,10 @@ class MetricsLog:
             else:
                 self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -311,9 +315,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
             print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
                   f"resume with --resume (checkpoint in {out_dir / 'checkpoints'})",
                   file=sys.stderr)
+            if world.is_main:
+                log.close()
             raise SystemExit(128 + stop.signal)
 
     if world.is_main:
+        log.close()
         policy.save_pretrained(out_dir / "final")
         tokenizer.save_pretrained(out_dir / "final")
     if world.world_size > 1:

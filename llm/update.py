@@ -57,13 +57,23 @@ def method_objective(policy: nn.Module, batch: PairBatch, method: Method, *, eta
         logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
         return robust_objective(losses, method.spec), losses
-    embeddings = policy.get_input_embeddings()(batch.flat("input_ids"))
-    # the penalty differentiates twice; the fused (flash / memory-efficient) attention
-    # kernels have no double backward, the math kernel does
-    with sdpa_kernel(SDPBackend.MATH):
+    with attention_kernels(method):
+        embeddings = policy.get_input_embeddings()(batch.flat("input_ids"))
         logprobs = pair_logprobs(policy, batch, embeddings=embeddings)
-    losses = method.losses(logprobs, batch, eta=eta, beta=beta)
-    return robust_objective(losses, method.spec, inputs=embeddings), losses
+        losses = method.losses(logprobs, batch, eta=eta, beta=beta)
+        return robust_objective(losses, method.spec, inputs=embeddings), losses
+
+
+def attention_kernels(method: Method) -> contextlib.AbstractContextManager:
+    """The attention kernels a method may use, as a context for its forward AND backward.
+
+    The Wasserstein penalty differentiates twice; the fused (flash / memory-efficient)
+    attention kernels have no double backward, the math kernel does. The backward needs the
+    same context because gradient checkpointing recomputes the forward inside it.
+    """
+    if isinstance(method.spec, Wasserstein):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def sum_gradients_over_ranks(parameters: list[nn.Parameter]) -> None:
@@ -101,9 +111,10 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     device_type = batch.input_ids.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
-    with autocast:
-        objective, losses = method_objective(policy, batch, method, eta=eta, beta=beta)
-    objective.loss.backward()
+    with attention_kernels(method):
+        with autocast:
+            objective, losses = method_objective(policy, batch, method, eta=eta, beta=beta)
+        objective.loss.backward()
     parameters = [p for p in policy.parameters() if p.requires_grad]
     sum_gradients_over_ranks(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))

@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench_dro.py, and the published chi2 baseline's documented defect."""
+"""Smoke tests of bench/bench_dro.py and bench/bench_llm.py, and the published chi2 baseline's
+documented defect."""
 
 from __future__ import annotations
 
@@ -107,3 +108,60 @@ def test_published_timing_extrapolates_over_budget(bench: ModuleType) -> None:
     seconds, note = bench.time_published(losses, 0.1, count=1, budget_s=0.0)
     assert seconds > 0 and math.isfinite(seconds)
     assert note.startswith("EXTRAPOLATED") and f"of {1024 + 2} candidates" in note
+
+
+# ------------------------------------------------------------------- bench/bench_llm.py
+
+LLM_BENCH = BENCH.parent / "bench_llm.py"
+
+
+@pytest.fixture(scope="module")
+def bench_llm() -> ModuleType:
+    """bench/bench_llm.py imported as a module."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_llm", LLM_BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llm_bench_quick(bench_llm: ModuleType, tmp_path: Path) -> None:
+    """The timing sections run at tiny sizes, the batched and per-sample results agree, and
+    every ratio is a positive finite number (memory: see the next test)."""
+    argv = ["--quick", "--methods", "chi2-rebel,w-rebel,kl-dpo", "--sections",
+            "steps,penalty,logprobs", "--out-dir", str(tmp_path)]
+    assert bench_llm.main(argv) == 0
+    md = (tmp_path / "llm_cpu_tiny_quick.md").read_text()
+    assert "## Targets" in md and "w-rebel / rebel" in md and "kl-dpo / dpo" in md
+    df = bench_llm.pd.read_csv(tmp_path / "llm_cpu_tiny_quick.csv")
+    assert set(df["section"]) == {"steps", "penalty", "logprobs"}
+    steps = df[df["section"] == "steps"]
+    assert list(steps["method"]) == ["rebel", "dpo", "chi2-rebel", "w-rebel", "kl-dpo"]
+    assert list(steps["over"]) == ["rebel", "dpo", "rebel", "rebel", "dpo"]
+    for column in ("ratio", "ratio_of_min", "loop/batched"):
+        values = df[column].dropna()
+        assert len(values) > 0 and (values > 0).all() and values.map(math.isfinite).all()
+    penalty = df[df["section"] == "penalty"]
+    assert list(penalty["pairs"]) == [2, 4]
+    assert (penalty["checked"] == "penalty, norms, grads").all()  # small: the full loop runs
+    assert (df["max_rel_err"].dropna() < 1e-3).all()
+
+
+def test_llm_bench_memory_worker(bench_llm: ModuleType) -> None:
+    """A fresh worker process measures one step's peak extra memory."""
+    settings, _ = bench_llm.parse_args(["--quick"])
+    result = bench_llm.run_worker("w-rebel", settings, timeout_s=120)
+    assert result["method"] == "w-rebel" and result["before_bytes"] > 0
+    assert result["extra_bytes"] > 0
+
+
+def test_llm_bench_loop_extrapolation(bench_llm: ModuleType) -> None:
+    """Over its time budget the per-sample loop runs one sample and is extrapolated."""
+    settings, _ = bench_llm.parse_args(["--quick", "--loop-budget", "0"])
+    model = bench_llm.build_model(settings, bench_llm.demo_tokenizer())
+    row = bench_llm.penalty_row(model, 4, settings, full_loop=False)
+    assert row["loop_timing"] == "1 of 4 samples, extrapolated"
+    assert row["checked"] == "norms of 1 samples" and row["max_rel_err"] < 1e-3
+    assert row["loop_s"] > 0 and math.isfinite(row["loop/batched"])

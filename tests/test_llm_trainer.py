@@ -152,3 +152,16 @@ def test_demo_rebel_learns_beyond_seed_spread(tmp_path):
     assert end.mean() - start.mean() > 2 * end.std()
     assert end.min() > start.max() + 0.1
     assert "rebel learns" in learning_report(summarise(rewards, "0.5 joy + 0.5 calm"))
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_gloo_ranks_trains_end_to_end(base, tmp_path):
+    """The trainer under ``torchrun`` (2 CPU ranks, gloo), with the double backward of W-REBEL;
+    the update itself is checked against one process in tests/test_llm_distributed.py."""
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "-m", "drosim.llm.cli", "train", "--config", "smoke", "method=w-rebel",
+            f"model={base}", f"out_dir={out}"]
+    subprocess.run(args, env=ENV, check=True, capture_output=True, timeout=300)
+    assert [r["iteration"] for r in train_records(out)] == [1, 2, 3]
+    assert (out / "final" / "model.safetensors").exists()
