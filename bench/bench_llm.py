@@ -107,6 +107,10 @@ def _register_drosim_llm() -> None:
 
 _register_drosim_llm()
 
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty  # noqa: E402
 from drosim.llm.batch import PairBatch  # noqa: E402
 from drosim.llm.demo_world import (  # noqa: E402
     demo_corpus,
@@ -118,10 +122,6 @@ from drosim.llm.logprobs import sequence_logprobs  # noqa: E402
 from drosim.llm.methods import Method, make_method  # noqa: E402
 from drosim.llm.objective import input_grad_sq_norms, robust_objective  # noqa: E402
 from drosim.llm.update import pair_logprobs, update_step  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 BASELINES = ("rebel", "dpo")

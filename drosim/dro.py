@@ -250,7 +250,9 @@ def _chi2_solve(z: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         a1, a2, sj, kf = top(k, p1), top(k, p2), top(j, s), k.to(s.dtype)
         first = a1 - kf * sj  # sum_{i<j} (s_i - s_j)
         second = a2 - 2 * sj * a1 + kf * sj * sj  # sum_{i<j} (s_i - s_j)^2
-        return (1 + 2 * rho) * first * first < n * second
+        # g'(s_j) >= 1 - c sqrt(k / n) > 0 whenever c^2 k < n, whatever the data. Say so
+        # directly: the squares underflow when s_j is within 1e-154 of the max.
+        return ((kf - n) + 2 * rho * kf < 0) | ((1 + 2 * rho) * first * first < n * second)
 
     ties = (s == 0).sum(-1, dtype=torch.int32).to(torch.int64)
     on_max = ties + 2 * rho * ties >= n

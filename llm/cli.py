@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             import pandas as pd
+
             from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
 
             methods = tuple(args.methods.split(",")) if args.methods else DEMO_METHODS

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from drosim.llm.methods import METHODS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")

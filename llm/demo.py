@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+
 from drosim.llm.config import bundled_config_path, load_config
 from drosim.llm.rewards import mixture_name
 
@@ -30,13 +31,14 @@ def build_demo_base(path: str | Path, *, seed: int = 0, corpus_size: int = 4000,
                     pretrain_steps: int = 300, progress: bool = False) -> Path:
     """Pre-train the demo's base policy and tokenizer into ``path`` (once: an existing base
     is reused) and return ``path``."""
+    from transformers.utils import logging as hf_logging
+
     from drosim.llm.demo_world import (
         demo_corpus,
         demo_model_config,
         pretrain_demo_model,
         train_demo_tokenizer,
     )
-    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():

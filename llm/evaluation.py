@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
+
 from drosim.llm.rewards import RewardModel, mixture_name, mixture_weights, score
 from drosim.llm.rollout import sample_pairs
-from torch import nn
 
 
 @torch.no_grad()

@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
 from torch import Tensor
 
 from drosim.dro import KL, AmbiguitySet, Chi2, KLTemperature, Wasserstein
+from drosim.llm.batch import PairBatch
+from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
 
 Pointwise = Literal["rebel", "dpo", "ipo"]
 

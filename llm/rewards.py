@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from drosim.llm.batch import nonfinite_rows_error
 from torch import Tensor
+
+from drosim.llm.batch import nonfinite_rows_error
 
 
 class RewardModel(Protocol):

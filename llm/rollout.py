@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from drosim.llm.logprobs import sequence_logprobs
 from torch import Tensor, nn
+
+from drosim.llm.logprobs import sequence_logprobs
 
 
 class SampledPairs(NamedTuple):

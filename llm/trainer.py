@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
+
 from drosim.llm.batch import PairBatch
 from drosim.llm.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from drosim.llm.config import TrainConfig, save_config
@@ -50,7 +52,6 @@ from drosim.llm.rewards import (
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
 from drosim.llm.update import update_step
-from tqdm.auto import tqdm
 
 EVAL_SEED = 1234
 DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2

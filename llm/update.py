@@ -18,14 +18,14 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from drosim.llm.batch import PairBatch
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import Method
-from drosim.llm.objective import RobustObjective, robust_objective
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from drosim.dro import Wasserstein
+from drosim.llm.batch import PairBatch
+from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.methods import Method
+from drosim.llm.objective import RobustObjective, robust_objective
 
 
 class StepStats(NamedTuple):

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from drosim.llm.batch import PairBatch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from drosim.llm.batch import PairBatch
 
 F64 = torch.float64
 PAD, BOS, EOS = 0, 1, 2

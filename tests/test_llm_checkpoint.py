@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from drosim.llm.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from transformers import GPT2Config, GPT2LMHeadModel
 
 VOCAB = 50
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from drosim.llm.config import (
     CONFIGS_DIR,
     METHODS,

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 import transformers
+
 from drosim.llm.demo_world import (
     OBJECTIVES,
     demo_corpus,

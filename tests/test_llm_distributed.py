@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from llm_helpers import near_policy, random_pair_batch, tiny_model
+
 from drosim.llm.batch import PairBatch
 from drosim.llm.methods import make_method
 from drosim.llm.objective import gather_detached
 from drosim.llm.update import StepStats, update_step
-from llm_helpers import near_policy, random_pair_batch, tiny_model
 
 WORLD = 2
 METHOD_NAMES = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")

@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
+from llm_helpers import near_policy, random_pair_batch, tiny_model
+
 from drosim.llm.methods import make_method
 from drosim.llm.update import update_step
-from llm_helpers import near_policy, random_pair_batch, tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]

@@ -8,6 +8,10 @@ import math
 
 import pytest
 import torch
+from llm_helpers import F64, random_pair_batch, tiny_config, tiny_model, tiny_tokenizer
+from transformers import GPT2ForSequenceClassification
+
+from drosim.dro import KL, Chi2, KLTemperature, Wasserstein
 from drosim.llm.batch import PairBatch
 from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
 from drosim.llm.methods import make_method
@@ -21,10 +25,6 @@ from drosim.llm.rewards import (
 )
 from drosim.llm.rollout import sample_pairs
 from drosim.llm.update import method_objective
-from llm_helpers import F64, random_pair_batch, tiny_config, tiny_model, tiny_tokenizer
-from transformers import GPT2ForSequenceClassification
-
-from drosim.dro import KL, Chi2, KLTemperature, Wasserstein
 
 NAN, INF = math.nan, math.inf
 

@@ -11,8 +11,6 @@ import math
 
 import pytest
 import torch
-from drosim.llm.logprobs import check_sequence_batch, response_logprobs, sequence_logprobs
-from drosim.llm.rollout import response_mask_after, sample_pairs
 from llm_helpers import (
     EOS,
     PAD,
@@ -24,6 +22,9 @@ from llm_helpers import (
     tiny_tokenizer,
     trainable,
 )
+
+from drosim.llm.logprobs import check_sequence_batch, response_logprobs, sequence_logprobs
+from drosim.llm.rollout import response_mask_after, sample_pairs
 
 RTOL = 1e-10
 

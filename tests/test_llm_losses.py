@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import math
 
-import drosim.llm.objective as objective_module
 import pytest
 import torch
-from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
-from drosim.llm.methods import METHODS, make_method
-from drosim.llm.objective import input_grad_sq_norms, robust_objective
-from drosim.llm.update import method_objective, pair_logprobs
 from llm_helpers import (
     F64,
     directional_derivative,
@@ -35,6 +30,7 @@ from llm_helpers import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import drosim.llm.objective as objective_module
 from drosim.dro import (
     KL,
     Chi2,
@@ -46,6 +42,10 @@ from drosim.dro import (
     robust_mean,
     wasserstein_penalty,
 )
+from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
+from drosim.llm.methods import METHODS, make_method
+from drosim.llm.objective import input_grad_sq_norms, robust_objective
+from drosim.llm.update import method_objective, pair_logprobs
 
 ETA, BETA = 1.0, 0.5
 RADII = dict(chi2_rho=0.1, kl_rho=0.1, kl_tau=0.5, w_rho=0.1)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo, summarise
 from safetensors.torch import load_file
+
+from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo, summarise
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # 12 short iterations, a checkpoint every 4: a kill lands between checkpoints
