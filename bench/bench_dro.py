@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_dro.py` puts bench/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
+from bench.peak_memory import peak_extra_bytes  # noqa: E402
 from drosim.dro import DROResult, chi2_worst_case, kl_worst_case  # noqa: E402
 from drosim.published import (  # noqa: E402
     published_chi2_candidates,
@@ -363,24 +364,6 @@ PROBES: dict[str, Probe] = {
 }
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def memory_probe(probe: str, batch: int, n: int, device: str) -> dict[str, object]:
     """Peak extra bytes of one probe call, run in THIS process (call it in a fresh one).
 
@@ -397,26 +380,7 @@ def memory_probe(probe: str, batch: int, n: int, device: str) -> dict[str, objec
     spec.call(x[:1, :64])  # warm-up: lazy init and first-call allocations are not counted
     if spec.on_z:  # allocated before the baseline: only the step itself is measured
         x = _private("_normalise")(x)[0]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        out = spec.call(x)
-        torch.cuda.synchronize(dev)
-        extra, method = torch.cuda.max_memory_allocated(dev) - before, "cuda max_memory_allocated"
-    else:
-        import resource
-
-        reset = _reset_peak_rss()
-        before_kib = _proc_status_kib("VmRSS")
-        if not reset or before_kib is None:  # no /proc: ru_maxrss (KiB on Linux), not reset
-            before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = spec.call(x)
-        peak_kib = _proc_status_kib("VmHWM") if reset else None
-        method = "VmHWM - VmRSS (/proc, peak reset)"
-        if peak_kib is None:
-            peak_kib, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-        extra = (peak_kib - before_kib) * 1024
+    out, _, extra, method = peak_extra_bytes(lambda: spec.call(x), dev)
     del out
     return {"probe": probe, "device": dev.type, "extra_bytes": int(extra),
             "input_bytes": x.numel() * x.element_size(), "method": method}

@@ -70,8 +70,6 @@ import json
 import os
 import platform
 import random
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +108,7 @@ _register_drosim_llm()
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from bench.peak_memory import peak_extra_bytes  # noqa: E402
 from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty  # noqa: E402
 from drosim.llm.batch import PairBatch  # noqa: E402
 from drosim.llm.demo_world import (  # noqa: E402
@@ -616,48 +615,14 @@ def time_logprobs(model: GPT2LMHeadModel, tokenizer, settings: Settings) -> pd.D
 # ------------------------------------------------------------------- 4. peak memory per step
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def step_memory(runner: StepRunner, method: Method, batch: PairBatch) -> dict[str, object]:
     """Bytes one ``update_step`` needs beyond what is allocated before it (see the module
     docstring); the optimiser state exists already and the gradients are freed."""
     runner.restore()
     gc.collect()
     device = torch.device(runner.settings.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        runner.step(method, batch)
-        synchronize(device)
-        return {"before_bytes": before, "extra_bytes": torch.cuda.max_memory_allocated(device)
-                - before, "measure": "cuda max_memory_allocated"}
-    reset = _reset_peak_rss()
-    before_kib = _proc_status_kib("VmRSS")
-    runner.step(method, batch)
-    if reset and before_kib is not None:
-        peak_kib, measure = _proc_status_kib("VmHWM"), "VmHWM (reset) - VmRSS"
-    else:  # ru_maxrss cannot be reset: valid only as the process's first large peak
-        before_kib = before_kib or 0
-        peak_kib, measure = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-    assert peak_kib is not None
-    return {"before_bytes": before_kib * 1024, "extra_bytes": (peak_kib - before_kib) * 1024,
-            "measure": measure}
+    _, before, extra, measure = peak_extra_bytes(lambda: runner.step(method, batch), device)
+    return {"before_bytes": before, "extra_bytes": extra, "measure": measure}
 
 
 def memory_worker(name: str, settings: Settings) -> dict[str, object]:
