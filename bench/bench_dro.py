@@ -46,15 +46,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from peak_memory import peak_extra_bytes  # bench/peak_memory.py, beside this script
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/bench_dro.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(ROOT))
-
-from bench.peak_memory import peak_extra_bytes  # noqa: E402
-from drosim.dro import DROResult, chi2_worst_case, kl_worst_case  # noqa: E402
-from drosim.published import (  # noqa: E402
+from drosim.dro import DROResult, chi2_worst_case, kl_worst_case
+from drosim.published import (
     published_chi2_candidates,
     published_chi2_objective,
     published_chi2_value_at,
@@ -71,7 +67,7 @@ MEMORY_TARGET = 4.0  # peak extra memory / input size
 MEMORY_N = 65536
 LARGE_N = 65536  # from here on, baselines are timed on a single problem
 PUBLISHED_PREFIX = 256  # candidates timed to estimate one published search's cost
-RESULTS_DIR = ROOT / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 COLUMNS = [
     "device", "solver", "n", "batch", "ours_s", "cvxpy_s", "published_s", "cvxpy/ours",

@@ -31,8 +31,8 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
 2. Wasserstein penalty. rho * sqrt(mean_i ||grad_z l_i||^2) and its back-propagation to the
    parameters (forward included) at 8, 32 and 128 pairs: one batched
    ``autograd.grad(sum_i l_i, z, create_graph=True)`` (``drosim.llm.objective``) against the
-   authors' loop of one ``autograd.grad(l_i, z, create_graph=True)`` per sample
-   (re-implemented here from shared/anchors.md). Each loop call is a full backward over the
+   authors' loop of one ``autograd.grad(l_i, z, create_graph=True)`` per sample (as their
+   public code does it, re-implemented here). Each loop call is a full backward over the
    whole batch and keeps its graph, so the loop's time (and memory) grows linearly in the
    samples it has done: when the full loop would exceed ``--loop-budget`` seconds, only its
    first k samples are run (the smallest size always runs in full) and its time is
@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -82,47 +81,26 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
+from peak_memory import peak_extra_bytes  # bench/peak_memory.py, beside this script
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/bench_llm.py` puts bench/, not the root, on the path
-    sys.path.insert(0, str(ROOT))
-
-
-def _register_drosim_llm() -> None:
-    """llm/ installs as drosim.llm; on a bare checkout (PYTHONPATH only) map it by hand."""
-    if importlib.util.find_spec("drosim.llm") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "drosim.llm", ROOT / "llm" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "llm")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drosim.llm"] = module
-    spec.loader.exec_module(module)
-
-
-_register_drosim_llm()
-
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from bench.peak_memory import peak_extra_bytes  # noqa: E402
-from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty  # noqa: E402
-from drosim.llm.batch import PairBatch  # noqa: E402
-from drosim.llm.demo_world import (  # noqa: E402
+from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty
+from drosim.llm.batch import PairBatch
+from drosim.llm.demo_world import (
     demo_corpus,
     demo_model_config,
     demo_prompts,
     train_demo_tokenizer,
 )
-from drosim.llm.logprobs import sequence_logprobs  # noqa: E402
-from drosim.llm.methods import Method, make_method  # noqa: E402
-from drosim.llm.objective import input_grad_sq_norms, robust_objective  # noqa: E402
-from drosim.llm.update import pair_logprobs, update_step  # noqa: E402
+from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.methods import Method, make_method
+from drosim.llm.objective import input_grad_sq_norms, robust_objective
+from drosim.llm.update import pair_logprobs, update_step
 
-RESULTS_DIR = ROOT / "bench" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINES = ("rebel", "dpo")
 ROBUST = ("chi2-rebel", "kl-rebel", "kltemp-rebel", "w-rebel", "wdpo", "kl-dpo", "chi2-dpo")
 # The defaults of drosim.llm.config.TrainConfig.
@@ -436,7 +414,7 @@ def _cuda_memory_short(device: str) -> bool:
 
 def loop_penalty(model: GPT2LMHeadModel, batch: PairBatch, method: Method, settings: Settings,
                  samples: int) -> PenaltyRun:
-    """The authors' way (anchors.md): one autograd.grad(l_i, z, create_graph=True) per
+    """The authors' way (their public code): one autograd.grad(l_i, z, create_graph=True) per
     sample, here for the first ``samples`` samples only (all of them for the real loop)."""
     model.zero_grad(set_to_none=True)
     synchronize(settings.device)
@@ -570,7 +548,7 @@ def text_batch(tokenizer, rows: int, seq_len: int, device: str, seed: int) -> Te
 
 
 def loop_logprobs(model: GPT2LMHeadModel, tokenizer, batch: TextBatch) -> Tensor:
-    """The authors' way (anchors.md): one forward, then per row re-tokenise the prompt to
+    """The authors' way (their public code): one forward, then per row re-tokenise the prompt to
     find where the response starts and sum the response tokens' log-probabilities."""
     logprobs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask
                      ).logits.log_softmax(-1)

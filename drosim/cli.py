@@ -1,12 +1,17 @@
 """The ``drosim`` command line.
 
     drosim run   [--preset quick|full] [--out figures/PRESET]  every paper check, figure and
-                                                             the claims table (the main job)
+                 [--only CHECK ...]                          the claims table (the main job)
     drosim study NAME [--preset quick|full] [--out DIR] [--device cpu|cuda]
                  [--memory-budget BYTES]                    one study: its table and figures
     drosim worst-case {chi2,kl,kl-temperature} RADIUS [FILE]
                                                              worst case of losses read from
                                                              FILE (or stdin), one per line
+    drosim --version
+
+Bad input (an --out folder that cannot be written, an unavailable --device, a losses file
+that is not one finite number per line) is refused before any work, with a one-line error
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from drosim import __version__
 from drosim.chunks import DEFAULT_MEMORY_BUDGET
 from drosim.dro import chi2_worst_case, kl_tilted, kl_worst_case
+from drosim.output import ensure_writable
 
 STUDIES = ("rates", "constants", "coverage", "shift", "updates")
 _WORST_CASES = {"chi2": chi2_worst_case, "kl": kl_worst_case, "kl-temperature": kl_tilted}
@@ -39,11 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drosim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="every paper check, figure and the claims table")
     run.add_argument("--preset", choices=("quick", "full"), default="quick")
     run.add_argument("--out", type=Path, default=None, help="default: figures/<preset>")
+    run.add_argument("--only", nargs="+", metavar="CHECK",
+                     help="run only these checks (default: all; see drosim.paper_checks)")
     run.set_defaults(handler=_run)
 
     study = commands.add_parser("study", help="one study: its table (CSV) and figures")
@@ -64,16 +75,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from paper_checks.__main__ import main as run_checks
+    from drosim.paper_checks import CHECKS
+    from drosim.paper_checks.__main__ import main as run_checks
 
-    out = ["--out", str(args.out)] if args.out else []
-    return run_checks(["--preset", args.preset, *out])
+    unknown = sorted(set(args.only or ()) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown check {', '.join(unknown)} for --only (choose from "
+                         f"{', '.join(CHECKS)})")
+    out = args.out or Path("figures") / args.preset
+    ensure_writable(out)  # before minutes of work, with drosim's own error message
+    only = ["--only", *args.only] if args.only else []
+    return run_checks(["--preset", args.preset, "--out", str(out), *only])
 
 
 def _study(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    ensure_writable(args.out)
     module = importlib.import_module(f"drosim.studies.{args.name}")
-    frame = module.run(args.preset, device=args.device, memory_budget=args.memory_budget)
-    args.out.mkdir(parents=True, exist_ok=True)
+    frame = module.run(args.preset, device=device, memory_budget=args.memory_budget)
     table = args.out / f"{args.name}.csv"
     frame.to_csv(table, index=False)
     paths = [table, *module.plot(frame, args.out)]
@@ -81,8 +100,50 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str) -> torch.device:
+    """The --device argument as a torch device, refused at once if torch cannot use it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} for --device (use cpu, cuda or cuda:N)"
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available (this torch "
+                         f"{torch.__version__} is built without CUDA or sees no GPU)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {name!r} for --device (use cpu, cuda or cuda:N)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:  # e.g. cuda:7 on a one-GPU machine
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--device {name} cannot be used: {message}") from None
+    return device
+
+
+def _read_losses(file) -> np.ndarray:
+    """The losses of ``drosim worst-case``: one finite number per line."""
+    name = getattr(file, "name", "input")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy's "input contained no data"
+            values = np.loadtxt(file, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"{name}: not one number per line ({err})") from None
+    if values.size == 0:
+        raise ValueError(f"{name}: no losses (the input is empty)")
+    if values.shape[1] != 1:
+        raise ValueError(f"{name}: expected one loss per line, found {values.shape[1]} "
+                         f"columns")
+    values = values[:, 0]
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(f"{name}: loss number {bad[0] + 1} is {values[bad[0]]} (losses must "
+                         f"be finite; {bad.size} are not)")
+    return values
+
+
 def _worst_case(args: argparse.Namespace) -> int:
-    values = np.loadtxt(args.file, dtype=np.float64, ndmin=1)
+    values = _read_losses(args.file)
     result = _WORST_CASES[args.set](torch.from_numpy(values), args.radius)
     print(f"n={values.size} mean={values.mean():.10g} worst_case={float(result.value):.10g} "
           f"dual={float(result.dual):.10g}")

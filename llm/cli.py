@@ -2,6 +2,7 @@
 
     drosim-llm demo --out DIR [--smoke] [--methods rebel,w-rebel] [--seeds 0,1,2]
     drosim-llm train [--config demo|smoke|PATH.yaml] [--resume] [key=value ...]
+    drosim-llm --version
     torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
 
 ``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
@@ -14,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from drosim import __version__
 from drosim.llm.config import bundled_config_path, load_config
 
 
@@ -25,6 +27,7 @@ def _config_path(name: str | None) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="drosim-llm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the offline CPU demo: table and figure in --out")

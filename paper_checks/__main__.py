@@ -1,11 +1,14 @@
-"""Run the paper checks and write their results.
+"""Run the paper checks and write their results (``drosim run`` calls this).
 
-    python -m paper_checks [--preset quick|full] [--out figures/PRESET] [--only NAME ...]
+    python -m drosim.paper_checks [--preset quick|full] [--out figures/PRESET] [--only NAME ...]
 
 Prints, for each check, the claim, what the paper says, what was measured and the verdict;
 writes ``<out>/claims.csv`` and ``<out>/claims.md`` (one row per check) and each check's
-detail table to ``<out>/checks/<name>.csv``. Exits 0 whatever the verdicts (a claim that
-does not reproduce is a finding) and 1 if a check crashed.
+detail table to ``<out>/checks/<name>.csv``. The output folder is checked for writing
+before any check runs, and the run's files are moved into it only once every check has
+finished: an interrupted run leaves the previous results untouched. Exits 0 whatever the
+verdicts (a claim that does not reproduce is a finding), 1 if a check crashed, 2 if the
+output folder cannot be written and 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from paper_checks import CHECKS, PRESETS, CheckResult, load_check
+from drosim.output import OutputError, ensure_writable, staged
+from drosim.paper_checks import CHECKS, PRESETS, CheckResult, load_check
 
+PROG = "python -m drosim.paper_checks"
 CLAIM_COLUMNS = ("check", "claim", "title", "paper_says", "measured", "verdict", "seconds")
 _WIDTH = 100
 _LABEL = 13  # width of the "paper says:" column in the printed report
@@ -35,17 +40,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 if every check ran, 1 if any crashed.
+        The exit status: 0 if every check ran, 1 if any crashed, 2 if the output folder
+        cannot be written, 130 if interrupted (Ctrl-C) before the results were published.
     """
     args = _parse_args(argv)
-    names = args.only or list(CHECKS)
-    (args.out / "checks").mkdir(parents=True, exist_ok=True)
-    rows = []
+    try:
+        ensure_writable(args.out)
+    except OutputError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
+    try:
+        with staged(args.out, last=("claims.csv", "claims.md")) as stage:
+            claims = _run_checks(args.only or list(CHECKS), args.preset, stage)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing written, {args.out} holds the previous results",
+              file=sys.stderr)
+        return 130
+    counts = claims["verdict"].value_counts()
+    summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
+    checks = "1 check" if len(claims) == 1 else f"{len(claims)} checks"
+    print(f"\n{checks} ({args.preset}) in {time.perf_counter() - start:.1f} s: "
+          f"{summary}. Results in {args.out / 'claims.csv'} and {args.out / 'claims.md'}.")
+    return 1 if (claims["verdict"] == "crashed").any() else 0
+
+
+def _run_checks(names: Sequence[str], preset: str, out: Path) -> pd.DataFrame:
+    """Run the checks, print their reports and write every result file into ``out``.
+
+    Args:
+        names: the checks to run, in order.
+        preset: "quick" or "full".
+        out: the (staging) folder the files are written to.
+
+    Returns:
+        The claims table, one row per check.
+    """
+    (out / "checks").mkdir(parents=True, exist_ok=True)
+    rows = []
     for name in tqdm(names, desc="paper checks", unit="check"):
         began = time.perf_counter()
         try:
-            result = load_check(name).run(args.preset, out=args.out)
+            result = load_check(name).run(preset, out=out)
         except Exception as err:  # a crash is reported and the other checks still run
             tqdm.write(f"\n== {name}: CRASHED ==\n{traceback.format_exc()}")
             rows.append({"check": name, "claim": "", "title": "", "paper_says": "",
@@ -54,20 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         seconds = time.perf_counter() - began
         tqdm.write(report(name, result, seconds))
-        result.table.to_csv(args.out / "checks" / f"{name}.csv", index=False)
+        result.table.to_csv(out / "checks" / f"{name}.csv", index=False)
         rows.append({"check": name, "claim": result.claim, "title": result.title,
                      "paper_says": result.paper_says, "measured": result.measured,
                      "verdict": result.verdict, "seconds": round(seconds, 1)})
 
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
-    claims.to_csv(args.out / "claims.csv", index=False)
-    (args.out / "claims.md").write_text(markdown_table(claims))
-    counts = claims["verdict"].value_counts()
-    summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
-    checks = "1 check" if len(claims) == 1 else f"{len(claims)} checks"
-    print(f"\n{checks} ({args.preset}) in {time.perf_counter() - start:.1f} s: "
-          f"{summary}. Results in {args.out / 'claims.csv'} and {args.out / 'claims.md'}.")
-    return 1 if (claims["verdict"] == "crashed").any() else 0
+    claims.to_csv(out / "claims.csv", index=False)
+    (out / "claims.md").write_text(markdown_table(claims))
+    return claims
 
 
 def report(name: str, result: CheckResult, seconds: float) -> str:
@@ -113,7 +144,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m paper_checks", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="quick",
                         help="quick: seconds per check; full: larger sizes and more seeds")

@@ -1,9 +1,9 @@
 """What every paper check returns, and the small helpers the checks share.
 
 A check is a module with a ``run(preset, out) -> CheckResult`` function. It measures one
-claim of the paper (or one finding of the anchors) and says in plain words whether the
-measurement reproduces it. "Not reproduced" is a finding, not an error: only a check that
-raises is a failure of the software.
+claim of the paper (DRO-REBEL, arXiv 2509.19104) or one property of the authors' public code,
+and says in plain words whether the measurement reproduces it. "Not reproduced" is a
+finding, not an error: only a check that raises is a failure of the software.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ class CheckResult:
     """The outcome of one paper check.
 
     Attributes:
-        claim: the claim's label in paper.md ("C1", "C1, C6", ...) or "anchors".
+        claim: the claim's label ("C1", "C1, C6", ...; see ``drosim.paper_checks``) or
+            "anchors" for a finding about the authors' public code rather than the paper.
         title: a short name for what is checked.
-        paper_says: the claim, in the paper's (or the anchors') words.
+        paper_says: the claim, stated in our words (the paper's, or what the public code
+            does).
         measured: what this check measured, with the numbers that decide the verdict.
         verdict: "reproduced", "not reproduced" or "inconclusive".
         table: the detailed measurements, one row per configuration.
@@ -70,15 +72,15 @@ class Check(Protocol):
 
 
 def load_check(name: str) -> Check:
-    """Import the check module ``paper_checks.<name>``.
+    """Import the check module ``drosim.paper_checks.<name>``.
 
     Args:
-        name: the module's name, as listed in ``paper_checks.CHECKS``.
+        name: the module's name, as listed in ``drosim.paper_checks.CHECKS``.
 
     Returns:
         The module, which has a ``run`` function.
     """
-    return importlib.import_module(f"paper_checks.{name}")
+    return importlib.import_module(f"drosim.paper_checks.{name}")
 
 
 def spread(losses: np.ndarray) -> float:

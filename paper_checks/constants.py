@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._slopes import describe, too_wide
 from drosim.studies import constants
-from paper_checks._framework import CheckResult, Preset
-from paper_checks._slopes import describe, too_wide
 
 
 def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: object

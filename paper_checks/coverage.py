@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
+from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._slopes import overlaps, too_wide
 from drosim.studies import coverage
-from paper_checks._framework import CheckResult, Preset
-from paper_checks._slopes import overlaps, too_wide
 
 # The explanations of the two outcomes seen in this world (added when they apply).
 _WHY_FREE = (

@@ -2,7 +2,7 @@
 
 Runs :mod:`drosim.studies.rates` with the DPO loss: plain DPO (the baseline), WDPO with
 radius c/n, KL-DPO in its penalised form with a fixed temperature tau (the form of Xu et
-al. 2025 and of the paper's digest, section 4) and "KL-DPO (ball)", the constrained form
+al. 2025, as the paper states it) and "KL-DPO (ball)", the constrained form
 over a KL ball of radius c/n. Reproduced when every one of them has a slope of about -1 in
 n (interval meeting [-1.1, -0.9]) and about +1 in d (meeting [0.9, 1.1]).
 
@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from drosim.methods import Method
+from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._slopes import describe_all, overlaps, too_wide
+from drosim.paper_checks.rates import FAST_D, FAST_N
 from drosim.studies import rates
 from drosim.studies.montecarlo import resolve_preset, scheduled_methods
-from paper_checks._framework import CheckResult, Preset
-from paper_checks._slopes import describe_all, overlaps, too_wide
-from paper_checks.rates import FAST_D, FAST_N
 
 COLUMNS = ["method", "schedule", "study", "slope", "low", "high", "rate"]
 _FAMILIES = ("none", "wasserstein", "kl_temperature", "kl")

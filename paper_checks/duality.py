@@ -50,13 +50,13 @@ from drosim.dro import (
     wasserstein_linear_sq_worst_case,
     wasserstein_penalty,
 )
-from drosim.reference import ReferenceSolution
-from paper_checks._framework import (
+from drosim.paper_checks._framework import (
     TRUSTED_STATUSES,
     CheckResult,
     Preset,
     spread,
 )
+from drosim.reference import ReferenceSolution
 
 RADII = (0.001, 0.01, 0.1, 1.0, 10.0)
 SIZES: dict[str, tuple[int, ...]] = {"quick": (8, 64, 512), "full": (8, 64, 512, 4096)}

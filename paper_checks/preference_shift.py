@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from drosim.paper_checks._framework import CheckResult, Preset
 from drosim.studies import shift
-from paper_checks._framework import CheckResult, Preset
 
 _WHY_SAME = (
     "Why chi-square (and KL) change nothing here: with a well-specified linear reward and "

@@ -1,15 +1,21 @@
 """Anchors: the public chi2-REBEL code's "worst case" can fall below the empirical mean.
 
-anchors.md reports that the authors' public code evaluates eta + sqrt((2 rho / n) sum
-(l_i - eta)_+^2) over a finite candidate set of eta, where the chi-square dual (with
-D = 1/2 E(dQ/dP - 1)^2 <= rho) has sqrt(1 + 2 rho) in place of sqrt(2 rho). For
-sqrt(2 rho) < 1 that expression is unbounded below in eta, so its value can drop below
-the empirical mean, which no worst-case expectation can do.
+The authors' public chi2-REBEL code (accompanying arXiv 2509.19104) evaluates
+eta + sqrt((2 rho / n) sum (l_i - eta)_+^2) over a finite candidate set of eta (min - 1,
+each distinct loss, max + 1) and keeps the smallest value. The chi-square dual (with
+D = 1/2 E(dQ/dP - 1)^2 <= rho) has sqrt(1 + 2 rho) in place of sqrt(2 rho). Below the
+smallest loss the published expression is eta + sqrt(2 rho) sqrt(Var + (mean - eta)^2),
+which behaves like (1 - sqrt(2 rho)) eta + sqrt(2 rho) mean: for sqrt(2 rho) < 1 it is
+unbounded below, so its value at the candidate min - 1 can drop below the empirical mean,
+which no worst-case expectation can do. ``drosim.published`` re-implements that code as a baseline.
 
-This check re-measures the anchors' table: for each (rho, n), exponential(1) losses from a
-fixed seed, it computes the exact worst case (drosim), the cvxpy primal, the public code's
-value (``drosim.published``) and the mean. The anchors used unknown seeds, so the values
-differ except where the sample happens to coincide; the pattern is what is checked.
+"Anchors" are reference values of that code: the table ``ANCHORS`` holds, for three
+(rho, n), the exact worst case, the public code's value and the mean of exponential(1)
+losses, as measured on the public code. This check re-measures them: for each (rho, n),
+exponential(1) losses from a fixed seed, it computes the exact worst case (drosim), the
+cvxpy primal, the public code's value (``drosim.published``) and the mean. The reference
+values came from unknown seeds, so the numbers differ except where the sample happens to
+coincide; the pattern is what is checked.
 """
 
 from __future__ import annotations
@@ -22,15 +28,15 @@ import torch
 
 from drosim import reference
 from drosim.dro import chi2_worst_case
-from drosim.published import published_chi2_objective
-from paper_checks._framework import (
+from drosim.paper_checks._framework import (
     TRUSTED_STATUSES,
     CheckResult,
     Preset,
     spread,
 )
+from drosim.published import published_chi2_objective
 
-# The anchors' table: (rho, n, exact worst case, public code's chi2 value, empirical mean).
+# Reference values of the public code: (rho, n, exact worst case, its chi2 value, mean).
 ANCHORS = (
     (0.01, 64, 1.1809, -0.6749, 1.0311),
     (0.1, 512, 1.4211, -0.0104, 0.9802),
@@ -43,7 +49,7 @@ COLUMNS = ("rho", "n", "seed", "exact_ours", "exact_cvxpy", "cvxpy_status", "pub
 
 
 def run(preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
-    """Re-measure the anchors' table and check its pattern.
+    """Re-measure the reference values (``ANCHORS``) and check their pattern.
 
     Reproduced means: at the small radii (2 rho < 1, where the published expression is
     unbounded below) the public code's value is below the empirical mean for every seed,
@@ -55,8 +61,8 @@ def run(preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
         out: unused: this check draws no figure.
 
     Returns:
-        The result; its table has one row per (rho, n, seed) with the anchors' values
-        alongside.
+        The result; its table has one row per (rho, n, seed) with the reference values
+        (columns ``anchors_*``) alongside.
     """
     table = pd.DataFrame([_measure(rho, n, seed, anchor)
                           for rho, n, *anchor in ANCHORS for seed in SEEDS[preset]])
@@ -89,7 +95,7 @@ def run(preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
         claim="anchors",
         title="The public chi2-REBEL code's value can fall below the empirical mean",
         paper_says=(
-            "anchors.md: the authors' public chi2-REBEL code searches eta over {min-1, each "
+            "The authors' public chi2-REBEL code searches eta over {min-1, each "
             "distinct loss, max+1} in eta + sqrt((2 rho/n) sum (l-eta)_+^2); with sqrt(2 rho) "
             "< 1 this is unbounded below, and its value falls below the empirical mean "
             "(e.g. -0.6749 vs 1.0311 at rho=0.01, n=64), i.e. below any valid worst case."
@@ -101,13 +107,13 @@ def run(preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
 
 
 def _measure(rho: float, n: int, seed: int, anchor: list[float]) -> dict[str, object]:
-    """All four values for one (rho, n, seed), with the anchors' values for comparison.
+    """All four values for one (rho, n, seed), with the reference values for comparison.
 
     Args:
         rho: the chi-square radius.
         n: the number of losses.
         seed: seed of numpy's default generator for the exponential(1) losses.
-        anchor: the anchors' (exact, public value, mean) for this (rho, n).
+        anchor: the reference (exact, public value, mean) for this (rho, n).
 
     Returns:
         One row of the table, plus the losses' spread for the gap.

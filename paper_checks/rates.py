@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from drosim.methods import Method
+from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._slopes import describe, describe_all, overlaps, too_wide
 from drosim.studies import rates
 from drosim.studies.montecarlo import UNSCHEDULED, resolve_preset, scheduled_methods
-from paper_checks._framework import CheckResult, Preset
-from paper_checks._slopes import describe, describe_all, overlaps, too_wide
 
 FAST_N = (-1.1, -0.9)  # d/n in n
 FAST_D = (0.9, 1.1)  # d/n in d

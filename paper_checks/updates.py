@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from drosim.paper_checks._framework import CheckResult, Preset
 from drosim.studies import updates
-from paper_checks._framework import CheckResult, Preset
 
 TOLERANCE = 1e-8
 COLUMNS = ["method", "rho", "noise", "max_gap", "final_gap", "final_reward", "md_reward",

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drosim.paper_checks._framework import CheckResult, Preset, spread
 from drosim.plotting import plot_worst_case_vs_rho, worst_case_points
-from paper_checks._framework import CheckResult, Preset, spread
 
 SIZE = 64
 SEED = 0
@@ -59,7 +59,7 @@ def run(preset: Preset = "quick", out: Path = Path("figures")) -> CheckResult:
         measured=(
             f"{compared} of {len(table)} cvxpy points compared (n = {SIZE} exponential losses, "
             f"rho in [1e-3, 10]); largest |ours - cvxpy| / spread {worst:.1e} "
-            f"(tolerance {TOLERANCE:.0e}). Figure: {', '.join(str(p) for p in paths)}."
+            f"(tolerance {TOLERANCE:.0e}). Figure: {', '.join(p.name for p in paths)}."
         ),
         verdict=verdict,
         table=table,

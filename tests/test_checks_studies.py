@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from paper_checks import VERDICTS, CheckResult, load_check
+from drosim.paper_checks import VERDICTS, CheckResult, load_check
 
 # check name -> (claim, tiny overrides of its study, figure stem)
 TINY: dict[str, tuple[str, dict[str, object], str]] = {

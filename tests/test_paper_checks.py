@@ -8,7 +8,6 @@ tested on small settings next to their studies (tests/test_studies_*.py).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from paper_checks import CHECKS, VERDICTS, CheckResult, load_check
-from paper_checks import __main__ as cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from drosim.paper_checks import CHECKS, VERDICTS, CheckResult, load_check
+from drosim.paper_checks import __main__ as cli
 
 # check name -> (claim, detail-table columns, files written to the output folder)
 EXPECTED: dict[str, tuple[str, list[str], list[str]]] = {
@@ -65,7 +62,7 @@ def test_check_reproduces_on_quick_preset(name: str, tmp_path: Path) -> None:
     assert isinstance(result, CheckResult)
     assert result.claim == claim
     assert result.title and result.paper_says and result.measured
-    # Every check here measures our exact solvers (or the anchors' finding) on fixed seeds:
+    # Every check here measures our exact solvers (or the public code's defect) on fixed seeds:
     # a verdict other than "reproduced" means a solver or a reference changed.
     assert result.verdict == "reproduced", result.measured
     assert list(result.table.columns) == columns
@@ -74,8 +71,8 @@ def test_check_reproduces_on_quick_preset(name: str, tmp_path: Path) -> None:
         assert (tmp_path / file).stat().st_size > 0
 
 
-def test_published_chi2_matches_the_anchors_first_row() -> None:
-    # Seed 0 happens to be the anchors' sample for (rho, n) = (0.01, 64).
+def test_published_chi2_matches_the_first_reference_row() -> None:
+    # Seed 0 happens to be the reference values' sample for (rho, n) = (0.01, 64).
     table = load_check("published_chi2").run("quick").table
     row = table[(table["rho"] == 0.01) & (table["n"] == 64)].iloc[0]
     for ours, anchors in (("exact_ours", "anchors_exact"), ("published", "anchors_published"),
@@ -89,12 +86,10 @@ def test_report_shouts_when_a_claim_does_not_reproduce() -> None:
 
 
 def _run_command_line(out: Path, *names: str) -> subprocess.CompletedProcess:
-    # The repository root on the path: the command must work from a checkout, installed or not.
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+    # Run from the output folder, outside the checkout: the installed package is what runs.
     only = ["--only", *names] if names else []
-    return subprocess.run([sys.executable, "-m", "paper_checks", "--out", str(out), *only],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return subprocess.run([sys.executable, "-m", "drosim.paper_checks", "--out", str(out),
+                           *only], cwd=out, capture_output=True, text=True, timeout=1800)
 
 
 def _assert_claims_written(out: Path, run: subprocess.CompletedProcess, names) -> None:

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 from drosim.methods import Method
+from drosim.paper_checks import VERDICTS, CheckResult, load_check
 from drosim.stats import loglog_slope
 from drosim.studies import constants, rates
 from drosim.studies.montecarlo import UNSCHEDULED, resolve_preset, scheduled_methods
-from paper_checks import VERDICTS, CheckResult, load_check
 
 # One method per family and loss, so every code path of the studies runs.
 METHODS = [
