@@ -87,7 +87,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from drosim.dro import KL, Chi2, KLTemperature, Wasserstein, wasserstein_penalty
+from drosim.dro import wasserstein_penalty
 from drosim.llm.batch import PairBatch
 from drosim.llm.demo_world import (
     demo_corpus,
@@ -248,11 +248,9 @@ def baseline_of(name: str) -> str:
 def target_of(name: str) -> float | None:
     """The largest allowed ratio over the plain method (None for a plain method)."""
     spec = make_method(name).spec
-    if isinstance(spec, Wasserstein):
-        return TARGET_WASSERSTEIN
-    if isinstance(spec, Chi2 | KL | KLTemperature):
-        return TARGET_DIVERGENCE
-    return None
+    if spec is None:
+        return None
+    return TARGET_WASSERSTEIN if spec.needs_input_gradients else TARGET_DIVERGENCE
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -316,7 +314,7 @@ def aggregate_ms(logprobs: Tensor, batch: PairBatch, method: Method, device: str
     """Milliseconds of the aggregation alone: ``robust_objective`` and its backward on the
     batch's ``(n,)`` losses, held as a leaf (None for Wasserstein, whose cost is the double
     backward through the model, not the aggregation)."""
-    if isinstance(method.spec, Wasserstein):
+    if method.spec is not None and method.spec.needs_input_gradients:
         return None
     leaf = method.losses(logprobs, batch, eta=ETA, beta=BETA).detach().requires_grad_()
     return 1e3 * median_time(lambda: robust_objective(leaf, method.spec).loss.backward(),
@@ -373,7 +371,7 @@ def penalty_forward(model: GPT2LMHeadModel, batch: PairBatch, method: Method
 
 
 def penalty_of(sq_norms: Tensor, method: Method) -> Tensor:
-    assert isinstance(method.spec, Wasserstein)
+    assert method.spec is not None and method.spec.needs_input_gradients
     return wasserstein_penalty(sq_norms, method.spec.rho, method.spec.p)
 
 

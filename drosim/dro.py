@@ -34,8 +34,11 @@ weights held fixed; :func:`robust_mean` is the training entry point.
 from __future__ import annotations
 
 import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,9 +48,12 @@ __all__ = [
     "AmbiguitySet",
     "Chi2",
     "DROResult",
+    "DualDerivatives",
+    "Empirical",
     "KLTemperature",
     "Wasserstein",
     "WassersteinResult",
+    "as_ambiguity_set",
     "chi2_worst_case",
     "kl_tilted",
     "kl_worst_case",
@@ -61,10 +67,14 @@ __all__ = [
 # log tau* is exact to 1e-10 after 10 iterations; 24 leave a wide margin.
 _KL_ITERATIONS = 24
 _CHI2_CHUNKS = 4
+_CHI2_CHUNKED_SIZE = 1 << 22  # losses from which chi2 is solved in _CHI2_CHUNKS parts
+# Active-set steps of the warm-started chi-square dual before the sorting solver takes over
+# (from the previous Newton iterate's eta* one or two certify almost every row).
+_CHI2_WARM_STEPS = 4
 # Radii below which the KL dual is replaced by its small-radius expansion (see kl_worst_case):
 # its error O(rho * spread) is then below the rounding of the exact solve.
-_KL_SMALL_RADIUS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3,
-                    torch.bfloat16: 1e-3}
+_KL_SMALL_RADIUS = {torch.float64: 1e-12, torch.float32: 1e-6}
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class DROResult(NamedTuple):
@@ -98,41 +108,6 @@ class WassersteinResult(NamedTuple):
     dual: Tensor
 
 
-# --------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class Chi2:
-    """chi-square ball {Q : 1/2 E_P[(dQ/dP - 1)^2] <= rho}."""
-
-    rho: float
-
-
-@dataclass(frozen=True)
-class KL:
-    """KL ball {Q : KL(Q || P_n) <= rho}, solved for its optimal temperature."""
-
-    rho: float
-
-
-@dataclass(frozen=True)
-class KLTemperature:
-    """Fixed-temperature KL penalty tau * log E exp(l / tau) (KL-DPO / KL-REBEL)."""
-
-    tau: float
-
-
-@dataclass(frozen=True)
-class Wasserstein:
-    """Type-p Wasserstein ball of radius rho on the inputs (first-order regulariser)."""
-
-    rho: float
-    p: float = 2.0
-
-
-AmbiguitySet = Chi2 | KL | KLTemperature | Wasserstein
-
-
 # ---------------------------------------------------------------------- validation
 
 
@@ -151,10 +126,19 @@ def _check_losses(losses: Tensor, name: str = "losses") -> None:
 
 
 def _as_radius(rho: float | Tensor, like: Tensor, name: str = "rho") -> Tensor:
-    """rho as a tensor on like's device and dtype, broadcast to the batch shape."""
+    """rho as a tensor on like's device and dtype, broadcast to the batch shape.
+
+    The one radius rule of this module, for floats and tensors alike: a radius is a real
+    number >= 0 (NaN refused). +inf is allowed and means the limit: the max for the chi-square
+    and KL balls, the mean for a KL temperature (the sets that need a finite one say so).
+    """
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real | Tensor):
+        raise TypeError(f"{name} must be a real number or a tensor, got {type(rho).__name__}")
+    if isinstance(rho, Tensor) and (rho.is_complex() or rho.dtype == torch.bool):
+        raise TypeError(f"{name} must be real, got dtype {rho.dtype}")
     r = torch.as_tensor(rho, dtype=like.dtype, device=like.device)
     if bool(torch.isnan(r).any()):
-        raise ValueError(f"{name} must not be NaN")
+        raise ValueError(f"{name} must not be NaN (a radius is a number >= 0)")
     if bool((r < 0).any()):
         raise ValueError(f"{name} must be non-negative, got {rho}")
     try:
@@ -162,6 +146,20 @@ def _as_radius(rho: float | Tensor, like: Tensor, name: str = "rho") -> Tensor:
     except RuntimeError as err:
         raise ValueError(f"{name} of shape {tuple(r.shape)} does not broadcast to the batch "
                          f"shape {tuple(like.shape[:-1])}") from err
+
+
+def _at_float32(solve: Callable[[Tensor, float | Tensor], DROResult], losses: Tensor,
+                radius: float | Tensor) -> DROResult:
+    """Solve half-precision losses in float32 and return the input's dtype.
+
+    float16 cannot hold the solvers' sums (65504 is its max: a 65536-sample mean overflows)
+    nor resolve their differences, so the solve runs at float32 and only the answer is
+    rounded back. Gradients flow through both casts.
+    """
+    if isinstance(radius, Tensor):
+        radius = radius.float()
+    result = solve(losses.float(), radius)
+    return DROResult(*(t.to(losses.dtype) for t in result))
 
 
 def _with_danskin_gradient(value: Tensor, weights: Tensor, losses: Tensor) -> Tensor:
@@ -289,13 +287,15 @@ def _chi2_solve(z: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _chi2_solve_in_chunks(z: Tensor, rho: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """_chi2_solve on a quarter of the problems at a time (a loop over chunks of problems,
-    never over samples): the sort's workspace (about 7x its input on CUDA) then stays
-    within the 4x memory budget of the whole solve."""
+    """_chi2_solve on a quarter of the problems at a time when they are large (a loop over
+    chunks of problems, never over samples): the sort's workspace (about 7x its input on
+    CUDA) then stays within the 4x memory budget of the whole solve. Small inputs are
+    solved whole, where the per-call overhead would dominate."""
     n = z.shape[-1]
     rows, radii = z.reshape(-1, n), rho.reshape(-1)
     del z
-    step = max(1, -(-rows.shape[0] // _CHI2_CHUNKS))
+    chunks = _CHI2_CHUNKS if rows.numel() >= _CHI2_CHUNKED_SIZE else 1
+    step = max(1, -(-rows.shape[0] // chunks))
     parts = [_chi2_solve(rows[i : i + step], radii[i : i + step])
              for i in range(0, rows.shape[0], step)]
     return tuple(torch.cat(p).reshape(rho.shape) for p in zip(*parts, strict=True))
@@ -310,7 +310,8 @@ def chi2_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
     equals max(l).
 
     Args:
-        losses: ``(..., n)`` per-sample losses, float32 or float64, any device.
+        losses: ``(..., n)`` per-sample losses, any floating dtype (half precision is solved
+            in float32 and returned in its own dtype), any device.
         rho: radius >= 0, a float or a tensor broadcastable to ``losses.shape[:-1]``.
 
     Returns:
@@ -332,6 +333,8 @@ def chi2_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
         3.0
     """
     _check_losses(losses)
+    if losses.dtype in _HALF:
+        return _at_float32(chi2_worst_case, losses, rho)
     rho_t = _as_radius(rho, losses)
     with torch.no_grad():
         eta_z, value_z, on_max = _chi2_solve_in_chunks(_normalise(losses.detach())[0], rho_t)
@@ -389,7 +392,7 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
 
 
-def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor) -> Tensor:
+def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor, start: Tensor | None = None) -> Tensor:
     """u* = log tau* solving KL(softmax(z / tau) || uniform) = rho, for rows z in [-1, 0].
 
     Newton on log KL(u) = log rho, which is nearly linear in u for large tau (where
@@ -397,6 +400,8 @@ def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor) -> Tensor:
     tau_hi = 1 / sqrt(8 rho) the KL is at most rho (at most range^2 / (8 tau^2) by
     Hoeffding's lemma), and at tau_lo = e^-60 it is within rounding of log(n / #argmax),
     above rho on the rows solved. A step that leaves the bracket bisects it instead.
+    ``start`` (a guess of u*, e.g. the previous solve of a nearby problem) replaces the
+    right end of the bracket as the first iterate.
     """
     tiny = torch.finfo(z.dtype).tiny
     log_rho = torch.log(rho.clamp_min(tiny))
@@ -405,7 +410,7 @@ def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor) -> Tensor:
                          u_hi - 1)
     # Start right of the root, where KL <= rho: log KL is concave in u there and on the way,
     # so Newton's iterates approach the root from the right without overshooting.
-    u = u_hi
+    u = u_hi if start is None else torch.nan_to_num(start, nan=math.inf).clamp(u_lo, u_hi)
     eps = torch.finfo(z.dtype).eps
     for _ in range(_KL_ITERATIONS):
         kl, var_t, _, _ = _kl_of_tilt(z, mean, u)
@@ -419,8 +424,12 @@ def _kl_solve(z: Tensor, mean: Tensor, rho: Tensor) -> Tensor:
         u_next = torch.where(inside, newton, 0.5 * (u_lo + u_hi))
         # On the CPU a convergence test is free (no device sync), and small problems are
         # dominated by the per-iteration dispatch: stop once every row stands still.
+        # A Newton step below 1e-12 (relative) leaves u* exact to the KL's own rounding
+        # (the next would be its square); near the root rounding can also make the iterates
+        # dither, or alternate between the two ends of a bracket a few ulps wide.
+        ulps = max(8 * eps, 1e-12) * (1 + u.abs())
         converged = z.device.type == "cpu" and bool(
-            ((u_next - u).abs() <= 4 * eps * (1 + u.abs())).all())
+            (((u_next - u).abs() <= ulps) | (u_hi - u_lo <= ulps)).all())
         u = u_next
         if converged:
             break
@@ -436,7 +445,8 @@ def kl_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
     the argmax; rho = 0 gives the mean with tau* = inf.
 
     Args:
-        losses: ``(..., n)`` per-sample losses, float32 or float64, any device.
+        losses: ``(..., n)`` per-sample losses, any floating dtype (half precision is solved
+            in float32 and returned in its own dtype), any device.
         rho: radius >= 0, a float or a tensor broadcastable to ``losses.shape[:-1]``.
 
     Returns:
@@ -456,6 +466,8 @@ def kl_worst_case(losses: Tensor, rho: float | Tensor) -> DROResult:
         (3.0, 0.0)
     """
     _check_losses(losses)
+    if losses.dtype in _HALF:
+        return _at_float32(kl_worst_case, losses, rho)
     rho_t = _as_radius(rho, losses)
     n = losses.shape[-1]
     with torch.no_grad():
@@ -509,6 +521,8 @@ def kl_tilted(losses: Tensor, tau: float | Tensor) -> DROResult:
         True
     """
     _check_losses(losses)
+    if losses.dtype in _HALF:
+        return _at_float32(kl_tilted, losses, tau)
     tau_t = _as_radius(tau, losses, "tau")
     with torch.no_grad():
         z, scale = _normalise(losses.detach())
@@ -626,6 +640,434 @@ def _safe_sqrt(x: Tensor, tiny: float) -> Tensor:
     return torch.where(x > 0, x.clamp_min(tiny).sqrt(), torch.zeros_like(x))
 
 
+# ------------------------------------------------------------------- chi-square, warm
+
+
+def _chi2_dual_warm(losses: Tensor, rho: Tensor, start: Tensor) -> Tensor:
+    """eta* of the chi-square dual, from a guess ``start`` (the previous eta* of a nearby
+    problem, as in a Newton method on a model's parameters), without sorting.
+
+    For a guessed active set A = {i : l_i > eta}, the stationary point of the dual on that
+    piece is eta_A = m_A - sqrt(n v_A / (c^2 |A| - n)) (m_A, v_A: the mean and variance of
+    the losses in A; see :func:`_chi2_solve`). When the losses above eta_A are exactly A,
+    eta_A is eta* (g is convex and C^1, so a stationary point of its own piece is the
+    minimiser). Each row moves to eta_A and tries again; rows not certified after
+    ``_CHI2_WARM_STEPS`` tries are solved by the exact sorting solver instead. Rows whose
+    worst case is the max (c^2 #argmax >= n, e.g. equal losses) get eta* = max(l) at once,
+    as there. The answer is the exact solver's to rounding either way.
+    """
+    n = losses.shape[-1]
+    top = losses.amax(-1)
+    z = losses - top.unsqueeze(-1)  # max 0: squares stay small and offsets exact
+    ties = (z == 0).sum(-1).to(z.dtype)
+    on_max = ties + 2 * rho * ties >= n
+    eta = start - top
+    certified = on_max
+    for _ in range(_CHI2_WARM_STEPS):
+        active = z > eta.unsqueeze(-1)
+        k = active.sum(-1).to(z.dtype)
+        m = torch.where(active, z, 0.0).sum(-1) / k
+        v = torch.where(active, z - m.unsqueeze(-1), 0.0).square().sum(-1) / k
+        excess = (k - n) + 2 * rho * k
+        guess = m - torch.sqrt(n * v / excess)
+        guess = torch.where(on_max, 0.0, guess)
+        certified = on_max | ((excess > 0) & torch.isfinite(guess)
+                              & ((z > guess.unsqueeze(-1)) == active).all(-1))
+        if bool(certified.all()):
+            return guess + top
+        eta = torch.where((excess > 0) & torch.isfinite(guess), guess, eta)
+    eta = torch.where(certified, guess, eta) + top
+    rest = ~certified
+    eta[rest] = chi2_worst_case(losses[rest], rho[rest]).dual
+    return eta
+
+
+# --------------------------------------------------------------------- the protocol
+
+
+class DualDerivatives(NamedTuple):
+    """A dual objective A(l, a) with its derivatives in the losses l and the dual variable a.
+
+    inf_a A(l, a) is the set's worst case of the losses l. The Hessian in l is
+    ``diag(diag) + low_sign * low low^T`` (a diagonal plus a rank-one term); the dual terms
+    are None for a set without a dual variable (``dual_size == 0``). Shapes for losses
+    ``(T, n)``: value, low_sign ``(T,)``; grad_l, diag, low ``(T, n)``; grad_a ``(T, 1)``;
+    cross = d^2 A / dl da ``(T, n, 1)``; hess_a ``(T, 1, 1)``.
+    """
+
+    value: Tensor
+    grad_l: Tensor
+    diag: Tensor
+    low: Tensor
+    low_sign: Tensor
+    grad_a: Tensor | None = None
+    cross: Tensor | None = None
+    hess_a: Tensor | None = None
+
+
+def _check_parameter(owner: object, name: str, value: object, *, finite: bool = False,
+                     minimum: float = 0.0) -> float:
+    """The one rule for a set's scalar parameter: a real number (not a bool), not NaN,
+    >= ``minimum``, finite where ``finite``. Returns it as a float."""
+    label = f"{type(owner).__name__}.{name}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{label} must not be NaN")
+    if value < minimum:
+        raise ValueError(f"{label} must be {'non-negative' if minimum == 0 else f'>= {minimum}'}"
+                         f", got {value}")
+    if finite and math.isinf(value):
+        raise ValueError(f"{label} must be finite, got {value}")
+    return value
+
+
+class AmbiguitySet(ABC):
+    """An ambiguity set around P_n: everything its users need, written once.
+
+    * :meth:`worst_case`: value (what :func:`robust_mean` trains on), weights and dual;
+    * for the linear-world estimators (:mod:`drosim.estimators`), a dual objective A(l, a)
+      jointly convex in the losses and ``dual_size`` dual variables with
+      inf_a A(l, a) = the worst case: :meth:`dual_objective`, :meth:`dual_derivatives`
+      (for Newton steps) and :meth:`solve_dual` (the exact a*, optionally warm-started).
+
+    Parameters are validated once, at construction, one rule per parameter (the message
+    names it): a radius is a real number >= 0, and +inf is allowed where the set has a
+    limit there (the max for the chi-square and KL balls, the mean for a KL temperature).
+    """
+
+    #: The worst case depends on the loss's gradients in the inputs (Wasserstein), not on
+    #: the losses alone.
+    needs_input_gradients: ClassVar[bool] = False
+    #: Number of dual variables the estimators minimise jointly with the model (0 or 1).
+    dual_size: ClassVar[int] = 0
+    #: The dual objective is strictly convex in the dual variable on its open domain, so
+    #: joint Newton steps in (model, dual) need no re-minimisation of the dual; chi-square's
+    #: is flat above the largest loss.
+    dual_is_strictly_convex: ClassVar[bool] = True
+
+    @property
+    def is_empirical(self) -> bool:
+        """True when the set is {P_n} itself (radius 0): its worst case is the mean."""
+        return False
+
+    @property
+    def is_minimax(self) -> bool:
+        """True when the worst case is the max whatever the losses (an infinite radius, a
+        zero temperature): min over a model of it is a non-smooth minimax problem."""
+        return False
+
+    @abstractmethod
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        """sup_{Q in the set} E_Q[l] for losses ``(..., n)``: value (differentiable, with
+        Danskin's gradient), weights and dual. ``grad_sq_norms`` ``(..., n)``, the squared
+        input-gradient norms, is read by sets that ``needs_input_gradients`` only."""
+
+    @abstractmethod
+    def dual_objective(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                       ) -> Tensor:
+        """A(l, a) for losses ``(T, n)`` and dual ``(T, dual_size)``, +inf off its domain.
+
+        ``unit`` ``(T,)``: the losses are given divided by it. Every set here is positively
+        homogeneous (A(u l, u a) = u A(l, a)) except a fixed temperature, whose tau is then
+        read as tau / unit.
+        """
+
+    @abstractmethod
+    def dual_derivatives(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                         ) -> DualDerivatives:
+        """A(l, a) and its first and second derivatives, see :class:`DualDerivatives`."""
+
+    def solve_dual(self, losses: Tensor, start: Tensor | None = None) -> Tensor:
+        """The exact minimiser a* of A(losses, .), shape ``(T, dual_size)``; ``start`` is an
+        optional guess of it (same shape)."""
+        return losses.new_zeros(losses.shape[0], 0)
+
+
+class _MeanDual:
+    """A = mean(l), no dual variable: the loss side of {P_n} and of a Wasserstein set."""
+
+    def dual_objective(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                       ) -> Tensor:
+        return losses.mean(-1)
+
+    def dual_derivatives(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                         ) -> DualDerivatives:
+        return _mean_derivatives(losses)
+
+
+def _mean_derivatives(losses: Tensor) -> DualDerivatives:
+    """A = mean(l): gradient 1/n, no curvature."""
+    n = losses.shape[-1]
+    zeros = torch.zeros_like(losses)
+    return DualDerivatives(losses.mean(-1), torch.full_like(losses, 1.0 / n), zeros, zeros,
+                           torch.zeros_like(losses[..., 0]))
+
+
+@dataclass(frozen=True)
+class Empirical(_MeanDual, AmbiguitySet):
+    """{P_n}: no robustness, the worst case is the mean (``robust_mean(l, None)``)."""
+
+    @property
+    def is_empirical(self) -> bool:
+        return True
+
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        _check_losses(losses)
+        n = losses.shape[-1]
+        weights = torch.full_like(losses.detach(), 1.0 / n)
+        return DROResult(losses.mean(-1), weights,
+                         torch.full_like(weights[..., 0], math.nan))
+
+
+@dataclass(frozen=True)
+class Chi2(AmbiguitySet):
+    """chi-square ball {Q : 1/2 E_P[(dQ/dP - 1)^2] <= rho}; rho = inf is every Q (the max).
+
+    Dual: A(l, eta) = eta + sqrt(1 + 2 rho) sqrt(E_{P_n}[(l - eta)_+^2]).
+    """
+
+    rho: float
+    dual_size: ClassVar[int] = 1
+    dual_is_strictly_convex: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho))
+
+    @property
+    def is_empirical(self) -> bool:
+        return self.rho == 0
+
+    @property
+    def is_minimax(self) -> bool:
+        return math.isinf(self.rho)
+
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        return chi2_worst_case(losses, self.rho)
+
+    def dual_objective(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                       ) -> Tensor:
+        eta = dual[..., 0]
+        excess = (losses - eta.unsqueeze(-1)).clamp_min(0)
+        return eta + math.sqrt((1 + 2 * self.rho) / losses.shape[-1]) * excess.norm(dim=-1)
+
+    def dual_derivatives(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                         ) -> DualDerivatives:
+        """With e = (l - eta)_+ and M = de/d(l, eta), the Hessian of ||e|| is
+        M^T (I - u u^T) M / ||e||, u = e / ||e||."""
+        n = losses.shape[-1]
+        c = math.sqrt(1 + 2 * self.rho)
+        eta = dual[..., 0]
+        e = (losses - eta.unsqueeze(-1)).clamp_min(0)
+        active = (e > 0).to(losses.dtype)
+        safe = e.norm(dim=-1).clamp_min(torch.finfo(losses.dtype).tiny)
+        k = c / (math.sqrt(n) * safe)
+        unit_e = e / safe.unsqueeze(-1)
+        total = unit_e.sum(-1)
+        return DualDerivatives(
+            value=self.dual_objective(losses, dual),
+            grad_l=k.unsqueeze(-1) * e,
+            diag=k.unsqueeze(-1) * active,
+            low=unit_e,
+            low_sign=-k,
+            grad_a=(1 - k * e.sum(-1)).unsqueeze(-1),
+            cross=(k.unsqueeze(-1) * (unit_e * total.unsqueeze(-1) - active)).unsqueeze(-1),
+            hess_a=(k * (active.sum(-1) - total.square())).reshape(-1, 1, 1),
+        )
+
+    def solve_dual(self, losses: Tensor, start: Tensor | None = None) -> Tensor:
+        """eta*; without a ``start``, from the stationary point with every loss active,
+        eta = mean - sqrt(Var / (2 rho)), which is eta* when no weight is clipped."""
+        _check_losses(losses)
+        rho = torch.full_like(losses[..., 0], self.rho)
+        if start is None:
+            start = (losses.mean(-1) - torch.sqrt(losses.var(-1, unbiased=False) / (2 * rho))
+                     ).unsqueeze(-1)
+        return _chi2_dual_warm(losses, rho, start[..., 0]).unsqueeze(-1)
+
+
+def _tilted_value(losses: Tensor, tau: Tensor, rho: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, log E exp(l / tau), l / tau) for A = tau rho + tau log E exp(l / tau); A = +inf
+    where tau <= 0 (off the domain), and the other two are taken at tau = 1 there."""
+    safe = torch.where(tau > 0, tau, 1.0)
+    z = losses / safe.unsqueeze(-1)
+    lse = torch.logsumexp(z, -1) - math.log(losses.shape[-1])
+    return torch.where(tau > 0, safe * (lse + rho), math.inf), lse, z
+
+
+def _tilted_derivatives(losses: Tensor, tau: Tensor, rho: float | None) -> DualDerivatives:
+    """A = tau rho + tau log E exp(l / tau), tau a dual variable when rho is given.
+
+    In l the Hessian is (diag(q) - q q^T) / tau, q = softmax(l / tau); in tau,
+    dA/dtau = rho + log E exp(l/tau) - E_q l / tau and d^2A/dtau^2 = Var_q(l) / tau^3.
+    """
+    value, lse, z = _tilted_value(losses, tau, rho or 0.0)
+    safe = torch.where(tau > 0, tau, 1.0)
+    q = torch.softmax(z, -1)
+    if rho is None:
+        return DualDerivatives(value, q, q / safe.unsqueeze(-1), q, -1 / safe)
+    mean = (q * losses).sum(-1)
+    centred = losses - mean.unsqueeze(-1)
+    return DualDerivatives(
+        value=value,
+        grad_l=q,
+        diag=q / safe.unsqueeze(-1),
+        low=q,
+        low_sign=-1 / safe,
+        grad_a=(rho + lse - mean / safe).unsqueeze(-1),
+        cross=(-q * centred / safe.square().unsqueeze(-1)).unsqueeze(-1),
+        hess_a=((q * centred.square()).sum(-1) / safe.pow(3)).reshape(-1, 1, 1),
+    )
+
+
+@dataclass(frozen=True)
+class KL(AmbiguitySet):
+    """KL ball {Q : KL(Q || P_n) <= rho}, solved for its optimal temperature; rho = inf is
+    every Q (the max).
+
+    Dual: A(l, tau) = tau rho + tau log E_{P_n}[exp(l / tau)], tau > 0.
+    """
+
+    rho: float
+    dual_size: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho))
+
+    @property
+    def is_empirical(self) -> bool:
+        return self.rho == 0
+
+    @property
+    def is_minimax(self) -> bool:
+        return math.isinf(self.rho)
+
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        return kl_worst_case(losses, self.rho)
+
+    def dual_objective(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                       ) -> Tensor:
+        return _tilted_value(losses, dual[..., 0], self.rho)[0]
+
+    def dual_derivatives(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                         ) -> DualDerivatives:
+        return _tilted_derivatives(losses, dual[..., 0], self.rho)
+
+    def solve_dual(self, losses: Tensor, start: Tensor | None = None) -> Tensor:
+        """tau*, by safeguarded Newton steps from ``start`` (by default the small-radius
+        expansion tau* ~ sqrt(Var / (2 rho))). Where the worst case is the max (tau* = 0,
+        the boundary of the domain tau > 0) the interior point tau = 1e-3 spread(l) instead
+        (1e-3 max |l| for a flat row), whose objective exceeds the max by at most
+        1e-3 rho spread(l): Newton steps need a point inside."""
+        if self.rho < _KL_SMALL_RADIUS[losses.dtype]:
+            tau = kl_worst_case(losses, self.rho).dual
+        else:
+            _check_losses(losses)
+            rho = torch.full_like(losses[..., 0], self.rho)
+            with torch.no_grad():
+                z, scale = _normalise(losses.detach())
+                on_max = rho >= torch.log(losses.shape[-1] / (z == 0).sum(-1).to(z.dtype))
+                # Without a start, the small-radius expansion tau* ~ sqrt(Var / (2 rho)).
+                u0 = (0.5 * torch.log(z.var(-1, unbiased=False) / (2 * rho)) if start is None
+                      else torch.log(start[..., 0] * scale.factor / scale.scale))
+                tau_z = _kl_solve(z, z.mean(-1), rho, u0).exp()
+                tau = scale.restore_spread(torch.where(on_max, 0.0, tau_z))
+        # Flat rows have A = l + tau rho for every tau: any positive tau on their scale does.
+        spread = losses.amax(-1) - losses.amin(-1)
+        size = losses.abs().amax(-1)
+        inside = 1e-3 * torch.where(spread > 0, spread, torch.where(size > 0, size, 1.0))
+        return torch.where(tau > 0, tau, inside).unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class KLTemperature(AmbiguitySet):
+    """Fixed-temperature KL penalty tau log E exp(l / tau) (KL-DPO, the authors' KL-REBEL):
+    sup_Q E_Q[l] - tau KL(Q || P_n). tau = 0 is the max, tau = inf the mean."""
+
+    tau: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tau", _check_parameter(self, "tau", self.tau))
+
+    @property
+    def is_empirical(self) -> bool:
+        return math.isinf(self.tau)
+
+    @property
+    def is_minimax(self) -> bool:
+        return self.tau == 0
+
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        return kl_tilted(losses, self.tau)
+
+    def _tau(self, losses: Tensor, unit: Tensor | float) -> Tensor:
+        tau = torch.as_tensor(self.tau / unit, dtype=losses.dtype, device=losses.device)
+        return tau.expand(losses.shape[:-1])
+
+    def dual_objective(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                       ) -> Tensor:
+        return _tilted_value(losses, self._tau(losses, unit), 0.0)[0]
+
+    def dual_derivatives(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0
+                         ) -> DualDerivatives:
+        return _tilted_derivatives(losses, self._tau(losses, unit), None)
+
+
+@dataclass(frozen=True)
+class Wasserstein(_MeanDual, AmbiguitySet):
+    """Type-p Wasserstein ball of radius rho on the inputs z (Euclidean cost), in its
+    first-order form: worst case = E l + rho (E ||grad_z l||^q)^(1/q), q = p / (p - 1).
+
+    rho must be finite (an infinite budget moves every input anywhere); p is in [1, inf].
+    The worst case needs the per-sample input-gradient norms (``needs_input_gradients``);
+    in the estimators' dual objective the losses enter through their mean, and the
+    linear world's exact forms add the penalty on the model (:mod:`drosim.estimators`).
+    """
+
+    rho: float
+    p: float = 2.0
+    needs_input_gradients: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho, finite=True))
+        object.__setattr__(self, "p", _check_parameter(self, "p", self.p, minimum=1.0))
+
+    @property
+    def is_empirical(self) -> bool:
+        return self.rho == 0
+
+    def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
+        """value = E l + penalty; weights uniform (each loss enters the mean alike); dual =
+        (E ||grad_z l||^q)^(1/q), the value's derivative in rho."""
+        _check_losses(losses)
+        if grad_sq_norms is None:
+            raise ValueError("a Wasserstein set needs grad_sq_norms, the per-sample squared "
+                             "norms of the loss gradients with respect to the inputs")
+        if grad_sq_norms.shape != losses.shape:
+            raise ValueError(f"grad_sq_norms {tuple(grad_sq_norms.shape)} must match losses "
+                             f"{tuple(losses.shape)}")
+        penalty = wasserstein_penalty(grad_sq_norms, self.rho, self.p)
+        with torch.no_grad():
+            dual = wasserstein_penalty(grad_sq_norms.detach(), 1.0, self.p)
+            weights = torch.full_like(losses.detach(), 1.0 / losses.shape[-1])
+        return DROResult(losses.mean(-1) + penalty, weights, dual)
+
+
+def as_ambiguity_set(spec: AmbiguitySet | None) -> AmbiguitySet:
+    """``spec``, with None read as :class:`Empirical` (the plain mean).
+
+    Raises:
+        TypeError: anything else that is not an :class:`AmbiguitySet`.
+    """
+    if spec is None:
+        return Empirical()
+    if not isinstance(spec, AmbiguitySet):
+        raise TypeError(f"unknown ambiguity set {spec!r}; expected Chi2, KL, KLTemperature, "
+                        "Wasserstein, Empirical or None")
+    return spec
+
+
 # ----------------------------------------------------------------------- training
 
 
@@ -640,7 +1082,8 @@ def robust_mean(
 
     Args:
         losses: ``(..., n)`` per-sample losses carrying the autograd graph.
-        spec: Chi2(rho), KL(rho), KLTemperature(tau), Wasserstein(rho, p) or None.
+        spec: Chi2(rho), KL(rho), KLTemperature(tau), Wasserstein(rho, p), Empirical() or
+            None.
         grad_sq_norms: ``(..., n)`` ||grad_z l_i||^2, required for Wasserstein only.
 
     Returns:
@@ -658,23 +1101,4 @@ def robust_mean(
         >>> [round(g, 4) for g in l.grad.tolist()]
         [0.1, 0.2, 0.3, 0.4]
     """
-    if spec is None:
-        _check_losses(losses)
-        return losses.mean(-1)
-    if isinstance(spec, Chi2):
-        return chi2_worst_case(losses, spec.rho).value
-    if isinstance(spec, KL):
-        return kl_worst_case(losses, spec.rho).value
-    if isinstance(spec, KLTemperature):
-        return kl_tilted(losses, spec.tau).value
-    if isinstance(spec, Wasserstein):
-        if grad_sq_norms is None:
-            raise ValueError("a Wasserstein spec needs grad_sq_norms, the per-sample squared "
-                             "norms of the loss gradients with respect to the inputs")
-        _check_losses(losses)
-        if grad_sq_norms.shape != losses.shape:
-            raise ValueError(f"grad_sq_norms {tuple(grad_sq_norms.shape)} must match losses "
-                             f"{tuple(losses.shape)}")
-        return losses.mean(-1) + wasserstein_penalty(grad_sq_norms, spec.rho, spec.p)
-    raise TypeError(f"unknown ambiguity set {spec!r}; expected Chi2, KL, KLTemperature, "
-                    "Wasserstein or None")
+    return as_ambiguity_set(spec).worst_case(losses, grad_sq_norms).value

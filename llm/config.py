@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from drosim.llm.methods import METHODS
+from drosim.llm.methods import METHODS, make_method
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -229,8 +229,9 @@ def _type_error(key: str, value: Any, expected: str) -> ValueError:
 # --------------------------------------------------------------------------------- validation
 
 # Fields with a lower bound alone; the rest are checked one by one in validate_config.
-_POSITIVE = ("eta", "beta", "kl_tau", "lr", "max_grad_norm", "temperature")
-_NON_NEGATIVE = ("chi2_rho", "kl_rho", "w_rho", "weight_decay", "warmup_iterations")
+# The radii (chi2_rho, kl_rho, kl_tau, w_rho, w_p) are validated by their drosim.dro sets.
+_POSITIVE = ("eta", "beta", "lr", "max_grad_norm", "temperature")
+_NON_NEGATIVE = ("weight_decay", "warmup_iterations")
 _AT_LEAST_ONE = ("iterations", "pairs_per_iteration", "epochs", "minibatch_size",
                  "max_new_tokens", "eval_every", "num_eval_prompts", "checkpoint_every")
 
@@ -245,8 +246,9 @@ def validate_config(config: TrainConfig) -> None:
 
     Raises:
         ValueError: naming the first offending field and what it must be: a wrong type, an
-            unknown method or device, a radius or weight decay below 0, a step size,
-            temperature, tau, beta, learning rate or clipping norm not above 0, ``w_p`` < 1,
+            unknown method or device, a radius its ``drosim.dro`` set refuses (a negative or
+            NaN radius or tau, ``w_p`` < 1, an infinite ``w_rho``), a weight decay below 0, a
+            step size, temperature, beta, learning rate or clipping norm not above 0,
             a count below 1, ``minibatch_size`` > ``pairs_per_iteration``, ``top_p`` outside
             (0, 1], a seed outside [0, 2**32), a mixture with a negative or non-finite weight
             or weights not summing to a positive number, or no eval mixture.
@@ -265,7 +267,8 @@ def validate_config(config: TrainConfig) -> None:
         _require(config, name, lambda v: v >= 0, ">= 0")
     for name in _AT_LEAST_ONE:
         _require(config, name, lambda v: v >= 1, ">= 1")
-    _require(config, "w_p", lambda v: v >= 1, ">= 1 (a Wasserstein order)")
+    make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
+                kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
     _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
     _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
     _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,

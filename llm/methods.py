@@ -63,37 +63,42 @@ def make_method(name: str, *, chi2_rho: float = 0.01, kl_rho: float = 0.01,
                 kl_tau: float = 0.1, w_rho: float = 0.01, w_p: float = 2.0) -> Method:
     """The :class:`Method` called ``name`` with the given radii.
 
+    Every radius is validated by its ``drosim.dro`` set, whichever method uses it, so a bad
+    value in a config fails even when the method at hand ignores it.
+
     Raises:
-        ValueError: an unknown name or a negative radius (from the spec's solver at use, or
-            here for the radius this method uses).
+        ValueError: an unknown name, or a radius its set refuses (the message names the
+            keyword, e.g. ``chi2_rho: Chi2.rho must be non-negative, got -1.0``).
 
     Example:
         >>> make_method("chi2-rebel", chi2_rho=0.05)
         Method(name='chi2-rebel', pointwise='rebel', spec=Chi2(rho=0.05))
     """
+    chi2 = _build("chi2_rho", Chi2, chi2_rho)
+    kl = _build("kl_rho", KL, kl_rho)
+    temperature = _build("kl_tau", KLTemperature, kl_tau)
+    wasserstein = _build("w_rho, w_p", Wasserstein, w_rho, w_p)
     specs: dict[str, tuple[Pointwise, AmbiguitySet | None]] = {
         "rebel": ("rebel", None),
-        "chi2-rebel": ("rebel", Chi2(chi2_rho)),
-        "kl-rebel": ("rebel", KL(kl_rho)),
-        "kltemp-rebel": ("rebel", KLTemperature(kl_tau)),
-        "w-rebel": ("rebel", Wasserstein(w_rho, w_p)),
+        "chi2-rebel": ("rebel", chi2),
+        "kl-rebel": ("rebel", kl),
+        "kltemp-rebel": ("rebel", temperature),
+        "w-rebel": ("rebel", wasserstein),
         "dpo": ("dpo", None),
         "ipo": ("ipo", None),
-        "wdpo": ("dpo", Wasserstein(w_rho, w_p)),
-        "kl-dpo": ("dpo", KLTemperature(kl_tau)),
-        "chi2-dpo": ("dpo", Chi2(chi2_rho)),
+        "wdpo": ("dpo", wasserstein),
+        "kl-dpo": ("dpo", temperature),
+        "chi2-dpo": ("dpo", chi2),
     }
     if name not in specs:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
     pointwise, spec = specs[name]
-    _check_spec(spec)
     return Method(name, pointwise, spec)
 
 
-def _check_spec(spec: AmbiguitySet | None) -> None:
-    if isinstance(spec, Chi2 | KL | Wasserstein) and not spec.rho >= 0:
-        raise ValueError(f"the radius must be >= 0, got {spec}")
-    if isinstance(spec, KLTemperature) and not spec.tau > 0:
-        raise ValueError(f"the temperature must be > 0, got {spec}")
-    if isinstance(spec, Wasserstein) and not spec.p >= 1:
-        raise ValueError(f"the Wasserstein order must be >= 1, got {spec}")
+def _build(keys: str, ambiguity_set: type[AmbiguitySet], *parameters: float) -> AmbiguitySet:
+    """The set, or its own validation error prefixed with the keyword(s) that set it."""
+    try:
+        return ambiguity_set(*parameters)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{keys}: {err}") from None

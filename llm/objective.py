@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from drosim.dro import AmbiguitySet, Wasserstein, robust_mean
+from drosim.dro import AmbiguitySet, robust_mean
 
 
 class RobustObjective(NamedTuple):
@@ -127,7 +127,7 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
     if losses.dim() != 1 or losses.shape[0] == 0:
         raise ValueError(f"losses must be a non-empty (n,) tensor, got {tuple(losses.shape)}")
     local = [losses]
-    if isinstance(spec, Wasserstein):
+    if spec is not None and spec.needs_input_gradients:
         if inputs is None:
             raise ValueError("a Wasserstein objective needs the input embeddings the losses "
                              "were computed from")

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from drosim.dro import Wasserstein
 from drosim.llm.batch import PairBatch
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method
@@ -53,7 +52,7 @@ def method_objective(policy: nn.Module, batch: PairBatch, method: Method, *, eta
     The Wasserstein sets need the input embeddings as a tensor in the graph, so the policy is
     then fed ``inputs_embeds`` instead of token ids.
     """
-    if not isinstance(method.spec, Wasserstein):
+    if method.spec is None or not method.spec.needs_input_gradients:
         logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
         return robust_objective(losses, method.spec), losses
@@ -71,7 +70,7 @@ def attention_kernels(method: Method) -> contextlib.AbstractContextManager:
     attention kernels have no double backward, the math kernel does. The backward needs the
     same context because gradient checkpointing recomputes the forward inside it.
     """
-    if isinstance(method.spec, Wasserstein):
+    if method.spec is not None and method.spec.needs_input_gradients:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 

@@ -5,6 +5,7 @@ TypeError naming the problem) and a memory-linearity guard on n = 200_000."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -260,13 +261,48 @@ def test_robust_mean_unknown_spec_raises_type_error(spec):
         robust_mean(torch.ones(4, dtype=F64), spec)
 
 
-@pytest.mark.parametrize("spec", [Chi2(-1.0), KL(-1.0), KLTemperature(-1.0), None])
-def test_robust_mean_validates_through_the_solver(spec):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("spec", [Chi2(0.1), KL(0.1), KLTemperature(0.1), None])
+def test_robust_mean_validates_losses_through_the_solver(spec):
+    with pytest.raises(ValueError, match="NaN or infinite"):
         robust_mean(torch.tensor([0.0, math.nan], dtype=F64), spec)
-    if spec is not None:
-        with pytest.raises(ValueError, match="non-negative"):
-            robust_mean(torch.ones(3, dtype=F64), spec)
+
+
+# One radius rule, checked once at construction; the message names the set and parameter.
+@pytest.mark.parametrize(("make", "label"), [
+    (Chi2, "Chi2.rho"), (KL, "KL.rho"), (KLTemperature, "KLTemperature.tau"),
+    (Wasserstein, "Wasserstein.rho"), (lambda v: Wasserstein(0.1, v), "Wasserstein.p"),
+])
+@pytest.mark.parametrize(("value", "error", "words"), [
+    (-1.0, ValueError, "non-negative|>= 1"), (math.nan, ValueError, "not be NaN"),
+    ("0.1", TypeError, "real number"), (True, TypeError, "real number"),
+    (None, TypeError, "real number"),
+])
+def test_every_set_validates_its_parameters_at_construction(make, label, value, error, words):
+    with pytest.raises(error, match=rf"{re.escape(label)} must (.* )?({words})"):
+        make(value)
+
+
+@pytest.mark.parametrize(("spec", "limit"), [(Chi2(math.inf), "max"), (KL(math.inf), "max"),
+                                              (KLTemperature(math.inf), "mean"),
+                                              (KLTemperature(0.0), "max")])
+def test_an_infinite_radius_is_the_documented_limit(spec, limit):
+    l = torch.tensor([0.0, 3.0, 1.0, 2.0], dtype=F64)
+    expected = l.max() if limit == "max" else l.mean()
+    assert float(spec.worst_case(l).value) == pytest.approx(float(expected), abs=1e-12)
+    assert spec.is_minimax == (limit == "max")
+
+
+def test_wasserstein_radius_must_be_finite_and_order_at_least_one():
+    with pytest.raises(ValueError, match=r"Wasserstein\.rho must be finite"):
+        Wasserstein(math.inf)
+    with pytest.raises(ValueError, match=r"Wasserstein\.p must be >= 1"):
+        Wasserstein(0.1, 0.5)
+    assert Wasserstein(0.1, math.inf).p == math.inf
+
+
+def test_set_parameters_are_stored_as_floats_and_sets_compare_by_value():
+    assert Chi2(1) == Chi2(1.0) and isinstance(Chi2(1).rho, float)
+    assert hash(KL(np.float64(0.5))) == hash(KL(0.5))
 
 
 # -------------------------------------------------------------------- memory linearity
@@ -292,3 +328,30 @@ def test_chi2_subnormal_radius_gives_the_uniform_limit(device):
     res = chi2_worst_case(l, 5e-324)
     torch.testing.assert_close(res.weights, torch.full_like(l, 1 / 25))
     assert float(res.value) == pytest.approx(0.8, abs=1e-15)
+
+
+# ------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1000, 65536, 70000])
+@pytest.mark.parametrize("solve", [chi2_worst_case, kl_worst_case, kl_tilted])
+def test_half_precision_is_solved_in_float32_and_returned_in_its_dtype(solve, n, dtype):
+    # float16 overflows at 65504 (a 65536-sample sum) and cannot resolve the duals' sums: the
+    # answer must be the float64 one rounded to the input's dtype, dual sign included.
+    g = torch.Generator().manual_seed(0)
+    l = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    half, exact = solve(l, 0.1), solve(l.double(), 0.1)
+    for got, want in zip(half, exact, strict=True):
+        assert got.dtype == dtype and bool(torch.isfinite(got).all())
+        # (float16 weights of 1/65536 are subnormal: their step is 2^-24.)
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=max(1e-3 / n, 2**-23))
+    assert torch.sign(half.dual) == torch.sign(exact.dual)
+
+
+def test_half_precision_keeps_the_danskin_gradient():
+    l = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float16, requires_grad=True)
+    chi2_worst_case(l, 0.1).value.backward()
+    assert l.grad.dtype == torch.float16
+    torch.testing.assert_close(l.grad.double(), chi2_worst_case(l.detach().double(), 0.1).weights,
+                               rtol=1e-3, atol=1e-3)
