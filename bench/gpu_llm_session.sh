@@ -5,15 +5,7 @@
 # ./gpu_out). The tree is installed first, as a user installs it.
 set -uo pipefail
 out="${OUT:-gpu_out}"; mkdir -p "$out/logs"
-# Install this tree (non-editable; no network there: torch and transformers are already on the
-# machine). -P below keeps the source folder off sys.path, so the installed drosim is used.
-if ! python3 -m pip install -q --no-deps --no-build-isolation . > "$out/logs/install.txt" 2>&1
-then
-  echo "error: could not install drosim from $PWD with 'python3 -m pip install --no-deps" \
-    "--no-build-isolation .' (needs pip and setuptools>=68); see $out/logs/install.txt:" >&2
-  tail -5 "$out/logs/install.txt" >&2
-  exit 1
-fi
+source "$(dirname "$0")/install_tree.sh"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/logs/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',

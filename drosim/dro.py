@@ -822,15 +822,12 @@ class Empirical(_MeanDual, AmbiguitySet):
 
 
 @dataclass(frozen=True)
-class Chi2(AmbiguitySet):
-    """chi-square ball {Q : 1/2 E_P[(dQ/dP - 1)^2] <= rho}; rho = inf is every Q (the max).
-
-    Dual: A(l, eta) = eta + sqrt(1 + 2 rho) sqrt(E_{P_n}[(l - eta)_+^2]).
-    """
+class _Ball(AmbiguitySet):
+    """A divergence ball of radius rho around P_n, solved for one dual variable; rho = 0 is
+    P_n itself and rho = inf every distribution on the samples (the worst case is the max)."""
 
     rho: float
     dual_size: ClassVar[int] = 1
-    dual_is_strictly_convex: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho))
@@ -842,6 +839,16 @@ class Chi2(AmbiguitySet):
     @property
     def is_minimax(self) -> bool:
         return math.isinf(self.rho)
+
+
+@dataclass(frozen=True)
+class Chi2(_Ball):
+    """chi-square ball {Q : 1/2 E_P[(dQ/dP - 1)^2] <= rho}; rho = inf is every Q (the max).
+
+    Dual: A(l, eta) = eta + sqrt(1 + 2 rho) sqrt(E_{P_n}[(l - eta)_+^2]).
+    """
+
+    dual_is_strictly_convex: ClassVar[bool] = False
 
     def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
         return chi2_worst_case(losses, self.rho)
@@ -922,26 +929,12 @@ def _tilted_derivatives(losses: Tensor, tau: Tensor, rho: float | None) -> DualD
 
 
 @dataclass(frozen=True)
-class KL(AmbiguitySet):
+class KL(_Ball):
     """KL ball {Q : KL(Q || P_n) <= rho}, solved for its optimal temperature; rho = inf is
     every Q (the max).
 
     Dual: A(l, tau) = tau rho + tau log E_{P_n}[exp(l / tau)], tau > 0.
     """
-
-    rho: float
-    dual_size: ClassVar[int] = 1
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho))
-
-    @property
-    def is_empirical(self) -> bool:
-        return self.rho == 0
-
-    @property
-    def is_minimax(self) -> bool:
-        return math.isinf(self.rho)
 
     def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
         return kl_worst_case(losses, self.rho)
