@@ -262,3 +262,10 @@ def test_robust_dpo_minimisers_near_the_kink_at_zero_are_found(spec):
         ref = reference.dpo_fit(dphi[i].numpy(), pref[i].numpy(), 1.0, spec)
         if ref.status == "optimal":
             assert float(fit.objective[i]) <= ref.objective * (1 + 1e-6), i
+
+
+def test_fits_in_the_minimax_regime_warn_once_for_the_whole_batch():
+    dphi, dr, _, _ = _batch(trials=4, n=8)
+    with pytest.warns(RuntimeWarning, match=r"4 fit\(s\) sit in the minimax regime") as record:
+        rebel(dphi, dr, Chi2(50.0))  # rho >= (n - 1) / 2: every worst case is the max
+    assert len([w for w in record if "minimax" in str(w.message)]) == 1
