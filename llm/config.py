@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from drosim.llm.methods import METHODS, make_method
+from drosim.llm.update import W_GRADIENTS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -61,6 +62,9 @@ class TrainConfig:
     kl_tau: float = 0.1
     w_rho: float = 0.01
     w_p: float = 2.0
+    # the Wasserstein penalty's gradient: "auto" (a finite difference of first-order
+    # gradients, or the exact double backward under bf16), "exact" or "finite-difference"
+    w_gradient: str = "auto"
     # loop
     iterations: int = 30
     pairs_per_iteration: int = 32  # prompts per iteration (two responses each), over all ranks
@@ -258,6 +262,12 @@ def validate_config(config: TrainConfig) -> None:
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; valid methods: "
                          f"{', '.join(METHODS)}")
+    if config.w_gradient not in W_GRADIENTS:
+        raise ValueError(f"w_gradient must be one of {', '.join(W_GRADIENTS)}, got "
+                         f"{config.w_gradient!r}")
+    if config.w_gradient == "finite-difference" and config.bf16:
+        raise ValueError("w_gradient=finite-difference needs a float32 forward, not bf16: "
+                         "use auto or exact")
     if config.device not in DEVICES:
         raise ValueError(f"unknown device {config.device!r}; valid devices: "
                          f"{', '.join(DEVICES)}")

@@ -124,14 +124,36 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
         >>> l.grad.tolist() == out.weights.tolist(), round(float(out.value), 4)
         (True, 2.0)
     """
-    if losses.dim() != 1 or losses.shape[0] == 0:
-        raise ValueError(f"losses must be a non-empty (n,) tensor, got {tuple(losses.shape)}")
+    _check_local_losses(losses)
     local = [losses]
     if spec is not None and spec.needs_input_gradients:
         if inputs is None:
             raise ValueError("a Wasserstein objective needs the input embeddings the losses "
                              "were computed from")
         local.append(input_grad_sq_norms(losses, inputs))
+    value, coefficients = robust_coefficients(local, spec)
+    loss = sum((c * t).sum() for c, t in zip(coefficients, local, strict=True))
+    return RobustObjective(loss, value, coefficients[0])
+
+
+def _check_local_losses(losses: Tensor) -> None:
+    if losses.dim() != 1 or losses.shape[0] == 0:
+        raise ValueError(f"losses must be a non-empty (n,) tensor, got {tuple(losses.shape)}")
+
+
+def robust_coefficients(local: list[Tensor], spec: AmbiguitySet | None
+                        ) -> tuple[Tensor, list[Tensor]]:
+    """The global objective F and its gradient in this rank's values.
+
+    Args:
+        local: this rank's ``(n,)`` losses and, for a Wasserstein set, their squared
+            input-gradient norms (graphs are ignored: only the values are read).
+        spec: the ambiguity set, or None for the mean.
+
+    Returns:
+        (F, [d F / d l_i, d F / d g_i]) with F a detached float64 CPU scalar, the same on
+        every rank, and the coefficients ``(n,)`` in each input's device and dtype.
+    """
     gathered = []
     for tensor in local:
         full, own = gather_detached(tensor)
@@ -140,7 +162,6 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
         gathered.append(full.to("cpu", torch.float64).requires_grad_())
     value = robust_mean(gathered[0], spec,
                         grad_sq_norms=gathered[1] if len(gathered) > 1 else None)
-    coefficients = [c[own].to(losses.device, losses.dtype)
-                    for c in torch.autograd.grad(value, gathered)]
-    loss = sum((c * t).sum() for c, t in zip(coefficients, local, strict=True))
-    return RobustObjective(loss, value.detach(), coefficients[0])
+    coefficients = [c[own].to(t.device, t.dtype)
+                    for c, t in zip(torch.autograd.grad(value, gathered), local, strict=True)]
+    return value.detach(), coefficients

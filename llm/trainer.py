@@ -288,7 +288,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 minibatch = batch.select(order[start:start + local_minibatch])
                 steps.append(update_step(policy, optimizer, minibatch, method, eta=config.eta,
                                          beta=config.beta, max_grad_norm=config.max_grad_norm,
-                                         autocast_dtype=autocast_dtype))
+                                         autocast_dtype=autocast_dtype,
+                                         w_gradient=config.w_gradient))
         scheduler.step()
         state = TrainState(iteration + 1, state.data_position + config.pairs_per_iteration, {})
         record = {"iteration": iteration + 1, "kind": "train",

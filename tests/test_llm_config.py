@@ -146,6 +146,8 @@ def test_yaml_file_must_be_a_mapping(tmp_path):
     ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"w_p": 0.5}, r"w_rho, w_p: Wasserstein\.p must be >= 1"),
+    ({"w_gradient": "central"}, r"w_gradient must be one of auto, exact, finite-difference"),
+    ({"w_gradient": "finite-difference", "bf16": True}, "needs a float32 forward"),
     ({"iterations": 0}, "iterations must be >= 1"),
     ({"pairs_per_iteration": 0}, "pairs_per_iteration must be >= 1"),
     ({"epochs": 0}, "epochs must be >= 1"),
