@@ -5,10 +5,14 @@
     objective  = robust_objective(losses, method.spec, embeddings)  drosim.dro, global
     objective.loss.backward(); all-reduce(sum) the gradients; clip; step
 
+A Wasserstein method's penalty needs the gradient of ||grad_z l_i||^2: by default a forward
+difference of two first-order gradients (:func:`finite_difference_backward`), or the exact
+double backward (``w_gradient="exact"``, and automatically under bf16 autocast).
+
 Data parallelism is done by hand rather than with ``DistributedDataParallel``: the robust
 objective already couples the ranks through its gathered dual, its surrogate gradients must be
 SUMMED (not averaged) over ranks, and DDP's reducer does not support the double backward of
-the Wasserstein penalty. One flattened all-reduce per step does the same communication.
+the exact Wasserstein gradient. One flattened all-reduce per step does the same communication.
 """
 
 from __future__ import annotations
