@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="bundled config name (demo, smoke, gpt2-small-gpu) or a YAML path")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in out_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an earlier run's outputs in out_dir first")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
 
     args = parser.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             from drosim.llm.trainer import train as run_training
 
             config = load_config(_config_path(args.config), args.overrides)
-            out = run_training(config, resume=args.resume)
+            out = run_training(config, resume=args.resume, overwrite=args.overwrite)
             print(f"finished: {out / 'final'}")
     except (ValueError, FileNotFoundError) as error:
         print(f"drosim-llm: error: {error}", file=sys.stderr)

@@ -7,7 +7,9 @@
 2. fine-tune that policy online with every method of the demo (REBEL, chi2-REBEL, KL-REBEL,
    W-REBEL, DPO) for several seeds, on the training mixture of two rule-based objectives
    (``llm/configs/demo.yaml``); each run is an ordinary :func:`drosim.llm.trainer.train` run
-   in ``DIR/runs/<method>-seed<k>``, resumed if it was interrupted and skipped if finished;
+   in ``DIR/runs/<method>-seed<k>``, resumed if it was interrupted and skipped if finished
+   (a run of another configuration there is refused; ``--smoke`` keeps its own
+   ``DIR/base-smoke`` and ``DIR/runs-smoke``);
 3. write ``DIR/rewards.csv`` (reward under every mixture of the grid, per method, seed and
    iteration), ``DIR/rewards.png`` (those curves, mean over seeds with their range) and
    ``DIR/summary.csv`` (start and end reward per method with the seed spread).
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from drosim.llm.config import bundled_config_path, load_config
+from drosim.llm.config import TrainConfig, bundled_config_path, config_to_dict, load_config
 from drosim.llm.rewards import mixture_name
 
 DEMO_METHODS = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
@@ -89,16 +91,20 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = build_demo_base(out / "base", pretrain_steps=40 if smoke else 300,
+    # The smoke configuration keeps its own base and runs: a later full demo into the same
+    # folder must not reuse them.
+    suffix = "-smoke" if smoke else ""
+    base = build_demo_base(out / f"base{suffix}", pretrain_steps=40 if smoke else 300,
                            corpus_size=500 if smoke else 4000, progress=progress)
     config_path = bundled_config_path("smoke" if smoke else "demo")
     tables = []
     for method in methods:
         for seed in seeds:
-            run_dir = out / "runs" / f"{method}-seed{seed}"
+            run_dir = out / f"runs{suffix}" / f"{method}-seed{seed}"
             config = load_config(config_path, [f"model={base}", f"method={method}",
                                                f"seed={seed}", f"out_dir={run_dir}",
                                                f"progress={str(progress).lower()}"])
+            _check_same_configuration(run_dir, config)
             if not (run_dir / "final" / "config.json").exists():
                 train(config, resume=True)
             table = read_eval_metrics(run_dir)
@@ -126,6 +132,19 @@ def summarise(rewards: pd.DataFrame, train_mixture: str) -> pd.DataFrame:
     summary["gain_over_spread"] = summary.gain / summary.seed_std
     summary["trained_on"] = summary.mixture == train_mixture
     return summary
+
+
+def _check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to reuse (or resume) a run made with another configuration, e.g. a --smoke
+    demo's runs for the full demo."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    before, now = config_to_dict(load_config(saved)), config_to_dict(config)
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise ValueError(f"{run_dir} holds a run of another configuration (it differs in "
+                         f"{', '.join(changed)}), e.g. a --smoke demo's: use another --out")
 
 
 def learning_report(summary: pd.DataFrame, method: str = "rebel") -> str:

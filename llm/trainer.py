@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -182,20 +183,46 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, record["iteration"])
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
+# What a run writes into its out_dir (a cached base model, base/, is not a run's output).
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard")
+
+
+def previous_run(out_dir: Path) -> list[str]:
+    """The outputs of an earlier run found in ``out_dir``."""
+    return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run (or resume) the online loop described by ``config``; returns the run directory.
 
-    The final policy and tokenizer are saved to ``<out_dir>/final``.
+    The final policy and tokenizer are saved to ``<out_dir>/final``. An ``out_dir`` that
+    holds an earlier run is refused unless ``resume`` (continue it from its latest
+    checkpoint; a run without one starts afresh, and says so) or ``overwrite`` (its outputs
+    are deleted first).
 
     Raises:
-        ValueError: an invalid configuration, or bad data met during training (NaN rewards,
+        ValueError: an invalid configuration, an ``out_dir`` holding an earlier run (without
+            ``resume`` or ``overwrite``), or bad data met during training (NaN rewards,
             empty batches), with the rows named.
         SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
     """
     out_dir = Path(config.out_dir)
+    # Checked before joining the process group: no rank has written anything yet.
+    found = previous_run(out_dir)
+    if found and not (resume or overwrite):
+        raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(found)}): pass "
+                         "--resume to continue it, --overwrite to replace it, or choose "
+                         "another out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     world = init_distributed(config.device if config.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu"))
+    if overwrite and not resume and found:
+        if world.is_main:
+            for name in found:
+                path = out_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if world.world_size > 1:
+            dist.barrier()
     device = resolve_device(config, world.local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -232,6 +259,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
 
     state = TrainState(iteration=0, data_position=0, extra={})
     checkpoint = latest_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None and world.is_main:
+        print(f"drosim-llm: no checkpoint in {out_dir / 'checkpoints'}: --resume starts the "
+              "run from scratch", file=sys.stderr)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=policy, optimizer=optimizer,
                                 scheduler=scheduler, map_location=device)

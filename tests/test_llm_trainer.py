@@ -140,6 +140,49 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     again = run_demo(out, smoke=True, seeds=(0, 1), progress=False)
     assert time.perf_counter() - started < 10
     pd.testing.assert_frame_equal(again, rewards)
+    # the smoke runs live apart, so a full demo into the same folder cannot reuse them
+    assert (out / "runs-smoke").is_dir() and (out / "base-smoke").is_dir()
+    assert not (out / "runs").exists() and not (out / "base").exists()
+
+
+def test_a_run_of_another_configuration_is_never_reused(tmp_path):
+    from drosim.llm.config import bundled_config_path, load_config, save_config
+    from drosim.llm.demo import _check_same_configuration
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    smoke = load_config(bundled_config_path("smoke"), [f"out_dir={run_dir}"])
+    save_config(smoke, run_dir / "config.yaml")
+    _check_same_configuration(run_dir, smoke)  # the same: reused
+    full = load_config(bundled_config_path("demo"), [f"out_dir={run_dir}"])
+    with pytest.raises(ValueError, match=r"holds a run of another configuration .*iterations"):
+        _check_same_configuration(run_dir, full)
+
+
+def test_a_finished_run_is_never_overwritten_silently(base, uninterrupted, tmp_path):
+    out = tmp_path / "again"
+    subprocess.run(command(out, base, "iterations=2", "checkpoint_every=1"), env=ENV,
+                   check=True, capture_output=True)
+    lines = (out / "metrics.jsonl").read_text()
+    # a rerun without --resume or --overwrite is refused, and nothing is touched
+    result = subprocess.run(command(out, base, "iterations=2", "checkpoint_every=1"), env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "holds an earlier run (config.yaml, metrics.jsonl, checkpoints, final)" in (
+        result.stderr)
+    assert (out / "metrics.jsonl").read_text() == lines
+    # --overwrite replaces it: the log holds one run again
+    subprocess.run([*command(out, base, "iterations=2", "checkpoint_every=1"), "--overwrite"],
+                   env=ENV, check=True, capture_output=True)
+    assert len(train_records(out)) == 2
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(base, tmp_path):
+    out = tmp_path / "fresh"
+    result = subprocess.run([*command(out, base, "iterations=1"), "--resume"], env=ENV,
+                            capture_output=True, text=True, check=True)
+    assert "no checkpoint in" in result.stderr and "starts the run from scratch" in result.stderr
+    assert (out / "final").is_dir()
 
 
 @pytest.mark.slow
