@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(_config_path(args.config), args.overrides)
             out = run_training(config, resume=args.resume, overwrite=args.overwrite)
             print(f"finished: {out / 'final'}")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: e.g. a hub name from_pretrained lacks
         print(f"drosim-llm: error: {error}", file=sys.stderr)
         return 2
     return 0

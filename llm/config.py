@@ -145,7 +145,10 @@ _Loader.add_implicit_resolver(
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The mapping a YAML config file holds, its keys checked against the fields."""
     with open(path) as f:
-        values = yaml.load(f, Loader=_Loader)
+        try:
+            values = yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
     if values is None:  # an empty file, or comments only
         return {}
     if not isinstance(values, dict):

@@ -53,6 +53,7 @@ from drosim.llm.rewards import (
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
 from drosim.llm.update import update_step
+from drosim.output import ensure_writable
 
 EVAL_SEED = 1234
 DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2
@@ -187,6 +188,26 @@ class MetricsLog:
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard")
 
 
+def check_sources(config: TrainConfig) -> None:
+    """Refuse, before anything is written, what cannot work: a CUDA device on a torch
+    without CUDA, and a model, tokenizer or reward model given as a local path (absolute,
+    or starting with ``.`` or ``~``) that does not exist. (A hub name is looked up by
+    ``from_pretrained`` itself.)
+
+    Raises:
+        ValueError: naming the key and what is wrong.
+    """
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda, but this torch build has no CUDA device "
+                         f"(torch {torch.__version__}): use device=cpu or device=auto")
+    for key in ("model", "tokenizer", "reward"):
+        source = getattr(config, key)
+        if not source or source == "demo":
+            continue
+        if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+            raise ValueError(f"{key}={source!r}: no such file or directory")
+
+
 def previous_run(out_dir: Path) -> list[str]:
     """The outputs of an earlier run found in ``out_dir``."""
     return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
@@ -207,13 +228,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
     """
     out_dir = Path(config.out_dir)
+    check_sources(config)
     # Checked before joining the process group: no rank has written anything yet.
     found = previous_run(out_dir)
     if found and not (resume or overwrite):
         raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(found)}): pass "
                          "--resume to continue it, --overwrite to replace it, or choose "
                          "another out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out_dir)
     world = init_distributed(config.device if config.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu"))
     if overwrite and not resume and found:
