@@ -22,6 +22,7 @@ state in ``TrainState.extra`` or derive them from the iteration number.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -44,7 +45,13 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"  # sha256 of every other file, written last
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+STATE_KEYS = ("iteration", "data_position", "extra")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files do not match its manifest (or miss one)."""
 
 # A checkpoint is first written to ".tmp-<final name>-<random>" next to its final place.
 _TMP_PREFIX = ".tmp-"
@@ -135,6 +142,8 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     torch.save(_rng_state(), tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(state_json)
+    manifest = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     for file in tmp.iterdir():
         _fsync(file)
     _fsync(tmp)
@@ -151,6 +160,52 @@ def save_checkpoint(
     _write_latest(root, name)
     _prune(root, newest=state.iteration, keep=keep)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint against its manifest: every listed file present with its sha256,
+    and ``state.json`` holding every key. A checkpoint written before manifests existed is
+    checked for its files and keys only.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or a required file is missing.
+        CorruptCheckpointError: naming the checkpoint and what is wrong (a truncated or
+            overwritten file, an unreadable state or one without a key).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}: not a directory")
+    missing = [file for file in REQUIRED_FILES if not (path / file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+    if (path / MANIFEST_FILE).is_file():
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise CorruptCheckpointError(f"checkpoint {path}: unreadable manifest "
+                                         f"({err})") from None
+        changed = [name for name, digest in manifest.items()
+                   if not (path / name).is_file() or _sha256(path / name) != digest]
+        if changed:
+            raise CorruptCheckpointError(f"checkpoint {path}: {', '.join(changed)} "
+                                         "missing or changed since it was saved")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"checkpoint {path}: unreadable {STATE_FILE} "
+                                     f"({err})") from None
+    absent = [key for key in STATE_KEYS if key not in state]
+    if absent:
+        raise CorruptCheckpointError(f"checkpoint {path}: {STATE_FILE} lacks "
+                                     f"{', '.join(absent)}")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -250,6 +305,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints to resume from, in order of preference: the one ``latest``
+    names, then every other complete checkpoint directory, newest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    latest = latest_checkpoint(run_dir)
+    others = sorted((p for p in root.glob("iteration-*")
+                     if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name) and p != latest),
+                    key=lambda p: p.name, reverse=True) if root.is_dir() else []
+    return ([latest] if latest is not None else []) + others
+
+
 def _read_latest(root: Path) -> str | None:
     """The directory name ``root/latest`` holds, or ``None`` when there is no such file."""
     try:
@@ -284,19 +350,15 @@ def load_checkpoint(
         The saved :class:`TrainState`.
 
     Raises:
-        FileNotFoundError: if ``path`` is not a directory or misses a file (an incomplete or
-            partly deleted checkpoint), including ``scheduler.pt`` when ``scheduler`` is given.
+        FileNotFoundError, CorruptCheckpointError: the checkpoint fails
+            :func:`verify_checkpoint` or misses ``scheduler.pt`` when ``scheduler`` is given
+            (checked before anything is loaded).
         RuntimeError: if the saved weights do not match ``model``'s names or shapes.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}: not a directory")
-    required = [*REQUIRED_FILES, SCHEDULER_FILE] if scheduler is not None else REQUIRED_FILES
-    missing = [file for file in required if not (path / file).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"incomplete checkpoint {path}: missing {', '.join(missing)}"
-        )
+    verify_checkpoint(path)
+    if scheduler is not None and not (path / SCHEDULER_FILE).is_file():
+        raise FileNotFoundError(f"incomplete checkpoint {path}: missing {SCHEDULER_FILE}")
 
     safetensors.torch.load_model(_unwrap(model), path / MODEL_FILE, strict=True,
                                  device=str(map_location))

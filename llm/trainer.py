@@ -38,7 +38,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from drosim.llm.batch import PairBatch
-from drosim.llm.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from drosim.llm.checkpoint import (
+    CorruptCheckpointError,
+    TrainState,
+    checkpoints_newest_first,
+    load_checkpoint,
+    save_checkpoint,
+)
 from drosim.llm.config import TrainConfig, save_config
 from drosim.llm.data import PromptStream, load_prompts
 from drosim.llm.evaluation import evaluate_mixtures
@@ -280,13 +286,21 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
 
     state = TrainState(iteration=0, data_position=0, extra={})
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    checkpoint = None
+    for candidate in checkpoints_newest_first(out_dir) if resume else []:
+        try:
+            state = load_checkpoint(candidate, model=policy, optimizer=optimizer,
+                                    scheduler=scheduler, map_location=device)
+        except (CorruptCheckpointError, FileNotFoundError) as error:  # nothing loaded yet
+            if world.is_main:
+                print(f"drosim-llm: warning: {error}; trying the one before it",
+                      file=sys.stderr)
+            continue
+        checkpoint = candidate
+        break
     if resume and checkpoint is None and world.is_main:
-        print(f"drosim-llm: no checkpoint in {out_dir / 'checkpoints'}: --resume starts the "
-              "run from scratch", file=sys.stderr)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=policy, optimizer=optimizer,
-                                scheduler=scheduler, map_location=device)
+        print(f"drosim-llm: no intact checkpoint in {out_dir / 'checkpoints'}: --resume "
+              "starts the run from scratch", file=sys.stderr)
     if world.is_main:
         save_config(config, out_dir / "config.yaml")
     log = MetricsLog(out_dir / "metrics.jsonl",

@@ -189,7 +189,12 @@ def test_latest_names_the_newest_checkpoint_and_old_ones_are_pruned(tmp_path):
 def test_checkpoint_files_and_state_json(tmp_path):
     path = _save(tmp_path, 7, metric=1.5)
     assert sorted(p.name for p in path.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"]
+        "manifest.json", "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+        "state.json"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(manifest) == ["model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+                                "state.json"]
+    assert all(len(digest) == 64 for digest in manifest.values())  # sha256
     assert json.loads((path / "state.json").read_text()) == {
         "iteration": 7, "data_position": 56, "extra": {"metric": 1.5}}
     rng = torch.load(path / "rng.pt", weights_only=True)  # no pickled code needed
@@ -302,3 +307,49 @@ def test_a_crash_at_any_step_of_a_save_leaves_a_usable_checkpoint(tmp_path, monk
         # ...and the run goes on saving.
         new = _save(run_dir, 4, keep=1)
         assert latest_checkpoint(run_dir) == new
+
+
+def _overwrite_first_weight(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    name = next(iter(weights))
+    weights[name].reshape(-1)[0] = 1e30
+    save_file(weights, path / "model.safetensors")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:50]),
+     r"model\.safetensors missing or changed"),
+    (lambda p: (p / "optimizer.pt").write_bytes((p / "optimizer.pt").read_bytes()[:-10]),
+     r"optimizer\.pt missing or changed"),
+    (lambda p: (p / "rng.pt").write_bytes(b""), r"rng\.pt missing or changed"),
+    (_overwrite_first_weight, r"model\.safetensors missing or changed"),
+    (lambda p: (p / "manifest.json").write_text("{"), "unreadable manifest"),
+])
+def test_a_damaged_checkpoint_is_detected_before_anything_is_loaded(tmp_path, damage, message):
+    from drosim.llm.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+    path = _save(tmp_path, 3)
+    verify_checkpoint(path)
+    damage(path)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        verify_checkpoint(path)
+
+
+def test_a_state_without_a_key_is_detected_even_without_a_manifest(tmp_path):
+    from drosim.llm.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+    path = _save(tmp_path, 3)
+    (path / "manifest.json").unlink()  # as written before manifests existed
+    (path / "state.json").write_text(json.dumps({"iteration": 3, "extra": {}}))
+    with pytest.raises(CorruptCheckpointError, match="lacks data_position"):
+        verify_checkpoint(path)
+
+
+def test_resume_candidates_are_latest_then_the_older_ones(tmp_path):
+    from drosim.llm.checkpoint import checkpoints_newest_first
+
+    assert checkpoints_newest_first(tmp_path) == []
+    first, second = _save(tmp_path, 1), _save(tmp_path, 2)
+    assert checkpoints_newest_first(tmp_path) == [second, first]

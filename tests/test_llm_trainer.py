@@ -181,7 +181,8 @@ def test_resume_without_a_checkpoint_says_it_starts_afresh(base, tmp_path):
     out = tmp_path / "fresh"
     result = subprocess.run([*command(out, base, "iterations=1"), "--resume"], env=ENV,
                             capture_output=True, text=True, check=True)
-    assert "no checkpoint in" in result.stderr and "starts the run from scratch" in result.stderr
+    assert "no intact checkpoint in" in result.stderr and "starts the run from scratch" in (
+        result.stderr)
     assert (out / "final").is_dir()
 
 
@@ -209,3 +210,22 @@ def test_torchrun_with_two_gloo_ranks_trains_end_to_end(base, tmp_path):
     subprocess.run(args, env=ENV, check=True, capture_output=True, timeout=300)
     assert [r["iteration"] for r in train_records(out)] == [1, 2, 3]
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before_exactly(
+        base, uninterrupted, tmp_path):
+    out = tmp_path / "corrupted"
+    process = subprocess.Popen(command(out, base), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for_iteration(process, out, 9)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    newest = out / "checkpoints" / "iteration-000008"
+    assert (out / "checkpoints" / "iteration-000004").is_dir() and newest.is_dir()
+    model = newest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a torn write
+
+    result = subprocess.run(command(out, base, "--resume"), env=ENV, check=True,
+                            capture_output=True, text=True)
+    assert "iteration-000008" in result.stderr and "trying the one before it" in result.stderr
+    assert_same_run(out, uninterrupted)
