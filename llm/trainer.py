@@ -103,10 +103,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_policy(config: TrainConfig, out_dir: Path):
+def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = None):
     """The initial policy and its tokenizer: ``model="demo"`` builds (once, cached in
-    ``out_dir/base``) the offline demo's pre-trained tiny GPT-2; anything else is passed to
-    ``from_pretrained`` (a local directory or a hub name)."""
+    ``out_dir/base``, by the main rank while the others wait) the offline demo's
+    pre-trained tiny GPT-2; anything else is passed to ``from_pretrained`` (a local
+    directory or a hub name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -115,7 +116,12 @@ def load_policy(config: TrainConfig, out_dir: Path):
     if source == "demo":
         from drosim.llm.demo import build_demo_base
 
-        source = str(build_demo_base(out_dir / "base", seed=config.seed))
+        world = world or Distributed()
+        if world.is_main:
+            build_demo_base(out_dir / "base", seed=config.seed)
+        if world.world_size > 1:
+            dist.barrier()
+        source = str(out_dir / "base")
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -262,7 +268,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                          kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
 
     seed_everything(config.seed)
-    policy, tokenizer = load_policy(config, out_dir)
+    policy, tokenizer = load_policy(config, out_dir, world)
     policy.to(device)
     disable_dropout(policy)
     reference = None

@@ -200,15 +200,30 @@ def test_demo_rebel_learns_beyond_seed_spread(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_gloo_ranks_trains_end_to_end(base, tmp_path):
-    """The trainer under ``torchrun`` (2 CPU ranks, gloo), with the double backward of W-REBEL;
-    the update itself is checked against one process in tests/test_llm_distributed.py."""
+@pytest.mark.parametrize("w_gradient", ["exact", "finite-difference"])
+def test_torchrun_with_two_gloo_ranks_trains_end_to_end(base, tmp_path, w_gradient):
+    """The trainer under ``torchrun`` (2 CPU ranks, gloo) with W-REBEL, either gradient; the
+    update itself is checked against one process in tests/test_llm_distributed.py."""
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "-m", "drosim.llm.cli", "train", "--config", "smoke", "method=w-rebel",
-            f"model={base}", f"out_dir={out}"]
+            f"w_gradient={w_gradient}", f"model={base}", f"out_dir={out}"]
     subprocess.run(args, env=ENV, check=True, capture_output=True, timeout=300)
     assert [r["iteration"] for r in train_records(out)] == [1, 2, 3]
+    assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_build_the_demo_base_once(tmp_path):
+    # model=demo: the base model is built by rank 0 while rank 1 waits (they used to race to
+    # rename the same folder into place).
+    out = tmp_path / "ddp-demo"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "-m", "drosim.llm.cli", "train", "--config", "smoke", "iterations=1",
+            f"out_dir={out}"]
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "base" / "config.json").exists() and not (out / "base.tmp").exists()
     assert (out / "final" / "model.safetensors").exists()
 
 
