@@ -256,7 +256,8 @@ def validate_config(config: TrainConfig) -> None:
             unknown method or device, a radius its ``drosim.dro`` set refuses (a negative or
             NaN radius or tau, ``w_p`` < 1, an infinite ``w_rho``), a weight decay below 0, a
             step size, temperature, beta, learning rate or clipping norm not above 0,
-            a count below 1, ``minibatch_size`` > ``pairs_per_iteration``, ``top_p`` outside
+            a count below 1, ``minibatch_size`` > ``pairs_per_iteration`` or not a divisor
+            of it, ``top_p`` outside
             (0, 1], a seed outside [0, 2**32), a mixture with a negative or non-finite weight
             or weights not summing to a positive number, or no eval mixture.
     """
@@ -286,6 +287,11 @@ def validate_config(config: TrainConfig) -> None:
     _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
     _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
              f"<= pairs_per_iteration ({config.pairs_per_iteration})")
+    # Otherwise the last pairs of every epoch would never be trained on.
+    _require(config, "minibatch_size", lambda v: config.pairs_per_iteration % v == 0,
+             f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
+             f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
+             "every epoch)")
     _check_mixture("train_mixture", config.train_mixture)
     if not config.eval_mixtures:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")

@@ -146,14 +146,21 @@ def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPai
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGINT; a second signal falls back to the default action."""
+    """Set by SIGTERM / SIGINT while in its ``with`` block; a second signal falls back to the
+    default action. The handlers in place before are restored on leaving the block."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -313,93 +320,93 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                      keep_until=state.iteration if checkpoint is not None else None,
                      tensorboard=config.tensorboard and world.is_main) if world.is_main else None
 
-    stop = StopFlag()
-    stop.install()
-    autocast_dtype = torch.bfloat16 if config.bf16 else None
-    local_pairs = config.pairs_per_iteration // world.world_size
-    local_minibatch = config.minibatch_size // world.world_size
+    with StopFlag() as stop:
+        autocast_dtype = torch.bfloat16 if config.bf16 else None
+        local_pairs = config.pairs_per_iteration // world.world_size
+        local_minibatch = config.minibatch_size // world.world_size
 
-    def evaluate(iteration: int) -> None:
-        if not world.is_main:
-            return
-        report = evaluate_mixtures(policy, tokenizer, reward_model, eval_prompts,
-                                   config.eval_mixtures, temperature=config.temperature,
-                                   top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                                   seed=EVAL_SEED)
-        log.write({"iteration": iteration, "kind": "eval", **report})
+        def evaluate(iteration: int) -> None:
+            if not world.is_main:
+                return
+            report = evaluate_mixtures(policy, tokenizer, reward_model, eval_prompts,
+                                       config.eval_mixtures, temperature=config.temperature,
+                                       top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                                       seed=EVAL_SEED)
+            log.write({"iteration": iteration, "kind": "eval", **report})
 
-    if state.iteration == 0:
-        evaluate(0)
-    bar = tqdm(range(state.iteration, config.iterations), initial=state.iteration,
-               total=config.iterations, desc=f"{config.method}",
-               disable=not (config.progress and world.is_main))
-    for iteration in bar:
-        started = time.perf_counter()
-        # a seed per (run, rank, iteration): ranks sample different responses, and a resumed
-        # run draws what the uninterrupted one drew whatever the rank count
-        seed_everything(iteration_seed(config.seed, world.rank, iteration))
-        prompts = stream.take(state.data_position, config.pairs_per_iteration)
-        prompts = prompts[world.rank * local_pairs:(world.rank + 1) * local_pairs]
-        policy.eval()
-        pairs = sample_pairs(policy, tokenizer, prompts, temperature=config.temperature,
-                             top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-        policy.train()
-        scores = score_pairs(reward_model, prompts, pairs).to(device)
-        reference_logprobs = None
-        if reference is not None:
-            with torch.no_grad():
-                reference_logprobs = sequence_logprobs(
-                    reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
-                    pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
-        batch = PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
-                          pairs.logprobs, scores @ alpha.to(device), reference_logprobs)
-        steps = []
-        for _ in range(config.epochs):
-            order = torch.randperm(local_pairs).to(device)
-            for start in range(0, local_pairs - local_minibatch + 1, local_minibatch):
-                minibatch = batch.select(order[start:start + local_minibatch])
-                steps.append(update_step(policy, optimizer, minibatch, method, eta=config.eta,
-                                         beta=config.beta, max_grad_norm=config.max_grad_norm,
-                                         autocast_dtype=autocast_dtype,
-                                         w_gradient=config.w_gradient))
-        scheduler.step()
-        state = TrainState(iteration + 1, state.data_position + config.pairs_per_iteration, {})
-        record = {"iteration": iteration + 1, "kind": "train",
-                  "train_reward": _global_mean(batch.rewards),
-                  "objective": sum(s.objective for s in steps) / len(steps),
-                  "loss": sum(s.mean_loss for s in steps) / len(steps),
-                  "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
-                  "max_weight": max(s.max_weight for s in steps),
-                  "empty_responses": int(pairs.empty.sum()),
-                  "lr": scheduler.get_last_lr()[0],
-                  "seconds": time.perf_counter() - started}
+        if state.iteration == 0:
+            evaluate(0)
+        bar = tqdm(range(state.iteration, config.iterations), initial=state.iteration,
+                   total=config.iterations, desc=f"{config.method}",
+                   disable=not (config.progress and world.is_main))
+        for iteration in bar:
+            started = time.perf_counter()
+            # a seed per (run, rank, iteration): ranks sample different responses, and a resumed
+            # run draws what the uninterrupted one drew whatever the rank count
+            seed_everything(iteration_seed(config.seed, world.rank, iteration))
+            prompts = stream.take(state.data_position, config.pairs_per_iteration)
+            prompts = prompts[world.rank * local_pairs:(world.rank + 1) * local_pairs]
+            policy.eval()
+            pairs = sample_pairs(policy, tokenizer, prompts, temperature=config.temperature,
+                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens)
+            policy.train()
+            scores = score_pairs(reward_model, prompts, pairs).to(device)
+            reference_logprobs = None
+            if reference is not None:
+                with torch.no_grad():
+                    reference_logprobs = sequence_logprobs(
+                        reference, pairs.input_ids.flatten(0, 1),
+                        pairs.attention_mask.flatten(0, 1),
+                        pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
+            batch = PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
+                              pairs.logprobs, scores @ alpha.to(device), reference_logprobs)
+            steps = []
+            for _ in range(config.epochs):
+                order = torch.randperm(local_pairs).to(device)
+                for start in range(0, local_pairs - local_minibatch + 1, local_minibatch):
+                    minibatch = batch.select(order[start:start + local_minibatch])
+                    steps.append(update_step(policy, optimizer, minibatch, method, eta=config.eta,
+                                             beta=config.beta, max_grad_norm=config.max_grad_norm,
+                                             autocast_dtype=autocast_dtype,
+                                             w_gradient=config.w_gradient))
+            scheduler.step()
+            state = TrainState(iteration + 1, state.data_position + config.pairs_per_iteration, {})
+            record = {"iteration": iteration + 1, "kind": "train",
+                      "train_reward": _global_mean(batch.rewards),
+                      "objective": sum(s.objective for s in steps) / len(steps),
+                      "loss": sum(s.mean_loss for s in steps) / len(steps),
+                      "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
+                      "max_weight": max(s.max_weight for s in steps),
+                      "empty_responses": int(pairs.empty.sum()),
+                      "lr": scheduler.get_last_lr()[0],
+                      "seconds": time.perf_counter() - started}
+            if world.is_main:
+                log.write(record)
+                bar.set_postfix(reward=f"{record['train_reward']:.3f}",
+                                objective=f"{record['objective']:.3g}")
+            if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
+                evaluate(iteration + 1)
+            if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
+                if world.is_main:
+                    save_checkpoint(out_dir, model=policy, optimizer=optimizer,
+                                    scheduler=scheduler, state=state)
+                if world.world_size > 1:
+                    dist.barrier()
+            if stop.signal is not None:
+                print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
+                      f"resume with --resume (checkpoint in {out_dir / 'checkpoints'})",
+                      file=sys.stderr)
+                if world.is_main:
+                    log.close()
+                raise SystemExit(128 + stop.signal)
+
         if world.is_main:
-            log.write(record)
-            bar.set_postfix(reward=f"{record['train_reward']:.3f}",
-                            objective=f"{record['objective']:.3g}")
-        if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
-            evaluate(iteration + 1)
-        if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
-            if world.is_main:
-                save_checkpoint(out_dir, model=policy, optimizer=optimizer,
-                                scheduler=scheduler, state=state)
-            if world.world_size > 1:
-                dist.barrier()
-        if stop.signal is not None:
-            print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
-                  f"resume with --resume (checkpoint in {out_dir / 'checkpoints'})",
-                  file=sys.stderr)
-            if world.is_main:
-                log.close()
-            raise SystemExit(128 + stop.signal)
-
-    if world.is_main:
-        log.close()
-        policy.save_pretrained(out_dir / "final")
-        tokenizer.save_pretrained(out_dir / "final")
-    if world.world_size > 1:
-        dist.barrier()
-    return out_dir
+            log.close()
+            policy.save_pretrained(out_dir / "final")
+            tokenizer.save_pretrained(out_dir / "final")
+        if world.world_size > 1:
+            dist.barrier()
+        return out_dir
 
 
 def _global_mean(values: torch.Tensor) -> float:

@@ -153,6 +153,8 @@ def test_yaml_file_must_be_a_mapping(tmp_path):
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"minibatch_size": 0}, "minibatch_size must be >= 1"),
     ({"minibatch_size": 33}, r"minibatch_size must be <= pairs_per_iteration \(32\)"),
+    ({"minibatch_size": 12}, r"minibatch_size must be a divisor of pairs_per_iteration \(32; "
+                             r"8 pairs would be dropped every epoch\)"),
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
     ({"eval_every": 0}, "eval_every must be >= 1"),
     ({"num_eval_prompts": 0}, "num_eval_prompts must be >= 1"),

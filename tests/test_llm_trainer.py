@@ -244,3 +244,20 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before_exactly(
                             capture_output=True, text=True)
     assert "iteration-000008" in result.stderr and "trying the one before it" in result.stderr
     assert_same_run(out, uninterrupted)
+
+
+def test_the_stop_flag_restores_the_signal_handlers_it_replaced():
+    from drosim.llm.trainer import StopFlag
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with StopFlag() as stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
