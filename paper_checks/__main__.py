@@ -14,8 +14,10 @@ output folder cannot be written and 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -50,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    interrupted = _InterruptFlag()
     try:
-        with staged(args.out, last=("claims.csv", "claims.md")) as stage:
+        with interrupted, staged(args.out, last=("claims.csv", "claims.md")) as stage:
             claims = _run_checks(args.only or list(CHECKS), args.preset, stage)
+            interrupted.raise_if_set()
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing written, {args.out} holds the previous results",
               file=sys.stderr)
@@ -99,6 +103,35 @@ def _run_checks(names: Sequence[str], preset: str, out: Path) -> pd.DataFrame:
     claims.to_csv(out / "claims.csv", index=False)
     (out / "claims.md").write_text(markdown_table(claims))
     return claims
+
+
+class _InterruptFlag:
+    """Remembers a Ctrl-C while its ``with`` block runs. Python raises KeyboardInterrupt
+    where the signal lands, and where that is inside a callback of the import machinery it
+    is printed as ignored and the run goes on; the flag still says it came, so nothing is
+    published. Restores the previous SIGINT handler on leaving (main thread only; elsewhere
+    it records nothing)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.set = True
+        raise KeyboardInterrupt
+
+    def raise_if_set(self) -> None:
+        if self.set:
+            raise KeyboardInterrupt
 
 
 def report(name: str, result: CheckResult, seconds: float) -> str:
