@@ -410,9 +410,9 @@ class _Problem:
         """``(T,)`` True where the worst case at the fit is the largest loss: there
         min_w max_i l_i(w) is a non-smooth problem, and the Newton iterates are not
         guaranteed to reach its minimiser."""
-        l = self.loss.value(self.scores(fit.w))
         if self.spec.needs_input_gradients:
-            return torch.zeros_like(l[..., 0], dtype=torch.bool)
+            return torch.zeros_like(self.unit, dtype=torch.bool)
+        l = self.loss.value(self.scores(fit.w))
         ridge = 0.5 * self.ridge * fit.w.square().sum(-1)
         return (fit.objective - ridge >= l.amax(-1)) & (l.amax(-1) > l.amin(-1))
 

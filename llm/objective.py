@@ -124,7 +124,7 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
         >>> l.grad.tolist() == out.weights.tolist(), round(float(out.value), 4)
         (True, 2.0)
     """
-    _check_local_losses(losses)
+    check_local_losses(losses)
     local = [losses]
     if spec is not None and spec.needs_input_gradients:
         if inputs is None:
@@ -136,9 +136,15 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
     return RobustObjective(loss, value, coefficients[0])
 
 
-def _check_local_losses(losses: Tensor) -> None:
+def check_local_losses(losses: Tensor) -> None:
+    """Refuse anything but a non-empty ``(n,)`` tensor of finite losses (before any backward
+    runs through them)."""
     if losses.dim() != 1 or losses.shape[0] == 0:
         raise ValueError(f"losses must be a non-empty (n,) tensor, got {tuple(losses.shape)}")
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"losses contains NaN or infinite values (first at indices {bad})")
 
 
 def robust_coefficients(local: list[Tensor], spec: AmbiguitySet | None

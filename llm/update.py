@@ -29,7 +29,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from drosim.llm.batch import PairBatch
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method
-from drosim.llm.objective import RobustObjective, robust_coefficients, robust_objective
+from drosim.llm.objective import (
+    RobustObjective,
+    check_local_losses,
+    robust_coefficients,
+    robust_objective,
+)
 
 WGradient = Literal["auto", "exact", "finite-difference"]
 W_GRADIENTS: tuple[str, ...] = ("auto", "exact", "finite-difference")
@@ -120,7 +125,7 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
     with autocast:
         losses = method.losses(pair_logprobs(policy, batch, embeddings=embeddings), batch,
                                eta=eta, beta=beta)
-    _check_losses_of(losses)
+    check_local_losses(losses)
     total = _global_count(losses)
     (losses.sum() / total).backward()
     # Each pair's two sequences are consecutive rows of z: sample i owns rows 2i, 2i + 1.
@@ -148,11 +153,6 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
                                   eta=eta, beta=beta)
         (moved.sum() * (2 / kappa)).backward()
     return RobustObjective(losses.new_zeros(()), value, weights), losses
-
-
-def _check_losses_of(losses: Tensor) -> None:
-    if not bool(torch.isfinite(losses).all()):
-        raise ValueError("losses contains NaN or infinite values")
 
 
 def _global_count(losses: Tensor) -> int:
