@@ -19,9 +19,7 @@ from drosim import __version__
 from drosim.llm.config import bundled_config_path, load_config
 
 
-def _config_path(name: str | None) -> Path | None:
-    if name is None:
-        return None
+def _config_path(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
 
 
@@ -38,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true")
 
     train = commands.add_parser("train", help="one online training run")
-    train.add_argument("--config", default=None,
-                       help="bundled config name (demo, smoke, gpt2-small-gpu) or a YAML path")
+    train.add_argument("--config", default="demo",
+                       help="bundled config name (demo, smoke, gpt2-small-gpu) or a YAML path "
+                            "(default: demo)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in out_dir")
     train.add_argument("--overwrite", action="store_true",

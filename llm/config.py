@@ -29,30 +29,22 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
-def _default_eval_mixtures() -> list[dict[str, float]]:
-    # The two training objectives, their mix, and objectives the policy never trains on.
-    return [
-        {"joy": 1.0},
-        {"calm": 1.0},
-        {"joy": 0.5, "calm": 0.5},
-        {"anger": 1.0},
-        {"formal": 1.0},
-        {"calm": 0.5, "formal": 0.5},
-    ]
-
-
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; see ``llm/configs/*.yaml`` for examples."""
+    """Everything that defines a training run; see ``llm/configs/*.yaml`` for examples.
 
-    # policy / data
-    model: str = "demo"  # "demo" (the built-in tiny world) or a local path / hub name
+    The world (policy, prompts, reward model, mixtures) has no default: a run names it, e.g.
+    ``model: demo`` and the rest of ``llm/configs/demo.yaml`` for the built-in tiny world.
+    """
+
+    # policy / data (required)
+    model: str | None = None  # "demo" (the built-in tiny world) or a local path / hub name
     tokenizer: str | None = None  # None: the same as `model`
-    prompts: str = "demo"  # "demo", a .txt (one prompt per line) or .jsonl ({"prompt": ...})
-    eval_prompts: str = "demo"
-    reward: str = "demo"  # "demo" (rule-based word lists) or a HF sequence classifier
-    train_mixture: dict[str, float] = field(default_factory=lambda: {"joy": 0.5, "calm": 0.5})
-    eval_mixtures: list[dict[str, float]] = field(default_factory=_default_eval_mixtures)
+    prompts: str | None = None  # "demo", a .txt (one prompt per line) or .jsonl ({"prompt": ..})
+    eval_prompts: str | None = None  # held-out prompts, as `prompts`
+    reward: str | None = None  # "demo" (rule-based word lists) or a HF sequence classifier
+    train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
+    eval_mixtures: list[dict[str, float]] = field(default_factory=list)
     # method
     method: str = "rebel"  # one of METHODS
     eta: float = 0.1  # REBEL step size
@@ -62,9 +54,9 @@ class TrainConfig:
     kl_tau: float = 0.1
     w_rho: float = 0.01
     w_p: float = 2.0
-    # the Wasserstein penalty's gradient: "auto" (a finite difference of first-order
-    # gradients, or the exact double backward under bf16), "exact" or "finite-difference"
-    w_gradient: str = "auto"
+    # the Wasserstein penalty's gradient: "finite-difference" (of two first-order gradients)
+    # or "exact" (a double backward, for verification)
+    w_gradient: str = "finite-difference"
     # loop
     iterations: int = 30
     pairs_per_iteration: int = 32  # prompts per iteration (two responses each), over all ranks
@@ -237,6 +229,7 @@ def _type_error(key: str, value: Any, expected: str) -> ValueError:
 
 # Fields with a lower bound alone; the rest are checked one by one in validate_config.
 # The radii (chi2_rho, kl_rho, kl_tau, w_rho, w_p) are validated by their drosim.dro sets.
+_REQUIRED = ("model", "prompts", "eval_prompts", "reward")
 _POSITIVE = ("eta", "beta", "lr", "max_grad_norm", "temperature")
 _NON_NEGATIVE = ("weight_decay", "warmup_iterations")
 _AT_LEAST_ONE = ("iterations", "pairs_per_iteration", "epochs", "minibatch_size",
@@ -252,7 +245,8 @@ def validate_config(config: TrainConfig) -> None:
         config: the config to check.
 
     Raises:
-        ValueError: naming the first offending field and what it must be: a wrong type, an
+        ValueError: naming the first offending field and what it must be: a world field
+            (model, prompts, eval_prompts, reward) not set, a wrong type, an
             unknown method or device, a radius its ``drosim.dro`` set refuses (a negative or
             NaN radius or tau, ``w_p`` < 1, an infinite ``w_rho``), a weight decay below 0, a
             step size, temperature, beta, learning rate or clipping norm not above 0,
@@ -263,15 +257,17 @@ def validate_config(config: TrainConfig) -> None:
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
+    for name in _REQUIRED:
+        if getattr(config, name) is None:
+            raise ValueError(f"{name} is not set: every run names its policy, prompts and "
+                             "reward model (see llm/configs/demo.yaml, which sets them all to "
+                             "'demo', the built-in tiny world)")
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; valid methods: "
                          f"{', '.join(METHODS)}")
     if config.w_gradient not in W_GRADIENTS:
         raise ValueError(f"w_gradient must be one of {', '.join(W_GRADIENTS)}, got "
                          f"{config.w_gradient!r}")
-    if config.w_gradient == "finite-difference" and config.bf16:
-        raise ValueError("w_gradient=finite-difference needs a float32 forward, not bf16: "
-                         "use auto or exact")
     if config.device not in DEVICES:
         raise ValueError(f"unknown device {config.device!r}; valid devices: "
                          f"{', '.join(DEVICES)}")

@@ -1,21 +1,26 @@
-"""The online DRO-REBEL training loop.
+"""The online DRO-REBEL training loop, as a recipe of small steps.
 
-Each iteration t:
+    train(config)
+      prepare_out_dir      refuse an earlier run's out_dir (unless resume / overwrite)
+      set_up               process group, device, policy, reference, rewards, data, optimiser
+      resume_from          the newest intact checkpoint (with --resume)
+      for each iteration t:
+        roll_out           the next pairs_per_iteration prompts (this rank's share); two
+                           responses per prompt sampled from pi_t
+        score_batch        rewards under every objective, mixed by the training mixture
+        update             `epochs` passes of minibatch updates (drosim.llm.update)
+        evaluate           every `eval_every` iterations: held-out prompts, mixture grid
+        save_checkpoint    every `checkpoint_every` iterations, and on SIGTERM / SIGINT
+      finish               the final policy and tokenizer in <out_dir>/final
 
-1. take the next ``pairs_per_iteration`` prompts of the stream (this rank's share);
-2. sample two responses per prompt from pi_t and record their log-probabilities;
-3. score them under every objective and mix them with the training mixture alpha_0;
-4. run ``epochs`` passes of minibatch updates (:func:`drosim.llm.update.update_step`);
-5. every ``eval_every`` iterations, score held-out prompts under the mixture grid.
-
-Metrics go to ``<out_dir>/metrics.jsonl`` (and TensorBoard when asked and installed);
-checkpoints to ``<out_dir>/checkpoints`` every ``checkpoint_every`` iterations and when
-SIGTERM or SIGINT arrives (the loop finishes its iteration, saves, and exits). ``resume=True``
-restarts from the latest checkpoint: weights, optimiser, scheduler, iteration and data
-position are restored and every iteration draws its randomness from a seed of (run, rank,
-iteration), so on CPU a resumed run ends with the same bits as an uninterrupted one. Under
-``torchrun`` every rank samples its own share of the prompts and the robust objective is
-global over ranks (see :mod:`drosim.llm.objective`).
+Metrics go to ``<out_dir>/metrics.jsonl`` (and TensorBoard when asked and installed). A signal
+lets the loop finish its iteration, save, and exit. ``resume=True`` restarts from the latest
+checkpoint: weights, optimiser, scheduler, iteration and data position are restored and every
+iteration draws its randomness from a seed of (run, rank, iteration), so on CPU a resumed run
+ends with the same bits as an uninterrupted one. Under ``torchrun`` every rank samples its own
+share of the prompts and the robust objective is global over ranks (see
+:mod:`drosim.llm.objective`); whatever is written once per run is written by rank 0 while the
+others wait.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from drosim.llm.batch import PairBatch
@@ -49,7 +55,7 @@ from drosim.llm.config import TrainConfig, save_config
 from drosim.llm.data import PromptStream, load_prompts
 from drosim.llm.evaluation import evaluate_mixtures
 from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import make_method
+from drosim.llm.methods import Method, make_method
 from drosim.llm.rewards import (
     RewardModel,
     SequenceClassifierReward,
@@ -58,11 +64,16 @@ from drosim.llm.rewards import (
     score,
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
-from drosim.llm.update import update_step
+from drosim.llm.update import StepStats, update_step
 from drosim.output import ensure_writable
 
 EVAL_SEED = 1234
 DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2
+# What a run writes into its out_dir (a cached base model, base/, is not a run's output).
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard")
+
+
+# ------------------------------------------------------------------------ processes, devices
 
 
 @dataclass
@@ -76,6 +87,11 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for on one process)."""
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def init_distributed(device: str) -> Distributed:
@@ -103,6 +119,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    """The RNG seed of one rank's iteration (distinct across ranks and iterations)."""
+    return ((seed * 1_000_003 + iteration) * 4096 + rank) % 2**32
+
+
+# ---------------------------------------------------------------------------- models, data
+
+
 def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = None):
     """The initial policy and its tokenizer: ``model="demo"`` builds (once, cached in
     ``out_dir/base``, by the main rank while the others wait) the offline demo's
@@ -119,8 +143,7 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
         world = world or Distributed()
         if world.is_main:
             build_demo_base(out_dir / "base", seed=config.seed)
-        if world.world_size > 1:
-            dist.barrier()
+        world.barrier()
         source = str(out_dir / "base")
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
     if tokenizer.pad_token is None:
@@ -143,6 +166,9 @@ def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPai
     flat = score(reward_model, [p for p in prompts for _ in range(2)],
                  [r for pair in pairs.responses for r in pair])
     return flat.view(len(prompts), 2, -1)
+
+
+# ----------------------------------------------------------------------- signals and metrics
 
 
 class StopFlag:
@@ -203,8 +229,7 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, record["iteration"])
 
 
-# What a run writes into its out_dir (a cached base model, base/, is not a run's output).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard")
+# --------------------------------------------------------------------------------- the steps
 
 
 def check_sources(config: TrainConfig) -> None:
@@ -232,38 +257,61 @@ def previous_run(out_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run (or resume) the online loop described by ``config``; returns the run directory.
-
-    The final policy and tokenizer are saved to ``<out_dir>/final``. An ``out_dir`` that
-    holds an earlier run is refused unless ``resume`` (continue it from its latest
-    checkpoint; a run without one starts afresh, and says so) or ``overwrite`` (its outputs
-    are deleted first).
+def prepare_out_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> list[str]:
+    """Check, before any rank joins the process group or writes anything, that the run may
+    use its ``out_dir``; returns the earlier run's outputs found there.
 
     Raises:
-        ValueError: an invalid configuration, an ``out_dir`` holding an earlier run (without
-            ``resume`` or ``overwrite``), or bad data met during training (NaN rewards,
-            empty batches), with the rows named.
-        SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
+        ValueError: a source that cannot work (:func:`check_sources`), or an ``out_dir``
+            holding an earlier run without ``resume`` or ``overwrite``.
+        OSError: an ``out_dir`` that cannot be written.
     """
     out_dir = Path(config.out_dir)
     check_sources(config)
-    # Checked before joining the process group: no rank has written anything yet.
     found = previous_run(out_dir)
     if found and not (resume or overwrite):
         raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(found)}): pass "
                          "--resume to continue it, --overwrite to replace it, or choose "
                          "another out_dir")
     ensure_writable(out_dir)
-    world = init_distributed(config.device if config.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu"))
-    if overwrite and not resume and found:
-        if world.is_main:
-            for name in found:
-                path = out_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if world.world_size > 1:
-            dist.barrier()
+    return found
+
+
+@dataclass
+class Run:
+    """Everything a run sets up once and its steps share."""
+
+    config: TrainConfig
+    out_dir: Path
+    world: Distributed
+    device: str
+    method: Method
+    policy: nn.Module
+    tokenizer: Any
+    reference: nn.Module | None  # the frozen initial policy of the DPO-type methods
+    reward_model: RewardModel
+    alpha: torch.Tensor  # (objectives,) training mixture weights
+    stream: PromptStream
+    eval_prompts: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def local_pairs(self) -> int:
+        return self.config.pairs_per_iteration // self.world.world_size
+
+    @property
+    def local_minibatch(self) -> int:
+        return self.config.minibatch_size // self.world.world_size
+
+
+def set_up(config: TrainConfig, world: Distributed) -> Run:
+    """Device, method, policy (dropout off), reference, reward model, prompts, optimiser.
+
+    Raises:
+        ValueError: pairs or minibatches that do not split evenly over the ranks.
+    """
+    out_dir = Path(config.out_dir)
     device = resolve_device(config, world.local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -273,7 +321,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                          f"{world.world_size} ranks")
     method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
                          kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
-
     seed_everything(config.seed)
     policy, tokenizer = load_policy(config, out_dir, world)
     policy.to(device)
@@ -286,127 +333,193 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     reward_model = load_reward_model(config, device)
-    alpha = mixture_weights(reward_model.objectives, config.train_mixture)
+    alpha = mixture_weights(reward_model.objectives, config.train_mixture).to(device)
     stream = PromptStream(load_prompts(config.prompts, demo_seed=DEMO_TRAIN_PROMPT_SEED),
                           seed=config.seed)
     eval_prompts = load_prompts(config.eval_prompts, demo_seed=DEMO_EVAL_PROMPT_SEED)
-    eval_prompts = eval_prompts[:config.num_eval_prompts]
-
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    warmup = max(config.warmup_iterations, 0)
+    warmup = config.warmup_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
+    return Run(config, out_dir, world, device, method, policy, tokenizer, reference,
+               reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
+               optimizer, scheduler)
 
-    state = TrainState(iteration=0, data_position=0, extra={})
-    checkpoint = None
-    for candidate in checkpoints_newest_first(out_dir) if resume else []:
+
+def resume_from(run: Run) -> TrainState | None:
+    """Load the newest intact checkpoint of the run's out_dir into the run; ``None`` when
+    there is none (a damaged one is skipped with a warning: nothing is loaded from it)."""
+    for candidate in checkpoints_newest_first(run.out_dir):
         try:
-            state = load_checkpoint(candidate, model=policy, optimizer=optimizer,
-                                    scheduler=scheduler, map_location=device)
-        except (CorruptCheckpointError, FileNotFoundError) as error:  # nothing loaded yet
-            if world.is_main:
+            return load_checkpoint(candidate, model=run.policy, optimizer=run.optimizer,
+                                   scheduler=run.scheduler, map_location=run.device)
+        except (CorruptCheckpointError, FileNotFoundError) as error:
+            if run.world.is_main:
                 print(f"drosim-llm: warning: {error}; trying the one before it",
                       file=sys.stderr)
-            continue
-        checkpoint = candidate
-        break
-    if resume and checkpoint is None and world.is_main:
-        print(f"drosim-llm: no intact checkpoint in {out_dir / 'checkpoints'}: --resume "
+    if run.world.is_main:
+        print(f"drosim-llm: no intact checkpoint in {run.out_dir / 'checkpoints'}: --resume "
               "starts the run from scratch", file=sys.stderr)
+    return None
+
+
+def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs]:
+    """This rank's share of the iteration's prompts and two responses sampled for each."""
+    prompts = run.stream.take(state.data_position, run.config.pairs_per_iteration)
+    prompts = prompts[run.world.rank * run.local_pairs:(run.world.rank + 1) * run.local_pairs]
+    run.policy.eval()
+    pairs = sample_pairs(run.policy, run.tokenizer, prompts,
+                         temperature=run.config.temperature, top_p=run.config.top_p,
+                         max_new_tokens=run.config.max_new_tokens)
+    run.policy.train()
+    return prompts, pairs
+
+
+def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
+    """The pairs as a training batch: mixed rewards, and the reference's log-probabilities
+    for the DPO-type methods."""
+    rewards = score_pairs(run.reward_model, prompts, pairs).to(run.device) @ run.alpha
+    reference_logprobs = None
+    if run.reference is not None:
+        with torch.no_grad():
+            reference_logprobs = sequence_logprobs(
+                run.reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
+                pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
+    return PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
+                     pairs.logprobs, rewards, reference_logprobs)
+
+
+def update(run: Run, batch: PairBatch) -> list[StepStats]:
+    """``epochs`` passes over the batch in random minibatches, one optimiser step each."""
+    config = run.config
+    steps = []
+    for _ in range(config.epochs):
+        order = torch.randperm(run.local_pairs).to(run.device)
+        for start in range(0, run.local_pairs, run.local_minibatch):
+            minibatch = batch.select(order[start:start + run.local_minibatch])
+            steps.append(update_step(
+                run.policy, run.optimizer, minibatch, run.method, eta=config.eta,
+                beta=config.beta, max_grad_norm=config.max_grad_norm,
+                autocast_dtype=torch.bfloat16 if config.bf16 else None,
+                w_gradient=config.w_gradient))
+    run.scheduler.step()
+    return steps
+
+
+def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs,
+                 steps: list[StepStats], seconds: float) -> dict[str, Any]:
+    """The metrics line of one training iteration (means over its optimiser steps)."""
+    return {"iteration": iteration, "kind": "train",
+            "train_reward": _global_mean(batch.rewards),
+            "objective": sum(s.objective for s in steps) / len(steps),
+            "loss": sum(s.mean_loss for s in steps) / len(steps),
+            "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
+            "max_weight": max(s.max_weight for s in steps),
+            "empty_responses": int(pairs.empty.sum()),
+            "lr": run.scheduler.get_last_lr()[0],
+            "seconds": seconds}
+
+
+def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
+    """Rank 0 scores held-out prompts under the mixture grid and logs the report."""
+    if not run.world.is_main:
+        return
+    config = run.config
+    report = evaluate_mixtures(run.policy, run.tokenizer, run.reward_model, run.eval_prompts,
+                               config.eval_mixtures, temperature=config.temperature,
+                               top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                               seed=EVAL_SEED)
+    log.write({"iteration": iteration, "kind": "eval", **report})
+
+
+def checkpoint(run: Run, state: TrainState) -> None:
+    """Rank 0 saves the checkpoint; the others wait for it."""
+    if run.world.is_main:
+        save_checkpoint(run.out_dir, model=run.policy, optimizer=run.optimizer,
+                        scheduler=run.scheduler, state=state)
+    run.world.barrier()
+
+
+def finish(run: Run) -> None:
+    """Rank 0 saves the final policy and tokenizer; the others wait for it."""
+    if run.world.is_main:
+        run.policy.save_pretrained(run.out_dir / "final")
+        run.tokenizer.save_pretrained(run.out_dir / "final")
+    run.world.barrier()
+
+
+# ------------------------------------------------------------------------------- the recipe
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run (or resume) the online loop described by ``config``; returns the run directory.
+
+    The final policy and tokenizer are saved to ``<out_dir>/final``. An ``out_dir`` that
+    holds an earlier run is refused unless ``resume`` (continue it from its latest
+    checkpoint; a run without one starts afresh, and says so) or ``overwrite`` (its outputs
+    are deleted first).
+
+    Raises:
+        ValueError: an invalid configuration, an ``out_dir`` holding an earlier run (without
+            ``resume`` or ``overwrite``), or bad data met during training (NaN rewards,
+            empty batches), with the rows named.
+        OSError: an ``out_dir`` that cannot be written.
+        SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
+    """
+    found = prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    world = init_distributed(config.device if config.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu"))
+    if overwrite and not resume and found and world.is_main:
+        for name in found:
+            path = Path(config.out_dir) / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    world.barrier()
+    run = set_up(config, world)
+    state = (resume_from(run) if resume else None) or TrainState(0, 0, {})
+    log = None
     if world.is_main:
-        save_config(config, out_dir / "config.yaml")
-    log = MetricsLog(out_dir / "metrics.jsonl",
-                     keep_until=state.iteration if checkpoint is not None else None,
-                     tensorboard=config.tensorboard and world.is_main) if world.is_main else None
-
-    with StopFlag() as stop:
-        autocast_dtype = torch.bfloat16 if config.bf16 else None
-        local_pairs = config.pairs_per_iteration // world.world_size
-        local_minibatch = config.minibatch_size // world.world_size
-
-        def evaluate(iteration: int) -> None:
-            if not world.is_main:
-                return
-            report = evaluate_mixtures(policy, tokenizer, reward_model, eval_prompts,
-                                       config.eval_mixtures, temperature=config.temperature,
-                                       top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                                       seed=EVAL_SEED)
-            log.write({"iteration": iteration, "kind": "eval", **report})
-
-        if state.iteration == 0:
-            evaluate(0)
-        bar = tqdm(range(state.iteration, config.iterations), initial=state.iteration,
-                   total=config.iterations, desc=f"{config.method}",
-                   disable=not (config.progress and world.is_main))
-        for iteration in bar:
-            started = time.perf_counter()
-            # a seed per (run, rank, iteration): ranks sample different responses, and a resumed
-            # run draws what the uninterrupted one drew whatever the rank count
-            seed_everything(iteration_seed(config.seed, world.rank, iteration))
-            prompts = stream.take(state.data_position, config.pairs_per_iteration)
-            prompts = prompts[world.rank * local_pairs:(world.rank + 1) * local_pairs]
-            policy.eval()
-            pairs = sample_pairs(policy, tokenizer, prompts, temperature=config.temperature,
-                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-            policy.train()
-            scores = score_pairs(reward_model, prompts, pairs).to(device)
-            reference_logprobs = None
-            if reference is not None:
-                with torch.no_grad():
-                    reference_logprobs = sequence_logprobs(
-                        reference, pairs.input_ids.flatten(0, 1),
-                        pairs.attention_mask.flatten(0, 1),
-                        pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
-            batch = PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
-                              pairs.logprobs, scores @ alpha.to(device), reference_logprobs)
-            steps = []
-            for _ in range(config.epochs):
-                order = torch.randperm(local_pairs).to(device)
-                for start in range(0, local_pairs - local_minibatch + 1, local_minibatch):
-                    minibatch = batch.select(order[start:start + local_minibatch])
-                    steps.append(update_step(policy, optimizer, minibatch, method, eta=config.eta,
-                                             beta=config.beta, max_grad_norm=config.max_grad_norm,
-                                             autocast_dtype=autocast_dtype,
-                                             w_gradient=config.w_gradient))
-            scheduler.step()
-            state = TrainState(iteration + 1, state.data_position + config.pairs_per_iteration, {})
-            record = {"iteration": iteration + 1, "kind": "train",
-                      "train_reward": _global_mean(batch.rewards),
-                      "objective": sum(s.objective for s in steps) / len(steps),
-                      "loss": sum(s.mean_loss for s in steps) / len(steps),
-                      "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
-                      "max_weight": max(s.max_weight for s in steps),
-                      "empty_responses": int(pairs.empty.sum()),
-                      "lr": scheduler.get_last_lr()[0],
-                      "seconds": time.perf_counter() - started}
-            if world.is_main:
-                log.write(record)
-                bar.set_postfix(reward=f"{record['train_reward']:.3f}",
-                                objective=f"{record['objective']:.3g}")
-            if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
-                evaluate(iteration + 1)
-            if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
-                if world.is_main:
-                    save_checkpoint(out_dir, model=policy, optimizer=optimizer,
-                                    scheduler=scheduler, state=state)
-                if world.world_size > 1:
-                    dist.barrier()
-            if stop.signal is not None:
-                print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
-                      f"resume with --resume (checkpoint in {out_dir / 'checkpoints'})",
-                      file=sys.stderr)
-                if world.is_main:
-                    log.close()
-                raise SystemExit(128 + stop.signal)
-
-        if world.is_main:
+        save_config(config, run.out_dir / "config.yaml")
+        log = MetricsLog(run.out_dir / "metrics.jsonl",
+                         keep_until=state.iteration if state.iteration else None,
+                         tensorboard=config.tensorboard)
+    try:
+        with StopFlag() as stop:
+            if state.iteration == 0:
+                evaluate(run, 0, log)
+            bar = tqdm(range(state.iteration, config.iterations), initial=state.iteration,
+                       total=config.iterations, desc=config.method,
+                       disable=not (config.progress and world.is_main))
+            for iteration in bar:
+                started = time.perf_counter()
+                # a seed per (run, rank, iteration): ranks sample different responses, and a
+                # resumed run draws what the uninterrupted one drew whatever the rank count
+                seed_everything(iteration_seed(config.seed, world.rank, iteration))
+                prompts, pairs = roll_out(run, state)
+                batch = score_batch(run, prompts, pairs)
+                steps = update(run, batch)
+                state = TrainState(iteration + 1,
+                                   state.data_position + config.pairs_per_iteration, {})
+                record = train_record(run, iteration + 1, batch, pairs, steps,
+                                      time.perf_counter() - started)
+                if log is not None:
+                    log.write(record)
+                    bar.set_postfix(reward=f"{record['train_reward']:.3f}",
+                                    objective=f"{record['objective']:.3g}")
+                if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
+                    evaluate(run, iteration + 1, log)
+                if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
+                    checkpoint(run, state)
+                if stop.signal is not None:
+                    print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
+                          f"resume with --resume (checkpoint in {run.out_dir / 'checkpoints'})",
+                          file=sys.stderr)
+                    raise SystemExit(128 + stop.signal)
+            finish(run)
+    finally:
+        if log is not None:
             log.close()
-            policy.save_pretrained(out_dir / "final")
-            tokenizer.save_pretrained(out_dir / "final")
-        if world.world_size > 1:
-            dist.barrier()
-        return out_dir
+    return run.out_dir
 
 
 def _global_mean(values: torch.Tensor) -> float:
@@ -414,8 +527,3 @@ def _global_mean(values: torch.Tensor) -> float:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return float(total[0] / total[1])
-
-
-def iteration_seed(seed: int, rank: int, iteration: int) -> int:
-    """The RNG seed of one rank's iteration (distinct across ranks and iterations)."""
-    return ((seed * 1_000_003 + iteration) * 4096 + rank) % 2**32

@@ -48,15 +48,21 @@ def test_finite_difference_in_float32_is_close_to_the_exact_gradient():
     exact = _step_delta("w-rebel", "exact", dtype=torch.float32)
     approximate = _step_delta("w-rebel", "finite-difference", dtype=torch.float32)
     assert _relative_error(approximate, exact) <= 1e-2
-    assert torch.equal(_step_delta("w-rebel", "auto", dtype=torch.float32), approximate)
 
 
-def test_auto_is_the_exact_gradient_under_bf16_and_finite_difference_is_refused_there():
+@pytest.mark.parametrize("name", ["w-rebel", "wdpo"])
+def test_finite_difference_under_bf16_autocast_is_within_bf16_rounding(name):
+    # Reference: the exact gradient in float32. The exact gradient under bf16 autocast is
+    # itself 0.06 (w-rebel) and 0.035 (wdpo) away (rounding); the finite difference
+    # measured 0.12 and 0.16. A step eps of the parameters' dtype alone measured 1.5 and 0.9
+    # here, and dropping the penalty 0.92 and 0.76.
+    exact = _step_delta(name, "exact", dtype=torch.float32)
     bf16 = dict(dtype=torch.float32, autocast_dtype=torch.bfloat16)
-    assert torch.equal(_step_delta("w-rebel", "auto", **bf16),
-                       _step_delta("w-rebel", "exact", **bf16))
-    with pytest.raises(ValueError, match="needs a float32 or float64 forward"):
-        _step_delta("w-rebel", "finite-difference", **bf16)
+    rounding = _relative_error(_step_delta(name, "exact", **bf16), exact)
+    error = _relative_error(_step_delta(name, "finite-difference", **bf16), exact)
+    penalty = _relative_error(_step_delta(name, "exact", dtype=torch.float32, w_rho=0.0), exact)
+    assert error <= 5 * rounding
+    assert error <= penalty / 4
 
 
 def test_a_zero_radius_takes_the_plain_gradient():
