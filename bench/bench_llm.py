@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/bench_llm.py           # CPU, the 4-layer "small" GPT-2
     python bench/bench_llm.py --device cuda [--bf16]      # GPU, GPT-2 small (random init)
+    python bench/bench_llm.py --device cuda --bf16 --model llama-1b --pairs 64 --seq-len 512
     python bench/bench_llm.py --quick                     # tiny sizes (the smoke test)
 
 Every number printed is a ratio of two measurements taken in the same run, on the same
@@ -27,7 +28,9 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
    (CUDA: real prompt + response tokens per second of update_step) and ``aggregate_ms``
    (``robust_objective`` + its backward on the batch's (n,) losses alone: the aggregation's
    fixed cost, which a fast GPU step exposes). Targets: chi2 and KL (ball or temperature)
-   at most 1.05x, Wasserstein at most 2.5x.
+   at most 1.05x on CPU and 1.03x on CUDA, Wasserstein (finite difference) at most 2.0x.
+   CUDA adds ``model_tflops`` and ``mfu`` (6 x parameters x real tokens per second over the
+   device's dense bf16 peak) and ``attention_tflops`` (stated apart; see ``flop_rates``).
 2. Wasserstein penalty. rho * sqrt(mean_i ||grad_z l_i||^2) and its back-propagation to the
    parameters (forward included) at 8, 32 and 128 pairs: one batched
    ``autograd.grad(sum_i l_i, z, create_graph=True)`` (``drosim.llm.objective``) against the
@@ -82,9 +85,9 @@ from typing import NamedTuple
 import pandas as pd
 import torch
 from peak_memory import peak_extra_bytes  # bench/peak_memory.py, beside this script
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from drosim.dro import wasserstein_penalty
@@ -103,10 +106,15 @@ from drosim.llm.update import pair_logprobs, update_step
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINES = ("rebel", "dpo")
 ROBUST = ("chi2-rebel", "kl-rebel", "kltemp-rebel", "w-rebel", "wdpo", "kl-dpo", "chi2-dpo")
-# The defaults of drosim.llm.config.TrainConfig.
+# The demo's radii (llm/configs/demo.yaml).
 RADII = {"chi2_rho": 0.01, "kl_rho": 0.01, "kl_tau": 0.1, "w_rho": 0.01, "w_p": 2.0}
 ETA, BETA, LR, MAX_GRAD_NORM = 0.1, 0.1, 1e-5, 1.0
-TARGET_DIVERGENCE, TARGET_WASSERSTEIN = 1.05, 2.5  # at most, over the plain method
+# At most, over the plain method: chi2 / KL 1.05x on CPU and 1.03x on CUDA (time and
+# memory), W 2.0x the time and 1.5x the peak memory.
+TARGET_DIVERGENCE = {"cpu": 1.05, "cuda": 1.03}
+TARGET_WASSERSTEIN = {"time": 2.0, "memory": 1.5}
+# Dense bf16 peak (TFLOP/s, vendor datasheets) of the GPUs the MFU column knows.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 PAD, BOS, EOS, FIRST_WORD = 0, 1, 2, 4  # the demo tokenizer's special ids (unk = 3)
 WARMUP_PAIRS = 2
 MMAP_THRESHOLD = 65536  # bytes; pinning it disables glibc's growing (RSS-hiding) threshold
@@ -122,19 +130,28 @@ SECTIONS = {
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A GPT-2 architecture; ``vocab_size`` None takes the demo tokenizer's vocabulary."""
+    """A GPT-2 or Llama architecture; ``vocab_size`` None takes the demo tokenizer's
+    vocabulary."""
 
     n_layer: int
     n_embd: int
     n_head: int
     vocab_size: int | None
     seq_len: int  # default prompt + response tokens (the prompt gets a quarter)
+    family: str = "gpt2"
+    n_kv_head: int | None = None  # Llama: grouped-query attention
+    intermediate: int | None = None  # Llama: the MLP's width
 
 
 MODELS = {
     "tiny": ModelSize(2, 64, 4, None, 32),  # the offline demo's policy
     "small": ModelSize(4, 256, 4, 4096, 64),  # the CPU default: 16 prompt + 48 response
     "gpt2-small": ModelSize(12, 768, 12, 50257, 128),  # GPT-2 small, for the GPU
+    # Llama-3.2-1B's shape (tied embeddings, 1.24B parameters), random init, for the GPU
+    "llama-1b": ModelSize(16, 2048, 32, 128256, 512, family="llama", n_kv_head=8,
+                          intermediate=8192),
+    # the same family at a CPU-sized shape, to test the Llama path (--quick --model llama-tiny)
+    "llama-tiny": ModelSize(2, 64, 4, 512, 32, family="llama", n_kv_head=2, intermediate=128),
 }
 
 
@@ -154,6 +171,8 @@ class Settings:
     seed: int
     quick: bool
     out_dir: Path
+    gradient_checkpointing: bool = False
+    peak_tflops: float | None = None
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -179,11 +198,22 @@ def demo_tokenizer():
     return train_demo_tokenizer(demo_corpus(500))
 
 
-def build_model(settings: Settings, tokenizer) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 of ``settings.model``'s size, without dropout."""
+def build_model(settings: Settings, tokenizer) -> GPT2LMHeadModel | LlamaForCausalLM:
+    """A randomly initialised model of ``settings.model``'s size, without dropout, built on
+    its device (a 1B model initialised on the CPU would take most of a minute)."""
     torch.manual_seed(settings.seed)
     size = MODELS[settings.model]
-    if size.vocab_size is None:
+    if size.family == "llama":
+        config = LlamaConfig(vocab_size=size.vocab_size, hidden_size=size.n_embd,
+                             num_hidden_layers=size.n_layer, num_attention_heads=size.n_head,
+                             num_key_value_heads=size.n_kv_head,
+                             intermediate_size=size.intermediate,
+                             max_position_embeddings=max(2048, settings.seq_len),
+                             rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=BOS,
+                             eos_token_id=EOS, pad_token_id=PAD)
+        with torch.device(settings.device):
+            model = LlamaForCausalLM(config)
+    elif size.vocab_size is None:
         config = demo_model_config(tokenizer, n_layer=size.n_layer, n_embd=size.n_embd,
                                    n_head=size.n_head, n_positions=max(64, settings.seq_len))
     else:
@@ -192,7 +222,11 @@ def build_model(settings: Settings, tokenizer) -> GPT2LMHeadModel:
                             n_positions=max(1024, settings.seq_len), resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=BOS,
                             eos_token_id=EOS, pad_token_id=PAD)
-    return GPT2LMHeadModel(config).to(settings.device)
+    if size.family == "gpt2":
+        model = GPT2LMHeadModel(config).to(settings.device)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def prompt_width_of(seq_len: int) -> int:
@@ -227,9 +261,10 @@ def synthetic_batch(model: GPT2LMHeadModel, pairs: int, seq_len: int, seed: int)
     device = next(model.parameters()).device
     ids, attention_mask = ids.to(device), attention_mask.to(device)
     response_mask = response_mask.long().to(device)
-    with torch.no_grad():
-        own = sequence_logprobs(model, ids.view(-1, seq_len), attention_mask.view(-1, seq_len),
-                                response_mask.view(-1, seq_len)).logprobs.view(pairs, 2)
+    with torch.no_grad():  # in slices of rows: a 1B model's full-batch logits would not fit
+        own = torch.cat([sequence_logprobs(model, *(t.view(-1, seq_len)[rows] for t in (
+            ids, attention_mask, response_mask))).logprobs
+            for rows in torch.arange(2 * pairs).split(16)]).view(pairs, 2)
     rewards = torch.randn(pairs, 2, generator=gen).to(device)
     reference = own + torch.randn(pairs, 2, generator=gen).to(device)
     return PairBatch(ids, attention_mask, response_mask, own, rewards, reference)
@@ -245,12 +280,14 @@ def baseline_of(name: str) -> str:
     return make_method(name).pointwise
 
 
-def target_of(name: str) -> float | None:
+def target_of(name: str, device: str = "cpu", measure: str = "time") -> float | None:
     """The largest allowed ratio over the plain method (None for a plain method)."""
     spec = make_method(name).spec
     if spec is None:
         return None
-    return TARGET_WASSERSTEIN if spec.needs_input_gradients else TARGET_DIVERGENCE
+    if spec.needs_input_gradients:
+        return TARGET_WASSERSTEIN[measure]
+    return TARGET_DIVERGENCE[torch.device(device).type]
 
 
 def verdict(ratio: float, target: float | None) -> str:
@@ -321,6 +358,31 @@ def aggregate_ms(logprobs: Tensor, batch: PairBatch, method: Method, device: str
                              device, repeats=21)
 
 
+def flop_rates(model: nn.Module, batch: PairBatch, seconds: float, peak_tflops: float | None
+               ) -> dict[str, float]:
+    """Model FLOP/s of a step and its MFU over the device's dense bf16 peak.
+
+    model_tflops = 6 x parameters x real tokens / seconds (forward 2, backward 4 FLOPs per
+    parameter and token; the embedding table counted once, tied or not). Attention's
+    score and value products are stated apart: attention_tflops = 6 x layers x width x
+    (mean real length) x real tokens / seconds (causal: half of 12 L d T). Gradient
+    checkpointing's recomputed forward is not counted (MFU, not hardware utilisation), nor
+    are a Wasserstein method's second forward and backward: its MFU is that of the plain
+    step's useful work done in its time.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    tokens = float(batch.attention_mask.sum())
+    rows = batch.attention_mask.flatten(0, 1)
+    mean_length = tokens / rows.shape[0]
+    config = model.config
+    layers, width = config.num_hidden_layers, config.hidden_size
+    rates = {"model_tflops": 6 * params * tokens / seconds / 1e12,
+             "attention_tflops": 6 * layers * width * mean_length * tokens / seconds / 1e12}
+    if peak_tflops:
+        rates["mfu"] = rates["model_tflops"] / peak_tflops
+    return rates
+
+
 def time_steps(runner: StepRunner, batch: PairBatch, names: Sequence[str]) -> pd.DataFrame:
     """Median ``update_step`` seconds per method over interleaved rounds, and the ratios."""
     settings = runner.settings
@@ -344,7 +406,7 @@ def time_steps(runner: StepRunner, batch: PairBatch, names: Sequence[str]) -> pd
     median = {name: statistics.median(times) for name, times in seconds.items()}
     rows = []
     for name in names:
-        base, target = baseline_of(name), target_of(name)
+        base, target = baseline_of(name), target_of(name, settings.device)
         ratio = median[name] / median[base]
         row = {"method": name, "over": base, "median_s": median[name],
                "min_s": min(seconds[name]), "max_s": max(seconds[name]), "ratio": ratio,
@@ -352,6 +414,7 @@ def time_steps(runner: StepRunner, batch: PairBatch, names: Sequence[str]) -> pd
                "ratio_of_min": min(seconds[name]) / min(seconds[base])}
         if cuda:
             row["tokens_per_s"] = tokens / median[name]
+            row.update(flop_rates(runner.model, batch, median[name], settings.peak_tflops))
         row["aggregate_ms"] = aggregate_ms(logprobs, batch, methods[name], settings.device)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -616,6 +679,8 @@ def worker_command(name: str, settings: Settings) -> list[str]:
                "--device", settings.device, "--model", settings.model,
                "--pairs", str(settings.pairs), "--seq-len", str(settings.seq_len),
                "--seed", str(settings.seed)]
+    if settings.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
     return [*command, "--bf16"] if settings.bf16 else command
 
 
@@ -645,7 +710,8 @@ def measure_memory(runner: StepRunner, batch: PairBatch, names: Sequence[str]) -
         rows.append({"method": name, "over": baseline_of(name),
                      "before_MiB": r["before_bytes"] / 2**20,
                      "extra_MiB": r["extra_bytes"] / 2**20, "ratio": ratio,
-                     "target": target_of(name), "pass": verdict(ratio, target_of(name)),
+                     "target": target_of(name, settings.device, "memory"),
+                     "pass": verdict(ratio, target_of(name, settings.device, "memory")),
                      "measure": r["measure"]})
     return pd.DataFrame(rows)
 
@@ -662,17 +728,21 @@ def to_markdown(df: pd.DataFrame) -> str:
 def header(settings: Settings, model: GPT2LMHeadModel, argv: Sequence[str]) -> list[str]:
     size = MODELS[settings.model]
     params = sum(p.numel() for p in model.parameters())
+    family = ("GPT-2" if size.family == "gpt2" else
+              f"Llama ({size.n_kv_head} KV heads, MLP {size.intermediate})")
     device = (torch.cuda.get_device_name(settings.device)
               if torch.device(settings.device).type == "cuda" else platform.processor()
               or platform.machine())
     return [f"# LLM update benchmark ({settings.device}, model {settings.model})", "",
             f"`{' '.join(['python bench/bench_llm.py', *argv])}`", "",
-            f"- model: GPT-2, {size.n_layer} layers x {size.n_embd} dims x {size.n_head} heads, "
+            f"- model: {family}, {size.n_layer} layers x {size.n_embd} dims x {size.n_head} heads, "
             f"vocab {model.config.vocab_size}, {params / 1e6:.2f}M parameters, random init",
             f"- batch: {settings.pairs} pairs x 2 responses x {settings.seq_len} tokens "
             f"({prompt_width_of(settings.seq_len)} prompt + "
             f"{settings.seq_len - prompt_width_of(settings.seq_len)} response positions), "
-            f"bf16 autocast: {settings.bf16}",
+            f"bf16 autocast: {settings.bf16}, gradient checkpointing: "
+            f"{settings.gradient_checkpointing}, dense bf16 peak for MFU: "
+            f"{settings.peak_tflops or 'unknown'} TFLOP/s",
             f"- host: {device}; torch {torch.__version__}, {torch.get_num_threads()} intra-op "
             f"threads; {settings.repeats} rounds; load average at start "
             f"{os.getloadavg()[0]:.2f}"]
@@ -705,6 +775,12 @@ def write_results(settings: Settings, tables: dict[str, pd.DataFrame], text: str
 # ------------------------------------------------------------------------------------ CLI
 
 
+def known_peak_tflops() -> float | None:
+    """The dense bf16 peak of this CUDA device, if it is one of PEAK_BF16_TFLOPS."""
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
@@ -717,6 +793,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
     parser.add_argument("--penalty-pairs", default=None,
                         help="comma-separated batch sizes of section 2 (default 8,32,128)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward (default on "
+                             "for llama-1b)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for the MFU column (default: known "
+                             "for H100 / H200 / A100)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timing rounds (default 5 on CPU, 10 on CUDA)")
     parser.add_argument("--loop-budget", type=float, default=None,
@@ -752,7 +834,9 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
             5.0 if quick else 15.0 if cuda else 20.0),
         methods=methods_with_baselines([m for m in args.methods.split(",") if m]),
         sections=tuple(name for name in SECTIONS if name in args.sections.split(",")),
-        memory_jobs=args.memory_jobs, seed=args.seed, quick=quick, out_dir=args.out_dir)
+        memory_jobs=args.memory_jobs, seed=args.seed, quick=quick, out_dir=args.out_dir,
+        gradient_checkpointing=args.gradient_checkpointing or model == "llama-1b",
+        peak_tflops=args.peak_tflops or (known_peak_tflops() if cuda else None))
     if settings.seq_len < 8:
         parser.error("--seq-len must be at least 8")
     unknown = set(args.sections.split(",")) - set(SECTIONS)

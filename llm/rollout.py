@@ -80,6 +80,26 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return ids, mask
 
 
+def check_prompt_lengths(prompts: Sequence[str], lengths: Sequence[int], max_new_tokens: int,
+                         positions: int | None) -> None:
+    """Refuse prompts that leave no room for ``max_new_tokens`` in the model's positions.
+
+    Args:
+        prompts: the prompt strings (for the message).
+        lengths: their token counts.
+        max_new_tokens: the response length cap.
+        positions: the model's ``max_position_embeddings`` (None: no limit known).
+
+    Raises:
+        ValueError: naming the longest prompt, its length and the limit.
+    """
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if positions is not None and lengths[longest] + max_new_tokens > positions:
+        raise ValueError(f"a prompt of {lengths[longest]} tokens ({prompts[longest][:60]!r}...) "
+                         f"plus max_new_tokens = {max_new_tokens} exceeds the model's "
+                         f"{positions} positions: shorten the prompts or max_new_tokens")
+
+
 @torch.no_grad()
 def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32
@@ -100,7 +120,8 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
         :class:`SampledPairs`.
 
     Raises:
-        ValueError: no prompts, or a bad sampling parameter.
+        ValueError: no prompts, a bad sampling parameter, or a prompt too long for the
+            model's positions.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to sample from")
@@ -110,7 +131,10 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
     device = next(policy.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id)
-    input_ids, prompt_mask = left_pad(tokenizer(list(prompts))["input_ids"], pad_id)
+    tokens = tokenizer(list(prompts))["input_ids"]
+    check_prompt_lengths(prompts, [len(t) for t in tokens], max_new_tokens,
+                         getattr(policy.config, "max_position_embeddings", None))
+    input_ids, prompt_mask = left_pad(tokens, pad_id)
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sequences = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True,
                                 temperature=temperature, top_p=top_p, top_k=0,

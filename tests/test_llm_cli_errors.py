@@ -42,3 +42,40 @@ def test_an_output_folder_that_cannot_be_made_is_refused(capsys, tmp_path):
     blocker.write_text("")
     assert main(["train", "--config", "smoke", f"out_dir={blocker / 'sub'}"]) == 2
     assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def _smoke(tmp_path: Path, *overrides: str) -> list[str]:
+    return ["train", "--config", "smoke", f"out_dir={tmp_path / 'run'}", "iterations=2",
+            *overrides]
+
+
+def test_a_prompt_longer_than_the_model_positions_is_named(capsys, tmp_path):
+    # The demo policy reads 64 positions; this prompt alone has 80 tokens.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a short prompt\n" + "the " * 80 + "\n")
+    assert main(_smoke(tmp_path, f"prompts={prompts}", f"eval_prompts={prompts}")) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's 64 positions: shorten the prompts or max_new_tokens" in err
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(capsys, tmp_path,
+                                                                         monkeypatch):
+    import errno
+
+    import drosim.llm.trainer as trainer
+    from drosim.llm.checkpoint import checkpoints_newest_first, verify_checkpoint
+
+    original, calls = trainer.save_checkpoint, []
+
+    def save_then_fill_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_fill_the_disk)
+    assert main(_smoke(tmp_path, "iterations=4", "checkpoint_every=1")) == 2
+    assert "drosim-llm: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    (newest,) = checkpoints_newest_first(tmp_path / "run")
+    verify_checkpoint(newest)  # the checkpoint written before the disk filled is intact
