@@ -207,3 +207,20 @@ def directional_derivative(fn: Callable[[], float], params: Sequence[nn.Paramete
         for p, s in zip(params, saved, strict=True):
             p.copy_(s)
     return (values[0] - values[1]) / (2 * h)
+
+
+def attention_ops(w_gradient: str, device: str = "cpu") -> set[str]:
+    """The attention operators one float32 W-REBEL update_step runs (profiler names)."""
+    from drosim.llm.methods import make_method
+    from drosim.llm.update import update_step
+
+    model = tiny_model(seed=0, dtype=torch.float32).to(device)
+    batch = near_policy(random_pair_batch(6, seed=1, dtype=torch.float32), model.cpu()).to(
+        device)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with torch.profiler.profile() as profile:
+        update_step(model, optimizer, batch, make_method("w-rebel", w_rho=0.1), eta=1.0,
+                    beta=0.5, max_grad_norm=None, w_gradient=w_gradient)
+    return {event.key for event in profile.key_averages() if "attention" in event.key}
+

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from llm_helpers import near_policy, random_pair_batch, tiny_model
+from llm_helpers import attention_ops, near_policy, random_pair_batch, tiny_model
 
 from drosim.llm.methods import make_method
 from drosim.llm.update import update_step
@@ -53,3 +53,9 @@ def test_bf16_autocast_with_gradient_checkpointing_trains(name):
     assert all(map(torch.isfinite, (torch.tensor(stats.objective), torch.tensor(stats.grad_norm))))
     assert stats.grad_norm > 0
     assert any(not torch.equal(before[k].cpu(), after[k]) for k in before)
+
+
+def test_the_finite_difference_runs_on_a_fused_attention_kernel_on_cuda():
+    fused = attention_ops("finite-difference", device="cuda")
+    assert any("efficient_attention" in op or "flash_attention" in op for op in fused), fused
+    assert not any("math" in op for op in fused), fused

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from llm_helpers import F64, near_policy, random_pair_batch, tiny_model
+from llm_helpers import F64, attention_ops, near_policy, random_pair_batch, tiny_model
 
 from drosim.llm.methods import make_method
 from drosim.llm.update import update_step
@@ -89,3 +89,11 @@ def test_the_finite_difference_never_differentiates_twice(monkeypatch):
     assert not any(calls)
     _step_delta("w-rebel", "exact")
     assert any(calls)
+
+
+def test_the_finite_difference_runs_on_the_fused_attention_kernel():
+    fused = attention_ops("finite-difference")
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in fused
+    assert not any("math" in op for op in fused)
+    # the exact double backward needs the math kernel, which it selects itself
+    assert "aten::_scaled_dot_product_attention_math" in attention_ops("exact")
