@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from drosim.llm.batch import PairBatch
+from drosim.llm.methods import make_method
+from drosim.llm.update import update_step
 
 F64 = torch.float64
 PAD, BOS, EOS = 0, 1, 2
@@ -211,12 +213,8 @@ def directional_derivative(fn: Callable[[], float], params: Sequence[nn.Paramete
 
 def attention_ops(w_gradient: str, device: str = "cpu") -> set[str]:
     """The attention operators one float32 W-REBEL update_step runs (profiler names)."""
-    from drosim.llm.methods import make_method
-    from drosim.llm.update import update_step
-
-    model = tiny_model(seed=0, dtype=torch.float32).to(device)
-    batch = near_policy(random_pair_batch(6, seed=1, dtype=torch.float32), model.cpu()).to(
-        device)
+    model = tiny_model(seed=0, dtype=torch.float32)
+    batch = near_policy(random_pair_batch(6, seed=1, dtype=torch.float32), model).to(device)
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with torch.profiler.profile() as profile:
