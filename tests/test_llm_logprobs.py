@@ -14,6 +14,7 @@ import torch
 from llm_helpers import (
     EOS,
     PAD,
+    VOCAB,
     flat_grad,
     naive_logprobs,
     random_pair_batch,
@@ -23,7 +24,14 @@ from llm_helpers import (
     trainable,
 )
 
-from drosim.llm.logprobs import check_sequence_batch, response_logprobs, sequence_logprobs
+from drosim.llm.logprobs import (
+    accepts_logits_to_keep,
+    check_sequence_batch,
+    prediction_columns,
+    response_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 from drosim.llm.rollout import response_mask_after, sample_pairs
 
 RTOL = 1e-10
@@ -247,3 +255,123 @@ def test_sample_pairs_with_a_tokenizer_without_pad_token():
     torch.manual_seed(0)
     out = sample_pairs(policy, tokenizer, ["[BOS] w3 w4", "[BOS] w5"], max_new_tokens=4)
     assert out.input_ids.shape[:2] == (2, 2)
+
+
+# ------------------------------------------------------------- chunked log-softmax
+
+
+def _reference_token_logprobs(logits, targets):
+    """The plain float32 (or wider) log_softmax-then-gather."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(wide, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _logits_and_targets(shape=(3, 5), vocab=11, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn((*shape, vocab), generator=generator, dtype=torch.float64)
+    return logits.to(dtype), torch.randint(0, vocab, shape, generator=generator)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_chunked_token_logprobs_gradcheck_float64(chunk_rows):
+    logits, targets = _logits_and_targets()
+    logits.requires_grad_(True)
+
+    def fn(x):
+        return token_logprobs(x, targets, chunk_rows=chunk_rows)
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+    # the exact Wasserstein gradient differentiates the backward itself
+    assert torch.autograd.gradgradcheck(fn, (logits,))
+
+
+def test_chunked_token_logprobs_equal_log_softmax_gather_in_float32():
+    logits, targets = _logits_and_targets(shape=(6, 7), vocab=4096, dtype=torch.float32)
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    chunked = logits.clone().requires_grad_(True)
+    plain = logits.clone().requires_grad_(True)
+    out = token_logprobs(chunked, targets, chunk_rows=5)  # 42 rows: 9 chunks, the last short
+    expected = _reference_token_logprobs(plain, targets)
+    assert out.dtype == torch.float32 and out.shape == targets.shape
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(chunked.grad, plain.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_token_logprobs_of_bf16_logits_are_float32():
+    logits, targets = _logits_and_targets(shape=(4, 9), vocab=1000, dtype=torch.bfloat16)
+    logits.requires_grad_(True)
+    out = token_logprobs(logits, targets, chunk_rows=7)
+    expected = _reference_token_logprobs(logits.detach(), targets)  # upcast reference
+    assert out.dtype == torch.float32
+    # the same float32 arithmetic on the same (bf16-exact) values
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-5)
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    upcast = logits.detach().float().requires_grad_(True)
+    _reference_token_logprobs(upcast, targets).sum().backward()
+    torch.testing.assert_close(logits.grad.float(), upcast.grad, rtol=2**-7, atol=1e-3)
+
+
+def test_masked_positions_get_a_zero_gradient_not_nan(model):
+    """Padding and prompt columns are scored (any valid target id) and masked by a 0."""
+    logits, targets = _logits_and_targets(shape=(2, 5), vocab=11, dtype=torch.float32)
+    logits.requires_grad_(True)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float32)
+    (token_logprobs(logits, targets) * mask).sum().backward()
+    assert bool(torch.isfinite(logits.grad).all())
+    assert float(logits.grad[mask == 0].abs().max()) == 0
+
+
+# -------------------------------------------------- logits only where they are needed
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ([[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], slice(1, 4)),
+    ([[0, 1, 0, 0, 1]], slice(0, 4)),  # a gap inside the span is kept
+    ([[0, 0, 0, 0, 0]], slice(0, 0)),
+])
+def test_prediction_columns(response, expected):
+    assert prediction_columns(torch.tensor(response)) == expected
+
+
+def test_lm_head_runs_only_on_the_columns_that_predict_a_response_token(model):
+    ids, attention, response = _flat_batch(seed=5)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        sequence_logprobs(model, ids, attention, response)
+    finally:
+        handle.remove()
+    columns = prediction_columns(response)
+    assert seen == [torch.Size([ids.shape[0], columns.stop - columns.start, VOCAB])]
+    assert columns.stop - columns.start < ids.shape[1] - 1  # the prompts' columns are skipped
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep``: full logits every time."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
+                inputs_embeds=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=use_cache,
+                          inputs_embeds=inputs_embeds)
+
+
+def test_a_model_without_logits_to_keep_gets_the_same_logprobs(model):
+    ids, attention, response = _flat_batch(seed=6)
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(_NoLogitsToKeep(model))
+    expected = naive_logprobs(model, ids, attention, response)
+    out = sequence_logprobs(_NoLogitsToKeep(model), ids, attention, response)
+    torch.testing.assert_close(out.logprobs, expected, rtol=RTOL, atol=0)
+
+
+def test_the_policy_uses_pytorch_sdpa_attention(model):
+    """The fused attention kernels (flash / memory-efficient) need the SDPA implementation,
+    transformers 5's default: nothing in drosim.llm may switch a model to eager."""
+    assert model.config._attn_implementation == "sdpa"
