@@ -76,6 +76,9 @@ class TrainConfig:
     device: str = "auto"  # one of DEVICES
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # torch.compile the update's forward and backward (not sampling); not with the exact
+    # Wasserstein gradient, whose double backward a compiled graph does not have
+    compile: bool = False
     tensorboard: bool = False
     progress: bool = True
     out_dir: str = "runs/default"
@@ -253,7 +256,8 @@ def validate_config(config: TrainConfig) -> None:
             a count below 1, ``minibatch_size`` > ``pairs_per_iteration`` or not a divisor
             of it, ``top_p`` outside
             (0, 1], a seed outside [0, 2**32), a mixture with a negative or non-finite weight
-            or weights not summing to a positive number, or no eval mixture.
+            or weights not summing to a positive number, no eval mixture, or ``compile``
+            with the exact Wasserstein gradient.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -277,8 +281,13 @@ def validate_config(config: TrainConfig) -> None:
         _require(config, name, lambda v: v >= 0, ">= 0")
     for name in _AT_LEAST_ONE:
         _require(config, name, lambda v: v >= 1, ">= 1")
-    make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
-                kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
+    method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
+                         kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
+    wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    if config.compile and wasserstein and config.w_gradient == "exact":
+        raise ValueError(f"compile=true cannot run {config.method} with w_gradient=exact "
+                         "(a compiled graph has no double backward): use "
+                         "w_gradient=finite-difference or compile=false")
     _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
     _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
     _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,

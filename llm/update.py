@@ -90,6 +90,75 @@ def attention_kernels(method: Method, w_gradient: WGradient = "exact"
     return contextlib.nullcontext()
 
 
+def maybe_compile(policy: nn.Module, enabled: bool) -> nn.Module:
+    """The module the update calls: ``torch.compile(policy)`` when ``enabled``, else ``policy``.
+
+    ``torch.compile(policy)`` rather than ``policy.compile()``: the wrapper it returns shares
+    the policy's parameters but leaves the policy itself eager, so only the update's forward
+    and backward are compiled, while sampling (``generate``, whose growing key-value cache
+    would recompile at every length), evaluation, checkpoints and ``save_pretrained`` keep
+    the plain module and its state-dict keys (the wrapper's carry an ``_orig_mod.`` prefix).
+    The exact Wasserstein gradient cannot use it: a compiled graph has no double backward.
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> maybe_compile(layer, False) is layer
+        True
+    """
+    return torch.compile(policy) if enabled else policy
+
+
+def autocast_context(batch: PairBatch, dtype: torch.dtype | None
+                     ) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on the batch's device (no autocast for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(batch.input_ids.device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def record_sampling_logprobs(policy: nn.Module, batch: PairBatch, order: Tensor,
+                             minibatch_size: int, *, method: Method,
+                             autocast_dtype: torch.dtype | None = None,
+                             w_gradient: WGradient = "finite-difference") -> Tensor:
+    """log pi_t of every pair, computed exactly as the first epoch's updates will compute
+    log pi_theta: the REBEL policy term log pi_theta - log pi_t of the first minibatch is
+    then exactly 0, not the rounding difference of two differently batched forwards.
+
+    The minibatches are the same rows in the same order (``order[k * m:(k + 1) * m]``, the
+    permutation the first epoch then uses), under the same autocast and attention kernels.
+    ``torch.no_grad`` changes neither the kernels nor the bits on CPU (tested), and feeding
+    token ids gives the same bits as feeding their embeddings, as the Wasserstein methods do.
+
+    Args:
+        policy: the policy pi_t, about to be updated.
+        batch: ``n`` pairs (their ``sampling_logprobs`` are not read).
+        order: ``(n,)`` a permutation of ``range(n)``: the first epoch's.
+        minibatch_size: pairs per update step, a divisor of ``n``.
+        method, autocast_dtype, w_gradient: as given to :func:`update_step`.
+
+    Returns:
+        ``(n, 2)`` log pi_t in the batch's row order, for ``PairBatch.sampling_logprobs``.
+
+    Raises:
+        ValueError: ``order`` not a permutation of the batch's rows, or a minibatch size
+            that does not divide them.
+    """
+    n = len(batch)
+    if not torch.equal(order.sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"order must be a permutation of range({n})")
+    if minibatch_size < 1 or n % minibatch_size:
+        raise ValueError(f"minibatch_size ({minibatch_size}) must divide the {n} pairs")
+    with attention_kernels(method, w_gradient), autocast_context(batch, autocast_dtype):
+        parts = [pair_logprobs(policy, batch.select(order[start:start + minibatch_size]))
+                 for start in range(0, n, minibatch_size)]
+    in_order = torch.cat(parts)
+    logprobs = torch.empty_like(in_order)
+    logprobs[order] = in_order
+    return logprobs
+
+
 def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Method, *,
                                eta: float, beta: float,
                                autocast: contextlib.AbstractContextManager,
@@ -207,9 +276,7 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
         :class:`StepStats`.
     """
     optimizer.zero_grad(set_to_none=True)
-    device_type = batch.input_ids.device.type
-    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
-                else contextlib.nullcontext())
+    autocast = autocast_context(batch, autocast_dtype)
     if w_gradient not in W_GRADIENTS:
         raise ValueError(f"w_gradient must be one of {W_GRADIENTS}, got {w_gradient!r}")
     wasserstein = method.spec is not None and method.spec.needs_input_gradients

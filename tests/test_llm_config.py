@@ -165,6 +165,8 @@ def test_yaml_file_must_be_a_mapping(tmp_path):
     ({"w_p": 0.5}, r"w_rho, w_p: Wasserstein\.p must be >= 1"),
     ({"w_gradient": "central"}, r"w_gradient must be one of finite-difference, exact"),
     ({"w_gradient": "auto"}, r"w_gradient must be one of finite-difference, exact"),
+    ({"compile": True, "method": "w-rebel", "w_gradient": "exact"},
+     r"compile=true cannot run w-rebel with w_gradient=exact"),
     ({"iterations": 0}, "iterations must be >= 1"),
     ({"pairs_per_iteration": 0}, "pairs_per_iteration must be >= 1"),
     ({"epochs": 0}, "epochs must be >= 1"),
