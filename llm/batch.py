@@ -32,7 +32,8 @@ class PairBatch:
             right-padded, as ``generate`` returns them).
         attention_mask: ``(n, 2, T)``, 1 on real tokens.
         response_mask: ``(n, 2, T)``, 1 on response tokens.
-        sampling_logprobs: ``(n, 2)`` log pi_t(y | x) under the sampling policy.
+        sampling_logprobs: ``(n, 2)`` log pi_t(y | x) under the sampling policy (REBEL needs
+            it; None until the trainer records it, or when no method of the run needs it).
         rewards: ``(n, 2)`` scalar rewards of the training mixture.
         reference_logprobs: ``(n, 2)`` log pi_ref(y | x) under the frozen initial policy
             (DPO and IPO need it; None when no method of the run does).
@@ -41,7 +42,7 @@ class PairBatch:
     input_ids: Tensor
     attention_mask: Tensor
     response_mask: Tensor
-    sampling_logprobs: Tensor
+    sampling_logprobs: Tensor | None
     rewards: Tensor
     reference_logprobs: Tensor | None = None
 
@@ -57,7 +58,7 @@ class PairBatch:
                                  f"input_ids {tuple(self.input_ids.shape)}: they must match")
         for name in ("sampling_logprobs", "rewards", "reference_logprobs"):
             value = getattr(self, name)
-            if value is None and name == "reference_logprobs":
+            if value is None and name != "rewards":
                 continue
             if value.shape != (n, 2):
                 raise ValueError(f"{name} must have shape ({n}, 2), got {tuple(value.shape)}")

@@ -50,6 +50,9 @@ class Method:
     def losses(self, logprobs: Tensor, batch: PairBatch, *, eta: float, beta: float) -> Tensor:
         """The ``(n,)`` pointwise losses of the pairs given their ``(n, 2)`` log pi_theta."""
         if self.pointwise == "rebel":
+            if batch.sampling_logprobs is None:
+                raise ValueError(f"{self.name} needs the sampling policy's log-probabilities "
+                                 "(batch.sampling_logprobs is None)")
             return rebel_losses(logprobs, batch.sampling_logprobs, batch.rewards, eta)
         if batch.reference_logprobs is None:
             raise ValueError(f"{self.name} needs the reference policy's log-probabilities "

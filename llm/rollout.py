@@ -3,9 +3,9 @@
 Prompts are tokenised once, left-padded, and every prompt is sampled twice in ONE
 ``generate`` call (``num_return_sequences=2``). The response of a row is everything generated
 up to and including its first end-of-sequence token; what ``generate`` writes after it is
-padding. The pi_t log-probabilities REBEL needs are recorded by one batched forward pass right
-after sampling (at temperature 1: they are the policy's own probabilities, not the tempered
-sampling distribution's).
+padding. The pi_t log-probabilities REBEL needs are not recorded here: the trainer computes
+them with the update's own forward (:func:`drosim.llm.update.record_sampling_logprobs`), so
+that pi_theta and pi_t round alike.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from drosim.llm.logprobs import sequence_logprobs
-
 
 class SampledPairs(NamedTuple):
     """Two sampled responses for each of n prompts.
@@ -26,7 +24,6 @@ class SampledPairs(NamedTuple):
         input_ids: ``(n, 2, T)`` prompt (left-padded) + response (right-padded) tokens.
         attention_mask: ``(n, 2, T)``.
         response_mask: ``(n, 2, T)``.
-        logprobs: ``(n, 2)`` log pi_t(y | x) recorded at sampling time.
         responses: n lists of the two decoded responses (special tokens removed).
         empty: ``(n, 2)`` bool, True where a response has no token.
     """
@@ -34,7 +31,6 @@ class SampledPairs(NamedTuple):
     input_ids: Tensor
     attention_mask: Tensor
     response_mask: Tensor
-    logprobs: Tensor
     responses: list[list[str]]
     empty: Tensor
 
@@ -104,7 +100,7 @@ def check_prompt_lengths(prompts: Sequence[str], lengths: Sequence[int], max_new
 def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32
                  ) -> SampledPairs:
-    """Sample two responses per prompt from ``policy`` and record their log-probabilities.
+    """Sample two responses per prompt from ``policy``.
 
     Sampling draws from torch's global RNG, so a checkpoint that saves it resumes exactly.
 
@@ -144,11 +140,11 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
     response_mask = response_mask_after(prompt_length, sequences, tokenizer.eos_token_id)
     prompt_mask = prompt_mask.repeat_interleave(2, dim=0)
     attention_mask = torch.cat([prompt_mask, response_mask[:, prompt_length:]], dim=1)
-    out = sequence_logprobs(policy, sequences, attention_mask, response_mask)
     responses = tokenizer.batch_decode(
         torch.where(response_mask.bool(), sequences, pad_id)[:, prompt_length:],
         skip_special_tokens=True)
     n = len(prompts)
     return SampledPairs(sequences.view(n, 2, -1), attention_mask.view(n, 2, -1),
-                        response_mask.view(n, 2, -1), out.logprobs.view(n, 2),
-                        [responses[2 * i:2 * i + 2] for i in range(n)], out.empty.view(n, 2))
+                        response_mask.view(n, 2, -1),
+                        [responses[2 * i:2 * i + 2] for i in range(n)],
+                        response_mask.sum(-1).view(n, 2) == 0)

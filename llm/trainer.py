@@ -33,7 +33,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,12 @@ from drosim.llm.rewards import (
     score,
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
-from drosim.llm.update import StepStats, update_step
+from drosim.llm.update import (
+    StepStats,
+    maybe_compile,
+    record_sampling_logprobs,
+    update_step,
+)
 from drosim.output import ensure_writable
 
 EVAL_SEED = 1234
@@ -287,6 +292,8 @@ class Run:
     device: str
     method: Method
     policy: nn.Module
+    # what the update calls: the policy, or its torch.compile wrapper (same parameters)
+    update_policy: nn.Module
     tokenizer: Any
     reference: nn.Module | None  # the frozen initial policy of the DPO-type methods
     reward_model: RewardModel
@@ -342,7 +349,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     warmup = config.warmup_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
-    return Run(config, out_dir, world, device, method, policy, tokenizer, reference,
+    return Run(config, out_dir, world, device, method, policy,
+               maybe_compile(policy, config.compile), tokenizer, reference,
                reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
                optimizer, scheduler)
 
@@ -378,7 +386,7 @@ def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs]:
 
 def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
     """The pairs as a training batch: mixed rewards, and the reference's log-probabilities
-    for the DPO-type methods."""
+    for the DPO-type methods (pi_t's are recorded by :func:`update`)."""
     rewards = score_pairs(run.reward_model, prompts, pairs).to(run.device) @ run.alpha
     reference_logprobs = None
     if run.reference is not None:
@@ -386,23 +394,32 @@ def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
             reference_logprobs = sequence_logprobs(
                 run.reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
                 pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
-    return PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask,
-                     pairs.logprobs, rewards, reference_logprobs)
+    return PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask, None,
+                     rewards, reference_logprobs)
 
 
 def update(run: Run, batch: PairBatch) -> list[StepStats]:
-    """``epochs`` passes over the batch in random minibatches, one optimiser step each."""
+    """``epochs`` passes over the batch in random minibatches, one optimiser step each.
+
+    A REBEL-type method first records log pi_t with the first epoch's permutation, through
+    the update's own forward (:func:`drosim.llm.update.record_sampling_logprobs`), so that
+    the first step's policy term log pi_theta - log pi_t is exactly 0.
+    """
     config = run.config
+    autocast_dtype = torch.bfloat16 if config.bf16 else None
     steps = []
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(run.local_pairs).to(run.device)
+        if epoch == 0 and run.method.pointwise == "rebel":
+            batch = replace(batch, sampling_logprobs=record_sampling_logprobs(
+                run.update_policy, batch, order, run.local_minibatch, method=run.method,
+                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient))
         for start in range(0, run.local_pairs, run.local_minibatch):
             minibatch = batch.select(order[start:start + run.local_minibatch])
             steps.append(update_step(
-                run.policy, run.optimizer, minibatch, run.method, eta=config.eta,
+                run.update_policy, run.optimizer, minibatch, run.method, eta=config.eta,
                 beta=config.beta, max_grad_norm=config.max_grad_norm,
-                autocast_dtype=torch.bfloat16 if config.bf16 else None,
-                w_gradient=config.w_gradient))
+                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient))
     run.scheduler.step()
     return steps
 

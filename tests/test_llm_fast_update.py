@@ -3,6 +3,7 @@
 - :func:`record_sampling_logprobs` batches, casts and picks kernels as the first epoch's
   update steps do, so the REBEL policy term log pi_theta - log pi_t of the first minibatch
   is exactly 0 and its loss is exactly the squared reward gap;
+- the trainer records pi_t that way at every iteration;
 - an update step through ``maybe_compile(policy, True)`` moves the parameters as the eager
   step does.
 """
@@ -17,7 +18,10 @@ import pytest
 import torch
 from llm_helpers import flat_param_grads, random_pair_batch, tiny_model, trainable
 
+from drosim.llm.config import bundled_config_path, load_config
+from drosim.llm.demo import build_demo_base
 from drosim.llm.methods import Method, make_method
+from drosim.llm.trainer import train
 from drosim.llm.update import maybe_compile, record_sampling_logprobs, update_step
 
 F32 = torch.float32
@@ -110,3 +114,24 @@ def test_a_compiled_update_step_equals_the_eager_one(name, tolerance):
     assert fast.mean_loss == pytest.approx(eager.mean_loss, rel=1e-5)
     # fused kernels round differently: compare the whole gradient, not each entry
     assert float((fast_grad - eager_grad).norm() / eager_grad.norm()) < tolerance
+
+
+def test_the_trainer_starts_every_iteration_at_a_zero_policy_term(monkeypatch, tmp_path):
+    """In-process run of the smoke configuration: pi_t comes from the trainer's own update
+    forward, so the first step of each iteration sees log pi_theta = log pi_t exactly."""
+    base = build_demo_base(tmp_path / "base", pretrain_steps=5, corpus_size=100)
+    config = load_config(bundled_config_path("smoke"), [
+        f"model={base}", f"out_dir={tmp_path / 'run'}", "method=rebel", "iterations=2",
+        "epochs=2", "eval_every=10", "checkpoint_every=10"])
+    seen = []
+    losses = Method.losses
+
+    def spy(self, logprobs, pairs, **kwargs):
+        seen.append(torch.equal(logprobs, pairs.sampling_logprobs))
+        return losses(self, logprobs, pairs, **kwargs)
+
+    monkeypatch.setattr(Method, "losses", spy)
+    train(config)
+    steps = config.epochs * config.pairs_per_iteration // config.minibatch_size
+    # exactly 0 at each iteration's first step; the later steps see the policy move
+    assert seen == ([True] + [False] * (steps - 1)) * config.iterations
