@@ -372,3 +372,24 @@ def test_the_policy_uses_pytorch_sdpa_attention(model):
     """The fused attention kernels (flash / memory-efficient) need the SDPA implementation,
     transformers 5's default: nothing in drosim.llm may switch a model to eager."""
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_llama_policy_takes_the_same_logits_to_keep_path():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).double().eval()
+    ids, attention, response = _flat_batch(seed=7)
+    seen = []
+    handle = llama.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    try:
+        out = sequence_logprobs(llama, ids, attention, response)
+    finally:
+        handle.remove()
+    columns = prediction_columns(response)
+    assert accepts_logits_to_keep(llama) and seen == [columns.stop - columns.start]
+    expected = naive_logprobs(llama, ids, attention, response)
+    torch.testing.assert_close(out.logprobs, expected, rtol=RTOL, atol=0)
