@@ -38,18 +38,39 @@ def _recorded_batch(model, method, w_gradient, seed=0):
     return dataclasses.replace(batch, sampling_logprobs=recorded), order
 
 
+_CUDA = torch.cuda.is_available()
+# (device, autocast dtype, gradient checkpointing): the CPU in float32, and the GPU setting of
+# a real run, where no_grad could pick other kernels than the update (it must not)
+SETTINGS = [
+    pytest.param(("cpu", None, False), id="cpu-float32"),
+    pytest.param(("cpu", torch.bfloat16, True), id="cpu-bf16-checkpointing"),
+    pytest.param(("cuda", torch.bfloat16, True), id="cuda-bf16-checkpointing",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="no CUDA")]),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize(("name", "w_gradient"), [
     ("rebel", "finite-difference"),
     ("chi2-rebel", "finite-difference"),
     ("w-rebel", "finite-difference"),
     ("w-rebel", "exact"),
 ])
-def test_the_first_minibatch_after_recording_has_a_zero_policy_term(monkeypatch, name,
+def test_the_first_minibatch_after_recording_has_a_zero_policy_term(monkeypatch, setting, name,
                                                                     w_gradient):
-    model = tiny_model(seed=0, dtype=F32)
+    device, autocast_dtype, checkpointing = setting
+    model = tiny_model(seed=0, dtype=F32).to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     method = make_method(name, chi2_rho=0.1, w_rho=0.1)
-    batch, order = _recorded_batch(model, method, w_gradient)
-    minibatch = batch.select(order[:MINIBATCH])
+    batch = random_pair_batch(PAIRS, seed=0, dtype=F32).to(device)
+    order = torch.randperm(PAIRS, generator=torch.Generator().manual_seed(0)).to(device)
+    recorded = record_sampling_logprobs(model, batch, order, MINIBATCH, method=method,
+                                        autocast_dtype=autocast_dtype, w_gradient=w_gradient)
+    minibatch = dataclasses.replace(batch, sampling_logprobs=recorded).select(
+        order[:MINIBATCH])
 
     seen = []
     losses = Method.losses
@@ -61,7 +82,8 @@ def test_the_first_minibatch_after_recording_has_a_zero_policy_term(monkeypatch,
     monkeypatch.setattr(Method, "losses", spy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stats = update_step(model, optimizer, minibatch, method, eta=0.5, beta=0.1,
-                        max_grad_norm=None, w_gradient=w_gradient)
+                        max_grad_norm=None, autocast_dtype=autocast_dtype,
+                        w_gradient=w_gradient)
     # the update's (first) forward gives log pi_theta = log pi_t to the bit
     assert torch.equal(seen[0], minibatch.sampling_logprobs)
     gap = minibatch.rewards[:, 0] - minibatch.rewards[:, 1]
