@@ -22,17 +22,14 @@ eta = 0.01.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from bench_llm import MODELS, Settings, build_model, demo_tokenizer, synthetic_batch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_llm, beside this script
-from bench_llm import MODELS, Settings, build_model, demo_tokenizer, synthetic_batch  # noqa: E402
-
-from drosim.llm.logprobs import sequence_logprobs  # noqa: E402
-from drosim.llm.methods import make_method  # noqa: E402
-from drosim.llm.update import autocast_context, pair_logprobs, record_sampling_logprobs  # noqa: E402
+from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.methods import make_method
+from drosim.llm.update import autocast_context, pair_logprobs, record_sampling_logprobs
 
 ETA = 0.01  # the paper's REBEL step size
 
