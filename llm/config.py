@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from drosim.llm.methods import METHODS, make_method
+from drosim.llm.sharding import SHARDINGS
 from drosim.llm.update import W_GRADIENTS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -79,6 +80,7 @@ class TrainConfig:
     # torch.compile the update's forward and backward (not sampling); not with the exact
     # Wasserstein gradient, whose double backward a compiled graph does not have
     compile: bool = False
+    sharding: str = "none"  # one of SHARDINGS: "fsdp2" shards weights, gradients, optimiser
     tensorboard: bool = False
     progress: bool = True
     out_dir: str = "runs/default"
@@ -255,9 +257,10 @@ def validate_config(config: TrainConfig) -> None:
             step size, temperature, beta, learning rate or clipping norm not above 0,
             a count below 1, ``minibatch_size`` > ``pairs_per_iteration`` or not a divisor
             of it, ``top_p`` outside
-            (0, 1], a seed outside [0, 2**32), a mixture with a negative or non-finite weight
-            or weights not summing to a positive number, no eval mixture, or ``compile``
-            with the exact Wasserstein gradient.
+            (0, 1], a seed outside [0, 2**32), an unknown sharding, a mixture with a
+            negative or non-finite weight or weights not summing to a positive number, no
+            eval mixture, or ``compile`` or ``sharding=fsdp2`` with the exact Wasserstein
+            gradient.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -272,6 +275,9 @@ def validate_config(config: TrainConfig) -> None:
     if config.w_gradient not in W_GRADIENTS:
         raise ValueError(f"w_gradient must be one of {', '.join(W_GRADIENTS)}, got "
                          f"{config.w_gradient!r}")
+    if config.sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}, got "
+                         f"{config.sharding!r}")
     if config.device not in DEVICES:
         raise ValueError(f"unknown device {config.device!r}; valid devices: "
                          f"{', '.join(DEVICES)}")
@@ -288,6 +294,10 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"compile=true cannot run {config.method} with w_gradient=exact "
                          "(a compiled graph has no double backward): use "
                          "w_gradient=finite-difference or compile=false")
+    if config.sharding == "fsdp2" and wasserstein and config.w_gradient == "exact":
+        raise ValueError(f"sharding=fsdp2 cannot run {config.method} with w_gradient=exact "
+                         "(a double backward through FSDP's gradient hooks): use "
+                         "w_gradient=finite-difference or sharding=none")
     _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
     _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
     _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,

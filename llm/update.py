@@ -13,17 +13,26 @@ Data parallelism is done by hand rather than with ``DistributedDataParallel``: t
 objective already couples the ranks through its gathered dual, its surrogate gradients must be
 SUMMED (not averaged) over ranks, and DDP's reducer does not support the double backward of
 the exact Wasserstein gradient. One flattened all-reduce per step does the same communication.
+A policy sharded with FSDP2 (:mod:`drosim.llm.sharding`) reduce-scatters, and sums, its own
+gradients during the backward instead.
+
+The policy is always fed token ids; a Wasserstein method reads (and, for the finite
+difference, shifts) the input embeddings through a hook on the embedding layer
+(:func:`input_embeddings`), inside the model's forward, where a sharded embedding table is
+gathered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from drosim.llm.batch import PairBatch
@@ -35,6 +44,7 @@ from drosim.llm.objective import (
     robust_coefficients,
     robust_objective,
 )
+from drosim.llm.sharding import is_sharded
 
 WGradient = Literal["exact", "finite-difference"]
 W_GRADIENTS: tuple[str, ...] = ("finite-difference", "exact")
@@ -58,22 +68,67 @@ def pair_logprobs(policy: nn.Module, batch: PairBatch, *, embeddings: Tensor | N
     return out.logprobs.view(len(batch), 2)
 
 
+class CapturedEmbeddings:
+    """What :func:`input_embeddings` saw: ``value``, the ``(batch, T, D)`` output of the
+    embedding layer in the last forward (shift included), in the autograd graph."""
+
+    value: Tensor
+
+
+@contextlib.contextmanager
+def input_embeddings(policy: nn.Module, *, shift: Tensor | None = None
+                     ) -> Iterator[CapturedEmbeddings]:
+    """Capture, and optionally shift, the input embeddings inside the policy's forward.
+
+    A forward hook on ``policy.get_input_embeddings()`` records its output and returns
+    ``output + shift``. Unlike embedding the ids outside the model and feeding
+    ``inputs_embeds``, this works when the embedding table is sharded (FSDP2 gathers it only
+    inside the root forward), and the shifted embeddings still depend on the table.
+
+    Args:
+        policy: a causal LM with ``get_input_embeddings``.
+        shift: ``(batch, T, D)`` added to the embeddings (broadcastable), or None.
+
+    Yields:
+        :class:`CapturedEmbeddings`, filled by each forward in the block.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> with input_embeddings(model) as captured:
+        ...     _ = model(input_ids=ids)
+        >>> captured.value.shape
+        torch.Size([1, 3, 8])
+    """
+    captured = CapturedEmbeddings()
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        captured.value = output if shift is None else output + shift
+        return captured.value
+
+    handle = policy.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 def method_objective(policy: nn.Module, batch: PairBatch, method: Method, *, eta: float,
                      beta: float) -> tuple[RobustObjective, Tensor]:
     """The method's robust objective on ``batch`` and the ``(n,)`` pointwise losses.
 
-    The Wasserstein sets need the input embeddings as a tensor in the graph, so the policy is
-    then fed ``inputs_embeds`` instead of token ids.
+    The Wasserstein sets differentiate through the input embeddings, which are captured from
+    the forward (:func:`input_embeddings`).
     """
     if method.spec is None or not method.spec.needs_input_gradients:
         logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
         return robust_objective(losses, method.spec), losses
-    with attention_kernels(method):
-        embeddings = policy.get_input_embeddings()(batch.flat("input_ids"))
-        logprobs = pair_logprobs(policy, batch, embeddings=embeddings)
+    with attention_kernels(method), input_embeddings(policy) as embeddings:
+        logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
-        return robust_objective(losses, method.spec, inputs=embeddings), losses
+        return robust_objective(losses, method.spec, inputs=embeddings.value), losses
 
 
 def attention_kernels(method: Method, w_gradient: WGradient = "exact"
@@ -189,11 +244,10 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
     4e-3 (float32), 0.12 under bf16 autocast, where the exact double backward's own bf16
     rounding error is 0.06 (w_rho = 0.5; at w_rho = 0.05, 0.06 against 0.05).
     """
-    embeddings = policy.get_input_embeddings()(batch.flat("input_ids"))
+    with autocast, input_embeddings(policy) as captured:
+        losses = method.losses(pair_logprobs(policy, batch), batch, eta=eta, beta=beta)
+    embeddings = captured.value
     embeddings.retain_grad()
-    with autocast:
-        losses = method.losses(pair_logprobs(policy, batch, embeddings=embeddings), batch,
-                               eta=eta, beta=beta)
     check_local_losses(losses)
     total = _global_count(losses)
     (losses.sum() / total).backward()
@@ -213,14 +267,13 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
         scale = (moments[0] / moments[1]).sqrt().clamp_min(torch.finfo(z.dtype).tiny)
         eps = math.sqrt(torch.finfo(compute_dtype or v.dtype).eps * torch.finfo(v.dtype).eps)
         kappa = float(math.sqrt(eps) * scale / largest)
+        # Sharded gradients are already summed over ranks; scaling the sum is the same.
         for parameter in policy.parameters():
             if parameter.grad is not None:
                 parameter.grad.mul_(1 - 2 * total / kappa)
         step = (kappa * slopes).repeat_interleave(2).reshape(-1, *[1] * (v.ndim - 1))
-        shifted = policy.get_input_embeddings()(batch.flat("input_ids")) + step * v
-        with autocast:
-            moved = method.losses(pair_logprobs(policy, batch, embeddings=shifted), batch,
-                                  eta=eta, beta=beta)
+        with autocast, input_embeddings(policy, shift=step * v):
+            moved = method.losses(pair_logprobs(policy, batch), batch, eta=eta, beta=beta)
         (moved.sum() * (2 / kappa)).backward()
     return RobustObjective(losses.new_zeros(()), value, weights), losses
 
@@ -257,7 +310,9 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     """One AdamW (or any optimiser) step of ``method`` on the minibatch ``batch``.
 
     Args:
-        policy: the causal LM being trained (unwrapped; gradients are summed over ranks here).
+        policy: the causal LM being trained: unwrapped (its gradients are then summed over
+            ranks here) or sharded by :func:`drosim.llm.sharding.shard_policy` (FSDP2 sums
+            them in the backward).
         optimizer: its optimiser.
         batch: this rank's share of the global minibatch.
         method: pointwise loss and ambiguity set.
@@ -290,8 +345,12 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
                 objective, losses = method_objective(policy, batch, method, eta=eta, beta=beta)
             objective.loss.backward()
     parameters = [p for p in policy.parameters() if p.requires_grad]
-    sum_gradients_over_ranks(parameters)
+    if not is_sharded(policy):
+        sum_gradients_over_ranks(parameters)
+    # On sharded (DTensor) gradients this is the norm of the whole gradient, over every rank.
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     optimizer.step()
     total = torch.stack([losses.detach().sum(), losses.new_tensor(float(len(batch)))])
     if dist.is_available() and dist.is_initialized():
