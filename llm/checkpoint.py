@@ -18,6 +18,17 @@ Only the global generators (python ``random``, numpy's global state, torch CPU a
 captured, and only in the process that saves; a trainer that draws from its own
 ``torch.Generator`` objects, or from different streams on each distributed rank, must put their
 state in ``TrainState.extra`` or derive them from the iteration number.
+
+A policy sharded with FSDP2 (``sharding: fsdp2``) is saved by every rank at once, through
+``torch.distributed.checkpoint`` (DCP)::
+
+    iteration-000010/   dcp/.metadata  dcp/__0_0.distcp  dcp/__1_0.distcp ...   (model and
+                        optimizer, each rank writing its own shards)
+                        scheduler.pt  rng-rank0.pt  rng-rank1.pt ...  state.json  manifest.json
+
+with the same temporary directory, manifest (its names are paths inside the checkpoint) and
+``latest`` pointer, written by rank 0 once every rank's files are in place. The ranks must
+share the run directory's filesystem.
 """
 
 from __future__ import annotations
@@ -36,7 +47,12 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from drosim.llm.sharding import is_sharded
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -47,6 +63,8 @@ RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"  # sha256 of every other file, written last
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+DCP_DIR = "dcp"  # a sharded checkpoint's model and optimizer
+REQUIRED_SHARDED_FILES = (f"{DCP_DIR}/.metadata", STATE_FILE)
 STATE_KEYS = ("iteration", "data_position", "extra")
 
 
@@ -93,6 +111,9 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write a checkpoint of the run and point ``latest`` at it.
 
+    A sharded model (:func:`drosim.llm.sharding.shard_policy`) is saved in the sharded format
+    by :func:`save_sharded_checkpoint`: every rank must then call this function.
+
     The checkpoint is written into a temporary sibling directory, every file is fsynced, and
     only then is the directory renamed to ``run_dir/checkpoints/iteration-NNNNNN`` and
     ``latest`` rewritten (a temporary file plus ``os.replace``). Old checkpoints are deleted
@@ -120,32 +141,98 @@ def save_checkpoint(
         TypeError: if ``state.extra`` is not JSON-serialisable (raised before anything is
             written).
     """
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    if state.iteration < 0:
-        raise ValueError(f"state.iteration must be non-negative, got {state.iteration}")
-    # Serialise first: a bad `extra` should fail before any file is touched.
-    state_json = json.dumps(
-        {"iteration": state.iteration, "data_position": state.data_position,
-         "extra": state.extra},
-        indent=2,
-    )
-
+    if is_sharded(model):
+        return save_sharded_checkpoint(run_dir, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, state=state, keep=keep)
+    state_json = _state_json(state, keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(state.iteration)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
-
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-",
+                                dir=root))
     safetensors.torch.save_model(_unwrap(model), str(tmp / MODEL_FILE))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     torch.save(_rng_state(), tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(state_json)
-    manifest = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
+    return _commit(tmp, iteration=state.iteration, keep=keep)
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    state: TrainState,
+    keep: int = 2,
+) -> Path:
+    """Atomically write a checkpoint of a sharded run; every rank calls it.
+
+    Each rank writes its shards of the model and optimizer state (DCP) and its generators'
+    state into one temporary directory that rank 0 created; after a barrier rank 0 writes
+    the scheduler, state and manifest and renames the directory into place exactly as
+    :func:`save_checkpoint` does. Arguments, return value and errors as
+    :func:`save_checkpoint`.
+    """
+    state_json = _state_json(state, keep)
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    main = dist.get_rank() == 0
+    tmp = [None]
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = [tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-",
+                                dir=root)]
+    dist.broadcast_object_list(tmp)
+    tmp = Path(tmp[0])
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state},
+             checkpoint_id=tmp / DCP_DIR)
+    torch.save(_rng_state(), tmp / _rank_rng_file(dist.get_rank()))
+    dist.barrier()  # every rank's files are written
+    final = root / checkpoint_name(state.iteration)
+    if main:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        (tmp / STATE_FILE).write_text(state_json)
+        _commit(tmp, iteration=state.iteration, keep=keep)
+    dist.barrier()  # the checkpoint is in place before any rank goes on
+    return final
+
+
+def _state_json(state: TrainState, keep: int) -> str:
+    """The checkpoint's ``state.json`` text, after checking the arguments of a save: a bad
+    ``extra`` or ``keep`` fails before any file is touched.
+
+    Raises:
+        ValueError: if ``keep`` < 1 or ``state.iteration`` < 0.
+        TypeError: if ``state.extra`` is not JSON-serialisable.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if state.iteration < 0:
+        raise ValueError(f"state.iteration must be non-negative, got {state.iteration}")
+    return json.dumps({"iteration": state.iteration, "data_position": state.data_position,
+                       "extra": state.extra}, indent=2)
+
+
+def _rank_rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def _commit(tmp: Path, *, iteration: int, keep: int) -> Path:
+    """Give the complete temporary checkpoint ``tmp`` its final name and point ``latest`` at it.
+
+    Writes the manifest (sha256 of every file, by its path inside the checkpoint), fsyncs
+    every file and directory, renames, rewrites ``latest`` and prunes old checkpoints.
+    """
+    root = tmp.parent
+    name = checkpoint_name(iteration)
+    files = sorted(file for file in tmp.rglob("*") if file.is_file())
+    manifest = {file.relative_to(tmp).as_posix(): _sha256(file) for file in files}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    for file in tmp.iterdir():
-        _fsync(file)
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files before their directories
+        _fsync(path)
     _fsync(tmp)
 
     final = root / name
@@ -158,7 +245,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync(root)
     _write_latest(root, name)
-    _prune(root, newest=state.iteration, keep=keep)
+    _prune(root, newest=iteration, keep=keep)
     return final
 
 
@@ -183,7 +270,8 @@ def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}: not a directory")
-    missing = [file for file in REQUIRED_FILES if not (path / file).is_file()]
+    required = REQUIRED_SHARDED_FILES if is_sharded_checkpoint(path) else REQUIRED_FILES
+    missing = [file for file in required if not (path / file).is_file()]
     if missing:
         raise FileNotFoundError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
     if (path / MANIFEST_FILE).is_file():
@@ -206,6 +294,11 @@ def verify_checkpoint(path: str | Path) -> None:
     if absent:
         raise CorruptCheckpointError(f"checkpoint {path}: {STATE_FILE} lacks "
                                      f"{', '.join(absent)}")
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint at ``path`` was written by a sharded run (DCP format)."""
+    return (Path(path) / DCP_DIR).is_dir()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -334,6 +427,9 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore a run from a checkpoint written by :func:`save_checkpoint`.
 
+    A sharded model loads a sharded checkpoint, every rank calling this function with its
+    own shards of ``model`` and ``optimizer``.
+
     Weights (strictly: every name must match), optimizer and scheduler state are loaded in
     place, and every global generator (python ``random``, numpy, torch CPU, and CUDA where the
     checkpoint has CUDA state and CUDA is available) is reset to its state at save time.
@@ -353,22 +449,40 @@ def load_checkpoint(
         FileNotFoundError, CorruptCheckpointError: the checkpoint fails
             :func:`verify_checkpoint` or misses ``scheduler.pt`` when ``scheduler`` is given
             (checked before anything is loaded).
+        ValueError: a sharded checkpoint for an unsharded model, or the reverse.
         RuntimeError: if the saved weights do not match ``model``'s names or shapes.
     """
     path = Path(path)
     verify_checkpoint(path)
     if scheduler is not None and not (path / SCHEDULER_FILE).is_file():
         raise FileNotFoundError(f"incomplete checkpoint {path}: missing {SCHEDULER_FILE}")
+    if is_sharded_checkpoint(path) != is_sharded(model):
+        written, given = ("sharded", "an unsharded") if is_sharded_checkpoint(path) else (
+            "unsharded", "a sharded")
+        raise ValueError(f"checkpoint {path} was written by a {written} run and cannot be "
+                         f"loaded into {given} model: resume with the run's own sharding, or "
+                         "turn it into a model folder with `drosim-llm export`")
 
-    safetensors.torch.load_model(_unwrap(model), path / MODEL_FILE, strict=True,
-                                 device=str(map_location))
-    optimizer.load_state_dict(
-        torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
-    )
+    if is_sharded(model):
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        saved = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(saved, checkpoint_id=path / DCP_DIR)
+        set_state_dict(model, optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=saved["optimizer"])
+        rng_file = _rank_rng_file(dist.get_rank())
+    else:
+        safetensors.torch.load_model(_unwrap(model), path / MODEL_FILE, strict=True,
+                                     device=str(map_location))
+        optimizer.load_state_dict(
+            torch.load(path / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+        )
+        rng_file = RNG_FILE
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
-    # Generator states must be CPU byte tensors whatever map_location says.
-    _set_rng_state(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    # Generator states must be CPU byte tensors whatever map_location says. A sharded run
+    # resumed on more ranks than it was saved on has no saved state for the new ranks.
+    if (path / rng_file).is_file():
+        _set_rng_state(torch.load(path / rng_file, map_location="cpu", weights_only=True))
 
     saved = json.loads((path / STATE_FILE).read_text())
     return TrainState(iteration=saved["iteration"], data_position=saved["data_position"],

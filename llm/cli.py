@@ -4,6 +4,7 @@
     drosim-llm train [--config demo|smoke|PATH.yaml] [--resume] [key=value ...]
     drosim-llm --version
     torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
+    drosim-llm export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite]
 
 ``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
 ``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.config.TrainConfig`.
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="delete an earlier run's outputs in out_dir first")
     train.add_argument("overrides", nargs="*", help="key=value overrides")
 
+    export = commands.add_parser("export", help="a run's policy as a Hugging Face model folder")
+    export.add_argument("source", help="a run directory (its final/ folder, else its newest "
+                                       "intact checkpoint) or one checkpoint directory")
+    export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -63,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             if "rebel" in methods and len(seeds) > 1:
                 print(learning_report(summary))
             print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+        elif args.command == "export":
+            from drosim.llm.export import export_model
+
+            weights = export_model(args.source, args.out, overwrite=args.overwrite)
+            print(f"exported {weights} to {args.out}")
         else:
             from drosim.llm.trainer import train as run_training
 

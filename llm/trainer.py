@@ -20,7 +20,9 @@ iteration draws its randomness from a seed of (run, rank, iteration), so on CPU 
 ends with the same bits as an uninterrupted one. Under ``torchrun`` every rank samples its own
 share of the prompts and the robust objective is global over ranks (see
 :mod:`drosim.llm.objective`); whatever is written once per run is written by rank 0 while the
-others wait.
+others wait. With ``sharding: fsdp2`` the policy and reference are sharded over the ranks
+(:mod:`drosim.llm.sharding`): every forward is then a collective, so every rank also runs the
+evaluation, and checkpoints are written by all ranks together.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
 from drosim.llm.batch import PairBatch
@@ -54,6 +57,7 @@ from drosim.llm.checkpoint import (
 from drosim.llm.config import TrainConfig, save_config
 from drosim.llm.data import PromptStream, load_prompts
 from drosim.llm.evaluation import evaluate_mixtures
+from drosim.llm.export import FINAL_DIR, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method, make_method
 from drosim.llm.rewards import (
@@ -64,6 +68,7 @@ from drosim.llm.rewards import (
     score,
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
+from drosim.llm.sharding import is_sharded, shard_policy
 from drosim.llm.update import (
     StepStats,
     maybe_compile,
@@ -316,7 +321,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     """Device, method, policy (dropout off), reference, reward model, prompts, optimiser.
 
     Raises:
-        ValueError: pairs or minibatches that do not split evenly over the ranks.
+        ValueError: pairs or minibatches that do not split evenly over the ranks, or
+            ``sharding=fsdp2`` without several ranks.
     """
     out_dir = Path(config.out_dir)
     device = resolve_device(config, world.local_rank)
@@ -326,6 +332,9 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
                          f"{world.world_size} ranks")
+    if config.sharding == "fsdp2" and world.world_size == 1:
+        raise ValueError("sharding=fsdp2 shards over the ranks of a torchrun job: launch with "
+                         "torchrun --nproc-per-node N (N >= 2), or use sharding=none")
     method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
                          kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
     seed_everything(config.seed)
@@ -338,6 +347,13 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.sharding == "fsdp2":
+        mixed_precision = torch.bfloat16 if config.bf16 else None
+        shard_policy(policy, mixed_precision=mixed_precision)
+        # The reference is sharded too: a replicated copy would hold the whole model on
+        # every rank, the memory sharding exists to save; its forward only gathers blocks.
+        if reference is not None:
+            shard_policy(reference, mixed_precision=mixed_precision)
     policy.train()
     reward_model = load_reward_model(config, device)
     alpha = mixture_weights(reward_model.objectives, config.train_mixture).to(device)
@@ -439,30 +455,39 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
 
 
 def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
-    """Rank 0 scores held-out prompts under the mixture grid and logs the report."""
-    if not run.world.is_main:
+    """Rank 0 scores held-out prompts under the mixture grid and logs the report (a sharded
+    policy's forwards are collectives: every rank then samples the same evaluation)."""
+    sharded = is_sharded(run.policy)
+    if not (run.world.is_main or sharded):
         return
     config = run.config
     report = evaluate_mixtures(run.policy, run.tokenizer, run.reward_model, run.eval_prompts,
                                config.eval_mixtures, temperature=config.temperature,
                                top_p=config.top_p, max_new_tokens=config.max_new_tokens,
                                seed=EVAL_SEED)
-    log.write({"iteration": iteration, "kind": "eval", **report})
+    if log is not None:
+        log.write({"iteration": iteration, "kind": "eval", **report})
 
 
 def checkpoint(run: Run, state: TrainState) -> None:
-    """Rank 0 saves the checkpoint; the others wait for it."""
-    if run.world.is_main:
+    """Rank 0 saves the checkpoint (every rank its shards, when sharded); the others wait."""
+    if run.world.is_main or is_sharded(run.policy):
         save_checkpoint(run.out_dir, model=run.policy, optimizer=run.optimizer,
                         scheduler=run.scheduler, state=state)
     run.world.barrier()
 
 
 def finish(run: Run) -> None:
-    """Rank 0 saves the final policy and tokenizer; the others wait for it."""
+    """Rank 0 saves the final policy and tokenizer as a Hugging Face folder; the others
+    wait. A sharded policy is first gathered, on the CPU, by every rank together."""
+    full = None
+    if is_sharded(run.policy):
+        full = get_model_state_dict(run.policy, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
     if run.world.is_main:
-        run.policy.save_pretrained(run.out_dir / "final")
-        run.tokenizer.save_pretrained(run.out_dir / "final")
+        # overwrite: a finished run resumed again rewrites its own final/
+        write_pretrained(run.policy, run.tokenizer, run.out_dir / FINAL_DIR, overwrite=True,
+                         state_dict=full)
     run.world.barrier()
 
 

@@ -1,0 +1,177 @@
+"""``drosim-llm export``: a run's policy as a Hugging Face model folder.
+
+    export_model("runs/demo", "exported/")                      final/, else newest checkpoint
+    export_model("runs/demo/checkpoints/iteration-000010", "exported/")
+
+The folder (``config.json``, ``model.safetensors``, the tokenizer) loads with
+``AutoModelForCausalLM.from_pretrained``, whether the checkpoint was written by an unsharded
+run (safetensors) or a sharded one (``torch.distributed.checkpoint``, read here on one
+process without a process group). A checkpoint holds weights only; the architecture and the
+tokenizer come from the run's ``config.yaml`` (its ``model`` and ``tokenizer``: the cached
+``base/`` for ``model: demo``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from drosim.llm.checkpoint import (
+    CHECKPOINTS_DIR,
+    DCP_DIR,
+    MODEL_FILE,
+    CorruptCheckpointError,
+    checkpoints_newest_first,
+    is_sharded_checkpoint,
+    verify_checkpoint,
+)
+from drosim.llm.config import load_config
+
+FINAL_DIR = "final"
+
+
+def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the policy of a run directory or checkpoint as a Hugging Face model folder.
+
+    Args:
+        source: a run directory (its ``final/`` folder when the run finished, else its newest
+            intact checkpoint) or one checkpoint directory of a run.
+        out: the folder to write; it must not exist or be empty unless ``overwrite``.
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        The weights exported: the checkpoint or ``final/`` directory.
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is not set.
+        FileNotFoundError: no such run or checkpoint, or a run with nothing to export.
+        CorruptCheckpointError: the checkpoint does not match its manifest.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty: choose another folder or pass "
+                              "--overwrite")
+    weights, run_dir = _weights_to_export(Path(source))
+    if weights.name == FINAL_DIR:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+    else:
+        model, tokenizer = _base_model(run_dir)
+        load_weights(model, weights)
+    write_pretrained(model, tokenizer, out, overwrite=overwrite)
+    return weights
+
+
+def _weights_to_export(source: Path) -> tuple[Path, Path]:
+    """(the checkpoint or final/ folder to export, its run directory) for ``source``.
+
+    Raises:
+        FileNotFoundError, CorruptCheckpointError: see :func:`export_model`.
+    """
+    if not source.is_dir():
+        raise FileNotFoundError(f"no run or checkpoint at {source}")
+    if source.parent.name == CHECKPOINTS_DIR:  # one checkpoint: it must be intact
+        verify_checkpoint(source)
+        return source, source.parent.parent
+    if (source / FINAL_DIR).is_dir():
+        return source / FINAL_DIR, source
+    for candidate in checkpoints_newest_first(source):
+        try:
+            verify_checkpoint(candidate)
+        except (CorruptCheckpointError, FileNotFoundError) as error:
+            print(f"drosim-llm: warning: {error}; trying the one before it", file=sys.stderr)
+            continue
+        return candidate, source
+    raise FileNotFoundError(f"{source} holds no {FINAL_DIR}/ folder and no intact checkpoint "
+                            "to export")
+
+
+def _base_model(run_dir: Path) -> tuple[nn.Module, object]:
+    """The run's initial policy (the architecture to load weights into) and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot tell which model the "
+                                "checkpoint belongs to")
+    config = load_config(config_file)
+    model = str(run_dir / "base") if config.model == "demo" else config.model
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), tokenizer
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint's weights into an unsharded ``model``, in place.
+
+    A sharded (DCP) checkpoint is read on this process alone: DCP needs no process group to
+    load, and gathers every shard of each tensor into the model's whole tensor.
+
+    Raises:
+        RuntimeError: names or shapes that do not match ``model``.
+    """
+    if is_sharded_checkpoint(checkpoint):
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=checkpoint / DCP_DIR)
+        model.load_state_dict(state["model"])
+    else:
+        safetensors.torch.load_model(model, checkpoint / MODEL_FILE, strict=True)
+
+
+def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write ``model`` (safetensors) and ``tokenizer`` as the folder ``out``.
+
+    Written into a temporary sibling and renamed, so ``out`` is complete or absent.
+
+    Args:
+        model: a ``transformers`` model.
+        tokenizer: its tokenizer.
+        out: the folder to create.
+        overwrite: replace an existing ``out`` (otherwise only an empty one is replaced).
+        state_dict: the weights to write instead of ``model``'s own (e.g. the gathered full
+            state of a sharded model); names that alias an earlier parameter of ``model``
+            (tied embeddings) are dropped, as ``save_pretrained`` drops them from a model.
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is not set.
+    """
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        state_dict = {name: value for name, value in state_dict.items()
+                      if name not in _tied_aliases(model)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (e.g. GPT-2's
+    ``lm_head.weight``, tied to ``transformer.wte.weight``)."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases.add(name)
+        first.setdefault(id(parameter), name)
+    return aliases
