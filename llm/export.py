@@ -123,7 +123,7 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
     """
     if is_sharded_checkpoint(checkpoint):
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=checkpoint / DCP_DIR)
+        dcp.load(state, checkpoint_id=checkpoint / DCP_DIR, no_dist=True)
         model.load_state_dict(state["model"])
     else:
         safetensors.torch.load_model(model, checkpoint / MODEL_FILE, strict=True)

@@ -12,6 +12,13 @@ size, which turns rounding in near-zero gradients into 1e-3 relative differences
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from llm_helpers import near_policy, random_pair_batch, tiny_model
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from drosim.llm.batch import PairBatch
+from drosim.llm.cli import main as cli_main
+from drosim.llm.config import bundled_config_path, load_config
+from drosim.llm.demo import build_demo_base
 from drosim.llm.methods import METHODS, make_method
 from drosim.llm.sharding import shard_policy, transformer_blocks
 from drosim.llm.update import StepStats, update_step
@@ -129,3 +140,146 @@ def test_transformer_blocks_are_found_or_refused_clearly():
     assert transformer_blocks(model) is model.transformer.h
     with pytest.raises(ValueError, match=r"no nn\.ModuleList of transformer blocks"):
         transformer_blocks(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ the trainer under torchrun
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# Two iterations of the smoke run, a checkpoint after each.
+RUN = ["train", "--config", "smoke", "iterations=2", "checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_demo_base(tmp_path_factory.mktemp("fsdp-run") / "base", pretrain_steps=20,
+                           corpus_size=300)
+
+
+def torchrun(out: Path, base: Path, *extra: str) -> list[str]:
+    """The command of a 2-rank CPU run of the CLI."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "-m", "drosim.llm.cli", *RUN, f"model={base}", f"out_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory) -> dict[str, Path]:
+    """The same 2-rank run, sharded and not."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    for sharding in ("fsdp2", "none"):
+        done = subprocess.run(torchrun(root / sharding, base, f"sharding={sharding}"), env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return {sharding: root / sharding for sharding in ("fsdp2", "none")}
+
+
+def test_a_sharded_run_ends_where_the_unsharded_one_does(runs, base):
+    sharded, plain = (load_file(runs[s] / "final" / "model.safetensors")
+                      for s in ("fsdp2", "none"))
+    initial = load_file(base / "model.safetensors")
+    assert sharded.keys() == plain.keys() == initial.keys()  # tied weights saved once
+    difference = max(float((sharded[k] - plain[k]).abs().max()) for k in plain)
+    update = max(float((plain[k] - initial[k]).abs().max()) for k in plain)
+    # float32: the gathered weights feed kernels with other strides, so gradients differ by
+    # rounding (1e-7 relative); AdamW's first steps divide every gradient by its own size,
+    # which lifts that to ~1% of a step in near-zero entries (measured 2.5e-5 after one
+    # iteration, against steps of 2e-3).
+    assert update > 1e-3
+    assert difference < 0.05 * update
+    checkpoint = runs["fsdp2"] / "checkpoints" / "iteration-000002"
+    assert sorted(p.name for p in (checkpoint / "dcp").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng-rank1.pt", "state.json"} <= set(
+        manifest)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "none"])
+def test_export_of_a_checkpoint_loads_with_from_pretrained(runs, tmp_path, sharding):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "exported"
+    checkpoint = runs[sharding] / "checkpoints" / "iteration-000002"
+    assert cli_main(["export", str(checkpoint), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    final = AutoModelForCausalLM.from_pretrained(runs[sharding] / "final")
+    # the last checkpoint holds the final weights
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(),
+                                         final.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert AutoTokenizer.from_pretrained(out)("joy calm").input_ids
+
+
+def test_export_of_a_run_dir_takes_final_and_refuses_a_non_empty_out(runs, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert cli_main(["export", str(runs["fsdp2"]), "--out", str(out)]) == 0
+    assert f"exported {runs['fsdp2'] / 'final'}" in capsys.readouterr().out
+    assert load_file(out / "model.safetensors").keys() == load_file(
+        runs["fsdp2"] / "final" / "model.safetensors").keys()
+    assert cli_main(["export", str(runs["fsdp2"]), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert cli_main(["export", str(runs["fsdp2"]), "--out", str(out), "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".tmp-*"))  # the temporary folders are gone
+
+
+def test_export_names_a_corrupt_or_missing_checkpoint(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp2"], run)
+    shutil.rmtree(run / "final")
+    shard = run / "checkpoints" / "iteration-000002" / "dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # a torn write
+    assert cli_main(["export", str(shard.parent.parent), "--out", str(tmp_path / "a")]) == 2
+    assert "dcp/__1_0.distcp missing or changed" in capsys.readouterr().err
+    # the run dir falls back to the checkpoint before it
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr()
+    assert "iteration-000002" in printed.err and "trying the one before it" in printed.err
+    assert f"exported {run / 'checkpoints' / 'iteration-000001'}" in printed.out
+    assert cli_main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 2
+    assert "no run or checkpoint at" in capsys.readouterr().err
+
+
+def test_fsdp2_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match="sharding must be one of none, fsdp2"):
+        load_config(bundled_config_path("smoke"), ["sharding=ddp"])
+    with pytest.raises(ValueError, match="does not support w_gradient=exact"):
+        load_config(bundled_config_path("smoke"), ["sharding=fsdp2", "w_gradient=exact"])
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_and_resumed_is_bitwise_exact(base, tmp_path):
+    """SIGKILL to every process of the job between two checkpoints, then --resume."""
+    extra = ("sharding=fsdp2", "method=chi2-rebel", "chi2_rho=0.1", "iterations=8",
+             "checkpoint_every=3", "eval_every=5")
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(torchrun(reference, base, *extra), env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    out = tmp_path / "killed"
+    job = subprocess.Popen(torchrun(out, base, *extra), env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any(r["iteration"] >= 4 for r in train_records(out)):
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, as a lost node
+    job.wait()
+    assert [p.name for p in (out / "checkpoints").glob("iteration-*")] == ["iteration-000003"]
+    assert not (out / "final").exists()
+
+    subprocess.run([*torchrun(out, base, *extra), "--resume"], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    ours = load_file(out / "final" / "model.safetensors")
+    theirs = load_file(reference / "final" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in train_records(out)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"}
+                     for r in train_records(reference)]
+
+
+def train_records(out: Path) -> list[dict]:
+    if not (out / "metrics.jsonl").exists():
+        return []
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
