@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -55,6 +56,9 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
         FileNotFoundError: no such run or checkpoint, or a run with nothing to export.
         CorruptCheckpointError: the checkpoint does not match its manifest.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty: choose another folder or pass "
@@ -123,7 +127,10 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
     """
     if is_sharded_checkpoint(checkpoint):
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=checkpoint / DCP_DIR, no_dist=True)
+        # One process on purpose: DCP's warning that it assumes so is noise here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(state, checkpoint_id=checkpoint / DCP_DIR, no_dist=True)
         model.load_state_dict(state["model"])
     else:
         safetensors.torch.load_model(model, checkpoint / MODEL_FILE, strict=True)
