@@ -104,14 +104,24 @@ class Distributed:
             dist.barrier()
 
 
-def init_distributed(device: str) -> Distributed:
+def init_distributed(device: str, *, always: bool = False) -> Distributed:
     """Join the ``torchrun`` process group if the environment describes one.
 
     Uses NCCL when training on CUDA and gloo otherwise.
+
+    Args:
+        device: the training device ("cuda..." or "cpu").
+        always: join even a one-process job (FSDP2 needs a process group).
+
+    Raises:
+        ValueError: ``always`` outside ``torchrun``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size == 1 and not always:
         return Distributed()
+    if "MASTER_ADDR" not in os.environ:
+        raise ValueError("sharding=fsdp2 shards over the ranks of a torchrun job: launch "
+                         "with torchrun --nproc-per-node N, or use sharding=none")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
@@ -321,8 +331,7 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     """Device, method, policy (dropout off), reference, reward model, prompts, optimiser.
 
     Raises:
-        ValueError: pairs or minibatches that do not split evenly over the ranks, or
-            ``sharding=fsdp2`` without several ranks.
+        ValueError: pairs or minibatches that do not split evenly over the ranks.
     """
     out_dir = Path(config.out_dir)
     device = resolve_device(config, world.local_rank)
@@ -332,9 +341,6 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
                          f"{world.world_size} ranks")
-    if config.sharding == "fsdp2" and world.world_size == 1:
-        raise ValueError("sharding=fsdp2 shards over the ranks of a torchrun job: launch with "
-                         "torchrun --nproc-per-node N (N >= 2), or use sharding=none")
     method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
                          kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
     seed_everything(config.seed)
@@ -511,7 +517,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     """
     found = prepare_out_dir(config, resume=resume, overwrite=overwrite)
     world = init_distributed(config.device if config.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu"))
+        "cuda" if torch.cuda.is_available() else "cpu"), always=config.sharding == "fsdp2")
     if overwrite and not resume and found and world.is_main:
         for name in found:
             path = Path(config.out_dir) / name

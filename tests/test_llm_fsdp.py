@@ -239,6 +239,13 @@ def test_export_names_a_corrupt_or_missing_checkpoint(runs, tmp_path, capsys):
     assert "no run or checkpoint at" in capsys.readouterr().err
 
 
+def test_fsdp2_outside_torchrun_is_a_clear_error(base, tmp_path, monkeypatch, capsys):
+    for variable in ("MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert cli_main([*RUN, "sharding=fsdp2", f"model={base}", f"out_dir={tmp_path}"]) == 2
+    assert "launch with torchrun" in capsys.readouterr().err
+
+
 def test_fsdp2_configuration_errors_are_clear():
     with pytest.raises(ValueError, match="sharding must be one of none, fsdp2"):
         load_config(bundled_config_path("smoke"), ["sharding=ddp"])

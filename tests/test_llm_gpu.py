@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from llm_helpers import attention_ops, near_policy, random_pair_batch, tiny_model
+from torch.distributed.tensor import DTensor
 
 from drosim.llm.methods import make_method
 from drosim.llm.update import update_step
@@ -23,7 +24,9 @@ def one_step(model, batch, name: str, **kwargs):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     stats = update_step(model, optimizer, batch, method, eta=1.0, beta=0.5,
                         max_grad_norm=1.0, **kwargs)
-    return stats, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a sharded model's state holds DTensors: gathered whole
+    return stats, {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                   for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize(("name", "w_gradient", "rtol"), [
@@ -59,3 +62,52 @@ def test_the_finite_difference_runs_on_a_fused_attention_kernel_on_cuda():
     fused = attention_ops("finite-difference", device="cuda")
     assert any("efficient_attention" in op or "flash_attention" in op for op in fused), fused
     assert not any("math" in op for op in fused), fused
+
+
+def _sharded_worker(rank: int, store: str, out: str) -> None:
+    """One NCCL rank: every method's update, sharded (float64, and float32 weights with bf16
+    mixed precision) and not; the results go to ``out``."""
+    import torch.distributed as dist
+
+    from drosim.llm.sharding import shard_policy
+
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=1)
+    torch.cuda.set_device(0)
+    try:
+        results = {}
+        for name in METHODS:
+            batch = near_policy(random_pair_batch(8, seed=3), tiny_model()).to("cuda")
+            for mixed_precision in (None, torch.bfloat16):
+                for sharded in (False, True):
+                    dtype = torch.float64 if mixed_precision is None else torch.float32
+                    model = tiny_model(dtype=dtype).cuda()
+                    if sharded:
+                        shard_policy(model, mixed_precision=mixed_precision)
+                    stats, state = one_step(model, batch, name, autocast_dtype=mixed_precision,
+                                            w_gradient="finite-difference")
+                    results[name, mixed_precision, sharded] = stats, state
+        torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_on_cuda(tmp_path_factory) -> dict:
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("fsdp-cuda")
+    mp.spawn(_sharded_worker, args=(str(tmp / "store"), str(tmp / "results.pt")), nprocs=1,
+             join=True)
+    return torch.load(tmp / "results.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fsdp2_on_one_cuda_rank_equals_the_unsharded_update(sharded_on_cuda, name):
+    plain, sharded = (sharded_on_cuda[name, None, s] for s in (False, True))
+    assert sharded[0].grad_norm == pytest.approx(plain[0].grad_norm, rel=1e-6)
+    for key in plain[1]:
+        torch.testing.assert_close(sharded[1][key], plain[1][key], rtol=1e-6, atol=1e-10)
+    # bf16 compute over float32 master weights: it trains, with finite numbers
+    stats, state = sharded_on_cuda[name, torch.bfloat16, True]
+    assert torch.isfinite(torch.tensor([stats.objective, stats.grad_norm])).all()
+    assert all(v.dtype == torch.float32 for v in state.values())
