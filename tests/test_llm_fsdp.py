@@ -239,6 +239,18 @@ def test_export_names_a_corrupt_or_missing_checkpoint(runs, tmp_path, capsys):
     assert "no run or checkpoint at" in capsys.readouterr().err
 
 
+def test_a_sharded_checkpoint_is_not_loaded_into_an_unsharded_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    from drosim.llm.checkpoint import load_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(runs["fsdp2"] / "final")
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=r"written by a sharded run .* `drosim-llm export`"):
+        load_checkpoint(runs["fsdp2"] / "checkpoints" / "iteration-000002", model=model,
+                        optimizer=optimizer, scheduler=None)
+
+
 def test_fsdp2_outside_torchrun_is_a_clear_error(base, tmp_path, monkeypatch, capsys):
     for variable in ("MASTER_ADDR", "WORLD_SIZE"):
         monkeypatch.delenv(variable, raising=False)
