@@ -103,6 +103,14 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier()
 
+    def largest(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (``value`` itself on one process)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor)
+
 
 def init_distributed(device: str, *, always: bool = False) -> Distributed:
     """Join the ``torchrun`` process group if the environment describes one.
@@ -556,13 +564,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                                     objective=f"{record['objective']:.3g}")
                 if (iteration + 1) % config.eval_every == 0 or iteration + 1 == config.iterations:
                     evaluate(run, iteration + 1, log)
-                if stop.signal is not None or (iteration + 1) % config.checkpoint_every == 0:
+                # A signal reaches the ranks at slightly different times: they agree to stop
+                # after the same iteration, or their checkpoint's collectives would not match.
+                stopping = world.largest(stop.signal or 0)
+                if stopping or (iteration + 1) % config.checkpoint_every == 0:
                     checkpoint(run, state)
-                if stop.signal is not None:
-                    print(f"\nstopped by signal {stop.signal} after iteration {iteration + 1}; "
+                if stopping:
+                    print(f"\nstopped by signal {stopping} after iteration {iteration + 1}; "
                           f"resume with --resume (checkpoint in {run.out_dir / 'checkpoints'})",
                           file=sys.stderr)
-                    raise SystemExit(128 + stop.signal)
+                    raise SystemExit(128 + stopping)
             finish(run)
     finally:
         if log is not None:

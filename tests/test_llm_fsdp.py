@@ -265,27 +265,33 @@ def test_fsdp2_configuration_errors_are_clear():
         load_config(bundled_config_path("smoke"), ["sharding=fsdp2", "w_gradient=exact"])
 
 
-@pytest.mark.slow
-def test_a_sharded_run_killed_and_resumed_is_bitwise_exact(base, tmp_path):
-    """SIGKILL to every process of the job between two checkpoints, then --resume."""
-    extra = ("sharding=fsdp2", "method=chi2-rebel", "chi2_rho=0.1", "iterations=8",
-             "checkpoint_every=3", "eval_every=5")
-    reference = tmp_path / "uninterrupted"
-    subprocess.run(torchrun(reference, base, *extra), env=ENV, check=True,
-                   capture_output=True, timeout=300)
-    out = tmp_path / "killed"
-    job = subprocess.Popen(torchrun(out, base, *extra), env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+# 8 iterations, a checkpoint every 3: a kill lands between checkpoints
+LONG_RUN = ("sharding=fsdp2", "method=chi2-rebel", "chi2_rho=0.1", "iterations=8",
+            "checkpoint_every=3", "eval_every=5")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp-long") / "uninterrupted"
+    subprocess.run(torchrun(out, base, *LONG_RUN), env=ENV, check=True, capture_output=True,
+                   timeout=300)
+    return out
+
+
+def start_and_wait_for(out: Path, base: Path, iteration: int) -> subprocess.Popen:
+    """The long sharded run, started in its own session, once it has logged ``iteration``."""
+    job = subprocess.Popen(torchrun(out, base, *LONG_RUN), env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not any(r["iteration"] >= 4 for r in train_records(out)):
+    while not any(r["iteration"] >= iteration for r in train_records(out)):
         assert job.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, as a lost node
-    job.wait()
-    assert [p.name for p in (out / "checkpoints").glob("iteration-*")] == ["iteration-000003"]
-    assert not (out / "final").exists()
+    return job
 
-    subprocess.run([*torchrun(out, base, *extra), "--resume"], env=ENV, check=True,
+
+def resume_and_compare(out: Path, base: Path, reference: Path) -> None:
+    """Resume ``out`` to the end: its weights and metrics are those of ``reference``."""
+    subprocess.run([*torchrun(out, base, *LONG_RUN), "--resume"], env=ENV, check=True,
                    capture_output=True, timeout=300)
     ours = load_file(out / "final" / "model.safetensors")
     theirs = load_file(reference / "final" / "model.safetensors")
@@ -295,6 +301,35 @@ def test_a_sharded_run_killed_and_resumed_is_bitwise_exact(base, tmp_path):
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in train_records(out)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"}
                      for r in train_records(reference)]
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_and_resumed_is_bitwise_exact(base, uninterrupted, tmp_path):
+    """SIGKILL to every process of the job between two checkpoints, then --resume."""
+    out = tmp_path / "killed"
+    job = start_and_wait_for(out, base, 4)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, as a lost node
+    job.wait()
+    assert [p.name for p in (out / "checkpoints").glob("iteration-*")] == ["iteration-000003"]
+    assert not (out / "final").exists()
+    resume_and_compare(out, base, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_iteration(base, uninterrupted,
+                                                                  tmp_path):
+    """torchrun passes SIGTERM on to the ranks, which agree on the iteration to stop after
+    (their checkpoint is a collective), save it and exit; --resume then ends exactly."""
+    out = tmp_path / "terminated"
+    job = start_and_wait_for(out, base, 1)
+    job.send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    stopped = [line for line in job.stderr.read().splitlines() if "stopped by signal" in line]
+    assert len(stopped) == 2 and len(set(stopped)) == 1  # both ranks, the same iteration
+    iteration = train_records(out)[-1]["iteration"]
+    assert f"after iteration {iteration};" in stopped[0]
+    assert (out / "checkpoints" / f"iteration-{iteration:06d}").is_dir()
+    resume_and_compare(out, base, uninterrupted)
 
 
 def train_records(out: Path) -> list[dict]:
