@@ -183,8 +183,9 @@ def record_sampling_logprobs(policy: nn.Module, batch: PairBatch, order: Tensor,
 
     The minibatches are the same rows in the same order (``order[k * m:(k + 1) * m]``, the
     permutation the first epoch then uses), under the same autocast and attention kernels.
-    ``torch.no_grad`` changes neither the kernels nor the bits on CPU (tested), and feeding
-    token ids gives the same bits as feeding their embeddings, as the Wasserstein methods do.
+    ``torch.no_grad`` changes neither the kernels nor the bits on CPU (tested), and the
+    Wasserstein methods' embedding hook (:func:`input_embeddings`) passes the embeddings on
+    unchanged in their first forward.
 
     Args:
         policy: the policy pi_t, about to be updated.

@@ -261,8 +261,9 @@ def test_fsdp2_outside_torchrun_is_a_clear_error(base, tmp_path, monkeypatch, ca
 def test_fsdp2_configuration_errors_are_clear():
     with pytest.raises(ValueError, match="sharding must be one of none, fsdp2"):
         load_config(bundled_config_path("smoke"), ["sharding=ddp"])
-    with pytest.raises(ValueError, match="does not support w_gradient=exact"):
-        load_config(bundled_config_path("smoke"), ["sharding=fsdp2", "w_gradient=exact"])
+    with pytest.raises(ValueError, match="sharding=fsdp2 cannot run wdpo with w_gradient=exact"):
+        load_config(bundled_config_path("smoke"),
+                    ["sharding=fsdp2", "method=wdpo", "w_gradient=exact"])
 
 
 # 8 iterations, a checkpoint every 3: a kill lands between checkpoints
