@@ -94,5 +94,6 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded by :func:`shard_policy` (its root is an FSDP unit)."""
-    return isinstance(model, FSDPModule)
+    """Whether ``model`` (or the module a ``torch.compile`` wrapper holds) was sharded by
+    :func:`shard_policy`: its root is an FSDP unit."""
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)

@@ -34,7 +34,7 @@ from drosim.llm.cli import main as cli_main
 from drosim.llm.config import bundled_config_path, load_config
 from drosim.llm.demo import build_demo_base
 from drosim.llm.methods import METHODS, make_method
-from drosim.llm.sharding import shard_policy, transformer_blocks
+from drosim.llm.sharding import is_sharded, shard_policy, transformer_blocks
 from drosim.llm.update import StepStats, update_step
 
 WORLD = 2
@@ -133,6 +133,20 @@ def test_sharded_ranks_match_one_process_and_the_unsharded_ranks(two_ranks, shar
     # the two ranks hold the same gathered weights
     for key, value in two_ranks[0][name]["fsdp2"][0].items():
         assert torch.equal(two_ranks[1][name]["fsdp2"][0][key], value), key
+
+
+def test_a_sharded_policy_is_recognised_through_torch_compile(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = tiny_model(seed=0)
+        assert not is_sharded(model) and not is_sharded(torch.compile(model))
+        shard_policy(model, mixed_precision=None)
+        # the trainer hands update_step the compile wrapper (compile=true): it must not
+        # all-reduce the already reduced, sharded gradients again
+        assert is_sharded(model) and is_sharded(torch.compile(model))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_transformer_blocks_are_found_or_refused_clearly():
