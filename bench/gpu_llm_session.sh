@@ -20,9 +20,9 @@ step() {  # step NAME SECONDS COMMAND...: run one part, log it, report its exit 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/logs/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__)" | tee -a "$out/logs/gpu.txt"
-step pytest_llm_cuda 100 python3 -P -m pytest -q -p no:cacheprovider tests/test_llm_gpu.py \
+step pytest_llm_cuda 130 python3 -P -m pytest -q -p no:cacheprovider tests/test_llm_gpu.py \
   tests/test_llm_fast_update.py tests/test_llm_logprobs.py
-step bench_llama_1b 230 python3 bench/bench_llm.py --device cuda --bf16 --model llama-1b \
+step bench_llama_1b 220 python3 bench/bench_llm.py --device cuda --bf16 --model llama-1b \
   --pairs 64 --seq-len 512 --sections steps,memory --repeats 3 \
   --methods chi2-rebel,kl-rebel,kltemp-rebel,w-rebel,wdpo --out-dir "$out"
 step bench_gpt2_small 90 python3 bench/bench_llm.py --device cuda --bf16 --model gpt2-small \
