@@ -29,7 +29,8 @@ step bench_gpt2_small 90 python3 bench/bench_llm.py --device cuda --bf16 --model
   --pairs 128 --sections steps --repeats 5 --methods chi2-rebel,kl-rebel,w-rebel,wdpo \
   --out-dir "$out"
 step pi_t_residual 60 python3 bench/pi_t_residual.py --device cuda --bf16 --model gpt2-small
-step fsdp2_train 80 python3 -P -m torch.distributed.run --standalone --nproc-per-node 1 \
+# PYTHONSAFEPATH (as -P) keeps the source tree off sys.path in torchrun's children too
+step fsdp2_train 80 env PYTHONSAFEPATH=1 python3 -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m drosim.llm.cli train --config smoke device=cuda bf16=true sharding=fsdp2 \
   method=w-rebel iterations=2 "out_dir=$out/fsdp2_run"
 rm -rf "$out/fsdp2_run"
