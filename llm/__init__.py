@@ -12,11 +12,13 @@ Components (small, pure, tested one by one):
 - :mod:`~drosim.llm.objective`: the robust objective (global over data-parallel ranks) and
   the batched Wasserstein input-gradient norms;
 - :mod:`~drosim.llm.update`: one optimiser step;
+- :mod:`~drosim.llm.sharding`: FSDP2 sharding of the policy (gradients summed over ranks);
 - :mod:`~drosim.llm.rollout`, :mod:`~drosim.llm.rewards`, :mod:`~drosim.llm.evaluation`:
   sampling pairs, multi-objective rewards, evaluation under reward mixtures;
 - :mod:`~drosim.llm.batch`, :mod:`~drosim.llm.data`: the pair batch and the prompt stream.
 
 Recipes: :mod:`~drosim.llm.trainer` (the online loop, with :mod:`~drosim.llm.config` and
-:mod:`~drosim.llm.checkpoint`), :mod:`~drosim.llm.demo` (the offline demo on
-:mod:`~drosim.llm.demo_world`) and the ``drosim-llm`` command (:mod:`~drosim.llm.cli`).
+:mod:`~drosim.llm.checkpoint`), :mod:`~drosim.llm.export` (a run as a Hugging Face folder),
+:mod:`~drosim.llm.demo` (the offline demo on :mod:`~drosim.llm.demo_world`) and the
+``drosim-llm`` command (:mod:`~drosim.llm.cli`).
 """

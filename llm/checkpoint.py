@@ -188,7 +188,11 @@ def save_sharded_checkpoint(
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state},
              checkpoint_id=tmp / DCP_DIR)
-    torch.save(_rng_state(), tmp / _rank_rng_file(dist.get_rank()))
+    rng_file = tmp / _rank_rng_file(dist.get_rank())
+    torch.save(_rng_state(), rng_file)
+    # Each rank flushes what it wrote (DCP its shards): on a filesystem shared by several
+    # nodes, rank 0's fsync in _commit need not reach another node's writes.
+    _fsync(rng_file)
     dist.barrier()  # every rank's files are written
     final = root / checkpoint_name(state.iteration)
     if main:
