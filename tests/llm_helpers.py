@@ -9,6 +9,7 @@ mathematics rather than against itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -222,3 +223,18 @@ def attention_ops(w_gradient: str, device: str = "cpu") -> set[str]:
                     beta=0.5, max_grad_norm=None, w_gradient=w_gradient)
     return {event.key for event in profile.key_averages() if "attention" in event.key}
 
+
+def shared_pair_batch() -> PairBatch:
+    """Eight pairs (one response empty), log-probabilities near the initial policy's: the
+    batch the two-rank tests split."""
+    return near_policy(random_pair_batch(8, seed=21, empty_rows=(5,)), tiny_model(seed=0),
+                       seed=22)
+
+
+def run_on_two_ranks(worker: Callable, batch: PairBatch, tmp: Path) -> list[dict]:
+    """Spawn ``worker(rank, store, batch, out)`` on two processes and load what each rank
+    saved as ``out/rank{r}.pt``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(tmp / "store"), batch, str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(2)]

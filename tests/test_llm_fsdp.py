@@ -24,8 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from llm_helpers import near_policy, random_pair_batch, tiny_model
+from llm_helpers import (
+    run_on_two_ranks,
+    shared_pair_batch,
+    tiny_model,
+)
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
@@ -86,18 +89,13 @@ def _worker(rank: int, store: str, batch: PairBatch, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def shared_batch() -> PairBatch:
-    """Eight pairs (one response empty), log-probabilities near the initial policy's."""
-    return near_policy(random_pair_batch(8, seed=21, empty_rows=(5,)), tiny_model(seed=0),
-                       seed=22)
+    return shared_pair_batch()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(shared_batch, tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks saved."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(tmp / "store"), shared_batch, str(tmp)), nprocs=WORLD,
-             join=True)
-    return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return run_on_two_ranks(_worker, shared_batch, tmp_path_factory.mktemp("fsdp"))
 
 
 def _relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
