@@ -231,10 +231,26 @@ def shared_pair_batch() -> PairBatch:
                        seed=22)
 
 
-def run_on_two_ranks(worker: Callable, batch: PairBatch, tmp: Path) -> list[dict]:
-    """Spawn ``worker(rank, store, batch, out)`` on two processes and load what each rank
-    saved as ``out/rank{r}.pt``."""
+def _rank_main(rank: int, store: str, on_rank: Callable, batch: PairBatch, out: str) -> None:
+    """One gloo rank: ``on_rank`` of its half of ``batch``, saved to ``out/rank{rank}.pt``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        half = len(batch) // 2
+        torch.save(on_rank(batch.select(slice(rank * half, (rank + 1) * half))),
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(on_rank: Callable[[PairBatch], dict], batch: PairBatch, tmp: Path
+                     ) -> list[dict]:
+    """What ``on_rank(local half of batch)`` returns on each of two gloo processes
+    (``on_rank`` must be a module-level function, so that the processes can import it)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(str(tmp / "store"), batch, str(tmp)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(str(tmp / "store"), on_rank, batch, str(tmp)), nprocs=2,
+             join=True)
     return [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(2)]

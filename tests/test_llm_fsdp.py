@@ -40,7 +40,6 @@ from drosim.llm.methods import METHODS, make_method
 from drosim.llm.sharding import is_sharded, shard_policy, transformer_blocks
 from drosim.llm.update import StepStats, update_step
 
-WORLD = 2
 RADII = dict(chi2_rho=0.1, kl_rho=0.1, kl_tau=0.5, w_rho=0.1)
 ETA, BETA = 1.0, 1.0
 STEPS = 2  # the second step sees the momentum and the once-updated weights
@@ -71,20 +70,10 @@ def _train(batch: PairBatch, name: str, *, sharded: bool = False
     return _full_state(model), stats
 
 
-def _worker(rank: int, store: str, batch: PairBatch, out: str) -> None:
-    """One rank: train on its half of ``batch``, sharded and not, for every method; save the
-    results to ``out/rank{rank}.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=WORLD)
-    try:
-        half = len(batch) // WORLD
-        local = batch.select(slice(rank * half, (rank + 1) * half))
-        results = {name: {"fsdp2": _train(local, name, sharded=True),
-                          "none": _train(local, name)} for name in METHODS}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _on_rank(local: PairBatch) -> dict:
+    """One rank's results on its half of the batch, sharded and not, for every method."""
+    return {name: {"fsdp2": _train(local, name, sharded=True), "none": _train(local, name)}
+            for name in METHODS}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +84,7 @@ def shared_batch() -> PairBatch:
 @pytest.fixture(scope="module")
 def two_ranks(shared_batch, tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks saved."""
-    return run_on_two_ranks(_worker, shared_batch, tmp_path_factory.mktemp("fsdp"))
+    return run_on_two_ranks(_on_rank, shared_batch, tmp_path_factory.mktemp("fsdp"))
 
 
 def _relative_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
