@@ -119,17 +119,12 @@ def init_distributed(device: str, *, always: bool = False) -> Distributed:
 
     Args:
         device: the training device ("cuda..." or "cpu").
-        always: join even a one-process job (FSDP2 needs a process group).
-
-    Raises:
-        ValueError: ``always`` outside ``torchrun``.
+        always: join even a one-process job (FSDP2 needs a process group; outside
+            ``torchrun`` :func:`check_sources` has refused it already).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not always:
         return Distributed()
-    if "MASTER_ADDR" not in os.environ:
-        raise ValueError("sharding=fsdp2 shards over the ranks of a torchrun job: launch "
-                         "with torchrun --nproc-per-node N, or use sharding=none")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
@@ -261,14 +256,17 @@ class MetricsLog:
 
 
 def check_sources(config: TrainConfig) -> None:
-    """Refuse, before anything is written, what cannot work: a CUDA device on a torch
-    without CUDA, and a model, tokenizer or reward model given as a local path (absolute,
-    or starting with ``.`` or ``~``) that does not exist. (A hub name is looked up by
-    ``from_pretrained`` itself.)
+    """Refuse, before anything is written, what cannot work: sharding outside ``torchrun``,
+    a CUDA device on a torch without CUDA, and a model, tokenizer or reward model given as a
+    local path (absolute, or starting with ``.`` or ``~``) that does not exist. (A hub name
+    is looked up by ``from_pretrained`` itself.)
 
     Raises:
         ValueError: naming the key and what is wrong.
     """
+    if config.sharding == "fsdp2" and "MASTER_ADDR" not in os.environ:
+        raise ValueError("sharding=fsdp2 shards over the ranks of a torchrun job: launch "
+                         "with torchrun --nproc-per-node N, or use sharding=none")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but this torch build has no CUDA device "
                          f"(torch {torch.__version__}): use device=cpu or device=auto")

@@ -255,8 +255,10 @@ def test_a_sharded_checkpoint_is_not_loaded_into_an_unsharded_model(runs):
 def test_fsdp2_outside_torchrun_is_a_clear_error(base, tmp_path, monkeypatch, capsys):
     for variable in ("MASTER_ADDR", "WORLD_SIZE"):
         monkeypatch.delenv(variable, raising=False)
-    assert cli_main([*RUN, "sharding=fsdp2", f"model={base}", f"out_dir={tmp_path}"]) == 2
+    out = tmp_path / "run"
+    assert cli_main([*RUN, "sharding=fsdp2", f"model={base}", f"out_dir={out}"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err
+    assert not out.exists(), "refused before anything is written"
 
 
 def test_fsdp2_configuration_errors_are_clear():
