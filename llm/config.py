@@ -77,8 +77,8 @@ class TrainConfig:
     device: str = "auto"  # one of DEVICES
     bf16: bool = False
     gradient_checkpointing: bool = False
-    # torch.compile the update's forward and backward (not sampling); not with the exact
-    # Wasserstein gradient, whose double backward a compiled graph does not have
+    # torch.compile the update's forward and backward (not sampling); not with the
+    # Wasserstein methods (their input-embedding hook is added per step)
     compile: bool = False
     sharding: str = "none"  # one of SHARDINGS: "fsdp2" shards weights, gradients, optimiser
     tensorboard: bool = False
@@ -259,8 +259,8 @@ def validate_config(config: TrainConfig) -> None:
             of it, ``top_p`` outside
             (0, 1], a seed outside [0, 2**32), an unknown sharding, a mixture with a
             negative or non-finite weight or weights not summing to a positive number, no
-            eval mixture, or ``compile`` or ``sharding=fsdp2`` with the exact Wasserstein
-            gradient.
+            eval mixture, ``compile`` with a Wasserstein method, or ``sharding=fsdp2`` with
+            the exact Wasserstein gradient.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -290,10 +290,10 @@ def validate_config(config: TrainConfig) -> None:
     method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
                          kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
     wasserstein = method.spec is not None and method.spec.needs_input_gradients
-    if config.compile and wasserstein and config.w_gradient == "exact":
-        raise ValueError(f"compile=true cannot run {config.method} with w_gradient=exact "
-                         "(a compiled graph has no double backward): use "
-                         "w_gradient=finite-difference or compile=false")
+    if config.compile and wasserstein:
+        raise ValueError(f"compile=true cannot run {config.method} yet: its input-embedding "
+                         "hook, added per step, is not seen by a compiled graph (and the "
+                         "exact gradient's double backward has none); use compile=false")
     if config.sharding == "fsdp2" and wasserstein and config.w_gradient == "exact":
         raise ValueError(f"sharding=fsdp2 cannot run {config.method} with w_gradient=exact "
                          "(a double backward through FSDP's gradient hooks): use "

@@ -153,7 +153,9 @@ def maybe_compile(policy: nn.Module, enabled: bool) -> nn.Module:
     and backward are compiled, while sampling (``generate``, whose growing key-value cache
     would recompile at every length), evaluation, checkpoints and ``save_pretrained`` keep
     the plain module and its state-dict keys (the wrapper's carry an ``_orig_mod.`` prefix).
-    The exact Wasserstein gradient cannot use it: a compiled graph has no double backward.
+    The Wasserstein methods cannot use it (``update_step`` refuses them): their embedding hook
+    (:func:`input_embeddings`) is registered per step, after compilation, and a compiled
+    graph does not see it; the exact gradient's double backward has no compiled form either.
 
     Example:
         >>> from torch import nn
@@ -326,7 +328,7 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
             only, any kernel, the default; see :func:`finite_difference_backward`).
 
     Raises:
-        ValueError: an unknown ``w_gradient``.
+        ValueError: an unknown ``w_gradient``, or a Wasserstein method on a compiled policy.
 
     Returns:
         :class:`StepStats`.
@@ -336,6 +338,8 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     if w_gradient not in W_GRADIENTS:
         raise ValueError(f"w_gradient must be one of {W_GRADIENTS}, got {w_gradient!r}")
     wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    if wasserstein and hasattr(policy, "_orig_mod"):  # a torch.compile wrapper
+        raise ValueError(f"a torch.compile'd policy cannot run {method.name}: see maybe_compile")
     if wasserstein and w_gradient == "finite-difference":
         objective, losses = finite_difference_backward(policy, batch, method, eta=eta,
                                                        beta=beta, autocast=autocast,

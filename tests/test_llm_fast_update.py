@@ -115,14 +115,9 @@ def _c_compiler() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _c_compiler(), reason="torch.compile's inductor backend needs a C "
                     "compiler on CPU (gcc --version fails)")
-@pytest.mark.parametrize(("name", "tolerance"), [
-    ("rebel", 1e-4),
-    # the finite difference divides the forwards' rounding by its step: in float32 its own
-    # error against the exact gradient is 4e-3
-    ("w-rebel", 2e-3),
-])
+@pytest.mark.parametrize(("name", "tolerance"), [("rebel", 1e-4), ("chi2-rebel", 1e-4)])
 def test_a_compiled_update_step_equals_the_eager_one(name, tolerance):
-    method = make_method(name, w_rho=0.1)
+    method = make_method(name, chi2_rho=0.1)
     results = []
     for compiled in (False, True):
         model = tiny_model(seed=0, dtype=F32)
@@ -157,3 +152,17 @@ def test_the_trainer_starts_every_iteration_at_a_zero_policy_term(monkeypatch, t
     steps = config.epochs * config.pairs_per_iteration // config.minibatch_size
     # exactly 0 at each iteration's first step; the later steps see the policy move
     assert seen == ([True] + [False] * (steps - 1)) * config.iterations
+
+
+def test_a_compiled_policy_refuses_the_wasserstein_methods():
+    # Their embedding hook is registered per step, after compilation: a compiled graph would
+    # not call it (found by CI: AttributeError deep inside the finite difference).
+    model = tiny_model(seed=0, dtype=F32)
+    method = make_method("w-rebel", w_rho=0.1)
+    batch, order = _recorded_batch(model, method, "finite-difference", seed=2)
+    with pytest.raises(ValueError, match="compile'd policy cannot run w-rebel"):
+        update_step(torch.compile(model), torch.optim.SGD(model.parameters(), lr=1e-2),
+                    batch.select(order[:MINIBATCH]), method, eta=0.5, beta=0.1,
+                    max_grad_norm=None)
+    with pytest.raises(ValueError, match="compile=true cannot run w-rebel"):
+        load_config(bundled_config_path("smoke"), ["compile=true", "method=w-rebel"])
