@@ -44,6 +44,15 @@ class TrainConfig:
     prompts: str | None = None  # "demo", a .txt (one prompt per line) or .jsonl ({"prompt": ..})
     eval_prompts: str | None = None  # held-out prompts, as `prompts`
     reward: str | None = None  # "demo" (rule-based word lists) or a HF sequence classifier
+    # run the custom code (config.json `auto_map`) of the policy and the reward model; a
+    # folder with such code is refused without it, before any of it is imported
+    trust_remote_code: bool = False
+    # the reward model's output attribute holding the scores: "logits", or e.g. "rewards"
+    # (ArmoRM's objective heads) or "score"
+    reward_output: str = "logits"
+    # objective name -> head index or id2label name; None: every head the config's id2label
+    # names
+    reward_heads: dict[str, int | str] | None = None
     train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
     eval_mixtures: list[dict[str, float]] = field(default_factory=list)
     # method
@@ -180,7 +189,7 @@ def _check_known(key: Any, *, where: str) -> None:
 
 
 _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
-               str: "a string"}
+               str: "a string", type(None): "null"}
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -196,14 +205,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
     Raises:
         ValueError: if ``value`` is not of the annotated type; ``bool`` is not accepted as a
-            number, nor a number as a ``bool``.
+            number, nor a number as a ``bool``. A union of scalars (``int | str``) takes the
+            first of its types that accepts the value.
     """
     origin = typing.get_origin(hint)
-    if origin is types.UnionType:  # the optional fields: `X | None`
-        if value is None:
+    if origin is types.UnionType:  # `X | None`, or scalars such as `int | str`
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
             return None
-        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        return _coerce(key, value, inner)
+        options = tuple(arg for arg in options if arg is not type(None))
+        if len(options) == 1:  # recurse, so a nested mistake is named where it is
+            return _coerce(key, value, options[0])
+        for option in options:  # scalars only: the first type that accepts the value
+            try:
+                return _coerce(key, value, option)
+            except ValueError:
+                continue
+        raise _type_error(key, value, " or ".join(_TYPE_NAMES[arg] for arg in options))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise _type_error(key, value, "a mapping")
@@ -259,8 +277,10 @@ def validate_config(config: TrainConfig) -> None:
             of it, ``top_p`` outside
             (0, 1], a seed outside [0, 2**32), an unknown sharding, a mixture with a
             negative or non-finite weight or weights not summing to a positive number, no
-            eval mixture, ``compile`` with a Wasserstein method, or ``sharding=fsdp2`` with
-            the exact Wasserstein gradient.
+            eval mixture, ``compile`` with a Wasserstein method, ``sharding=fsdp2`` with
+            the exact Wasserstein gradient, a ``reward_output`` that is not an attribute
+            name, an empty ``reward_heads`` or one with a negative index or an empty label,
+            or ``reward_output`` / ``reward_heads`` with ``reward=demo``.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -307,6 +327,7 @@ def validate_config(config: TrainConfig) -> None:
              f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
              f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
              "every epoch)")
+    _check_reward_heads(config)
     _check_mixture("train_mixture", config.train_mixture)
     if not config.eval_mixtures:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
@@ -318,6 +339,27 @@ def _require(config: TrainConfig, name: str, ok: Callable[[Any], bool], requirem
     value = getattr(config, name)
     if not ok(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_reward_heads(config: TrainConfig) -> None:
+    """The reward keys that can be checked without the model: the output attribute is an
+    identifier, every head is an index >= 0 or a non-empty label, and the rule-based demo
+    reward (which has neither) is not given them."""
+    if not config.reward_output.isidentifier():
+        raise ValueError(f"reward_output must be an attribute name such as 'logits' or "
+                         f"'rewards', got {config.reward_output!r}")
+    heads = config.reward_heads
+    if heads is not None:
+        if not heads:
+            raise ValueError("reward_heads is empty; give objective -> head index or label, "
+                             "or null for every head the model's id2label names")
+        for name, head in heads.items():
+            if (head < 0) if isinstance(head, int) else not head:
+                raise ValueError(f"reward_heads[{name!r}] must be a head index >= 0 or an "
+                                 f"id2label name, got {head!r}")
+    if config.reward == "demo" and (heads is not None or config.reward_output != "logits"):
+        raise ValueError("reward_output and reward_heads choose a model's output heads; the "
+                         "rule-based reward=demo has none: leave them unset")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

@@ -243,3 +243,31 @@ def test_unknown_bundled_config_lists_the_available_ones():
     with pytest.raises(ValueError, match="no bundled config 'smok'; available: demo, "
                                          "gpt2-small-gpu, smoke"):
         bundled_config_path("smok")
+
+
+def test_reward_heads_take_indices_and_labels_and_refuse_other_types(tmp_path):
+    config = load_config(None, [*(f"{k}={json.dumps(v)}" for k, v in world().items()),
+                                "reward=./rm", "reward_output=rewards",
+                                "reward_heads={joy: 0, calm: calm}"])
+    assert config.reward_heads == {"joy": 0, "calm": "calm"}
+    assert config.reward_output == "rewards" and config.trust_remote_code is False
+    for bad, expected in [("1.5", "an integer or a string, got 1.5"),
+                          ("true", "an integer or a string, got True"),
+                          ("null", "an integer or a string, got None")]:
+        message = f"reward_heads['joy']: expected {expected}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(None, [f"reward_heads={{joy: {bad}}}"])
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["reward_heads={joy: -1}"], r"reward_heads\['joy'\] must be a head index >= 0"),
+    (["reward_heads={joy: ''}"], r"reward_heads\['joy'\] must be a head index >= 0"),
+    (["reward_heads={}"], r"reward_heads is empty"),
+    (["reward_output=rewards[0]"], r"reward_output must be an attribute name"),
+    (["reward=demo", "reward_output=rewards"], r"the rule-based reward=demo has none"),
+    (["reward=demo", "reward_heads={joy: 0}"], r"the rule-based reward=demo has none"),
+])
+def test_bad_reward_keys_are_refused(overrides, match):
+    values = world() | {"reward": "./rm"}
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [*(f"{k}={json.dumps(v)}" for k, v in values.items()), *overrides])
