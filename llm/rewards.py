@@ -7,12 +7,14 @@ implementations share the :class:`RewardModel` interface:
 - :class:`WordListReward`: rule-based, objective j scores the fraction of a response's words
   that are in word list j (the offline demo's objectives);
 - :class:`CallableReward`: any user function returning the score matrix;
-- :class:`SequenceClassifierReward`: a ``transformers`` sequence classifier, one objective per
-  output head (as ArmoRM's 19 objectives or an emotion classifier's 6 classes).
+- :class:`SequenceClassifierReward`: a ``transformers`` reward model, one objective per chosen
+  output head (an emotion classifier's 6 logits, or ArmoRM's 19 ``rewards``, custom code run
+  only with ``trust_remote_code``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -131,42 +133,141 @@ class CallableReward:
         return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32)
 
 
-class SequenceClassifierReward:
-    """A ``transformers`` sequence classifier whose output heads are the objectives.
+def refuse_untrusted_code(key: str, source: str | Path, *, trust_remote_code: bool) -> None:
+    """Refuse a local model folder that ships custom code unless it is trusted.
 
-    Each (prompt, response) is scored as the text ``prompt + separator + response``; the
-    objective names are the model's ``id2label``. Loads from a local directory or a hub name.
+    ``config.json`` is read as JSON, so nothing of the folder's code is imported. Without this
+    check ``transformers`` would load such a folder (ArmoRM's, whose ``model_type`` is
+    ``llama``) as its built-in class, with freshly initialised heads and only a load report.
+
+    Args:
+        key: the config key naming ``source``, for the message.
+        source: a local folder or a hub name (a hub name is not read: no ``config.json``
+            here; its missing weights are refused by :class:`SequenceClassifierReward`).
+        trust_remote_code: whether running the folder's code is allowed.
+
+    Raises:
+        ValueError: if ``source/config.json`` has an ``auto_map`` and ``trust_remote_code``
+            is false; the message names ``trust_remote_code=true``.
+    """
+    config_file = Path(source).expanduser() / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    auto_map = json.loads(config_file.read_text()).get("auto_map")
+    if auto_map:
+        raise ValueError(f"{key}={str(source)!r} ships custom code ({config_file} auto_map: "
+                         f"{auto_map}): read it, then pass trust_remote_code=true to run it")
+
+
+def _truncated(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names, then how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class SequenceClassifierReward:
+    """A ``transformers`` reward model whose output heads are the objectives.
+
+    Each (prompt, response) is scored, with the reward model's own tokenizer, as the
+    conversation ``[user: prompt, assistant: response]`` through the tokenizer's chat template
+    when it has one, else as the text ``prompt + separator + response``. The scores are the
+    columns ``heads`` of the output attribute ``output``: ``logits`` for a plain sequence
+    classifier (one objective per label), ``rewards`` for ArmoRM's 19 objectives. Loads from a
+    local directory or a hub name; a local folder with custom code is refused unless
+    ``trust_remote_code``, and a model with newly initialised (missing) weights always is.
 
     Args:
         model_name_or_path: path or hub name of an ``AutoModelForSequenceClassification``.
         device: where to run it.
         batch_size: texts per forward pass.
         max_length: truncation length in tokens.
-        separator: joins prompt and response.
+        separator: joins prompt and response when the tokenizer has no chat template.
+        trust_remote_code: run the model's custom code (its ``config.json`` ``auto_map``).
+        output: the output attribute holding the ``(batch, heads)`` (or ``(batch,)``) scores.
+        heads: objective name -> head index or ``id2label`` name, in order; ``None``: every
+            label of the config's ``id2label``, named by it.
+
+    Raises:
+        ValueError: custom code without ``trust_remote_code``, missing weights, a head label
+            not in ``id2label``, or (on a probe forward) an ``output`` the model's output
+            lacks or a head index beyond its columns.
     """
 
     def __init__(self, model_name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 512, separator: str = " "):
+                 batch_size: int = 64, max_length: int = 512, separator: str = " ",
+                 trust_remote_code: bool = False, output: str = "logits",
+                 heads: Mapping[str, int | str] | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path).to(device).eval()
+        refuse_untrusted_code("reward", model_name_or_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path,
+                                                       trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True)
+        if info["missing_keys"]:  # random heads would make random rewards, silently
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"reward={str(model_name_or_path)!r}: {len(missing)} weights are "
+                             f"missing from the checkpoint and would be random "
+                             f"({_truncated(missing)}); is it a reward model for this class? "
+                             "(custom code needs trust_remote_code=true)")
+        self.model = model.to(device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        labels = self.model.config.id2label
-        self.objectives = tuple(labels[i] for i in range(self.model.config.num_labels))
+        self.objectives, self.columns = self._resolve_heads(heads)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.max_length, self.separator = max_length, separator
+        self.max_length, self.separator, self.output = max_length, separator, output
+        self._forward(self.format(["Hi"], ["Hello"]))  # a wrong output or head fails now
+
+    def _resolve_heads(self, heads: Mapping[str, int | str] | None
+                       ) -> tuple[tuple[str, ...], list[int]]:
+        """The objective names and the output columns they read."""
+        labels = {int(i): name for i, name in self.model.config.id2label.items()}
+        if heads is None:
+            columns = list(range(self.model.config.num_labels))
+            return tuple(labels[i] for i in columns), columns
+        index_of = {name: i for i, name in labels.items()}
+        columns = []
+        for name, head in heads.items():
+            if isinstance(head, str) and head not in index_of:
+                raise ValueError(f"reward_heads[{name!r}] = {head!r} is not a label of the "
+                                 f"reward model; its id2label names {list(index_of)}")
+            columns.append(index_of[head] if isinstance(head, str) else head)
+        return tuple(heads), columns
+
+    def format(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        """The texts the model scores: chat-formatted conversations, or joined strings."""
+        pairs = zip(prompts, responses, strict=True)
+        if not self.tokenizer.chat_template:
+            return [p + self.separator + r for p, r in pairs]
+        return [self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+            tokenize=False) for p, r in pairs]
 
     @torch.no_grad()
+    def _forward(self, texts: list[str]) -> Tensor:
+        """``(len(texts), objectives)`` scores of one batch of formatted texts."""
+        encoded = self.tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True,
+            max_length=self.max_length,
+            # a chat template writes its own special tokens (BOS): not twice
+            add_special_tokens=not self.tokenizer.chat_template).to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            output = self.model(**encoded)
+        scores = getattr(output, self.output, None)
+        if not isinstance(scores, Tensor):
+            present = list(output.keys()) if hasattr(output, "keys") else dir(output)
+            raise ValueError(f"reward_output={self.output!r}: the reward model's output has no "
+                             f"such tensor; it has {present}")
+        scores = scores.float().reshape(len(texts), -1)  # ArmoRM's score is (batch, 1)
+        too_far = [c for c in self.columns if not 0 <= c < scores.shape[1]]
+        if too_far:
+            raise ValueError(f"reward_heads: head {too_far[0]} is out of range; the output "
+                             f"{self.output!r} has {scores.shape[1]} heads (0 to "
+                             f"{scores.shape[1] - 1})")
+        return scores[:, self.columns].cpu()
+
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
-        texts = [p + self.separator + r for p, r in zip(prompts, responses, strict=True)]
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt",
-                                     padding=True, truncation=True,
-                                     max_length=self.max_length).to(self.device)
-            scores.append(self.model(**encoded).logits.float().cpu())
-        return torch.cat(scores)
+        texts = self.format(prompts, responses)
+        return torch.cat([self._forward(texts[start:start + self.batch_size])
+                          for start in range(0, len(texts), self.batch_size)])

@@ -65,6 +65,7 @@ from drosim.llm.rewards import (
     SequenceClassifierReward,
     WordListReward,
     mixture_weights,
+    refuse_untrusted_code,
     score,
 )
 from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
@@ -168,19 +169,25 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
             build_demo_base(out_dir / "base", seed=config.seed)
         world.barrier()
         source = str(out_dir / "base")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source)
+    trust = config.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source, trust_remote_code=trust)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                  trust_remote_code=trust)
     return policy, tokenizer
 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
+    """The demo's word-list reward, or a ``transformers`` reward model read with the config's
+    ``trust_remote_code``, ``reward_output`` and ``reward_heads``."""
     if config.reward == "demo":
         from drosim.llm.demo_world import OBJECTIVES
 
         return WordListReward(OBJECTIVES)
-    return SequenceClassifierReward(config.reward, device=device)
+    return SequenceClassifierReward(config.reward, device=device,
+                                    trust_remote_code=config.trust_remote_code,
+                                    output=config.reward_output, heads=config.reward_heads)
 
 
 def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPairs
@@ -257,8 +264,9 @@ class MetricsLog:
 
 def check_sources(config: TrainConfig) -> None:
     """Refuse, before anything is written, what cannot work: sharding outside ``torchrun``,
-    a CUDA device on a torch without CUDA, and a model, tokenizer or reward model given as a
-    local path (absolute, or starting with ``.`` or ``~``) that does not exist. (A hub name
+    a CUDA device on a torch without CUDA, a model, tokenizer or reward model given as a
+    local path (absolute, or starting with ``.`` or ``~``) that does not exist, and a local
+    model folder with custom code (``auto_map``) without ``trust_remote_code``. (A hub name
     is looked up by ``from_pretrained`` itself.)
 
     Raises:
@@ -276,6 +284,7 @@ def check_sources(config: TrainConfig) -> None:
             continue
         if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
             raise ValueError(f"{key}={source!r}: no such file or directory")
+        refuse_untrusted_code(key, source, trust_remote_code=config.trust_remote_code)
 
 
 def previous_run(out_dir: Path) -> list[str]:

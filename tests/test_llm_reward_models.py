@@ -1,0 +1,205 @@
+"""Reward models with custom code and several output heads (as ArmoRM): the refusals (custom
+code without trust_remote_code, missing weights, a wrong output attribute or head), the head
+selection, chat-formatted scoring and a training run on such a model.
+
+The ArmoRM stand-in is a folder written by hand (config.json with ``auto_map``, weights as
+safetensors, ``modeling_armolike.py``), so the test process never imports its code itself:
+the module writes a marker file when imported, which shows whether ``transformers`` ran it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from llm_helpers import VOCAB, tiny_config, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification
+
+from drosim.llm.cli import main
+from drosim.llm.rewards import SequenceClassifierReward, score
+
+LABELS = {0: "helpfulness", 1: "safety", 2: "verbosity"}
+HIDDEN = 8
+# Words of the tiny tokenizer's vocabulary, so every token is a known one.
+CHAT_TEMPLATE = "{% for m in messages %}[BOS] {{ m['content'] }} [EOS] {% endfor %}"
+PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9"]
+RESPONSES = ["w10", "w11 w12 w13 w14", "w15", ""]
+
+MODELING = '''
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+Path({marker!r}).write_text("imported")
+
+
+class ArmoLikeConfig(PretrainedConfig):
+    model_type = "armolike"
+
+    def __init__(self, vocab_size=40, hidden_size=8, num_objectives=3, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_objectives = num_objectives
+        super().__init__(**kwargs)
+
+
+@dataclass
+class ArmoLikeOutput(ModelOutput):
+    rewards: torch.FloatTensor | None = None
+    score: torch.FloatTensor | None = None
+
+
+class ArmoLikeModel(PreTrainedModel):
+    """Mean-pooled embeddings -> objective heads, and a gated overall score (as ArmoRM)."""
+
+    config_class = ArmoLikeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.heads = nn.Linear(config.hidden_size, config.num_objectives)
+        self.gate = nn.Linear(config.hidden_size, config.num_objectives)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        hidden = (self.embed(input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        rewards = self.heads(hidden)
+        score = (rewards * self.gate(hidden).softmax(-1)).sum(-1, keepdim=True)
+        return ArmoLikeOutput(rewards=rewards, score=score)
+'''
+
+
+def armolike_folder(folder: Path, marker: Path, *, chat: bool = False) -> Path:
+    """Write the ArmoRM stand-in (random weights, three objective heads) into ``folder``."""
+    folder.mkdir()
+    (folder / "modeling_armolike.py").write_text(MODELING.format(marker=str(marker)))
+    config = {"model_type": "armolike", "architectures": ["ArmoLikeModel"],
+              "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_objectives": len(LABELS),
+              # ArmoRM's config also names fewer labels than it has objectives: one
+              "id2label": {"0": "helpfulness", "1": "safety"},
+              "auto_map": {"AutoConfig": "modeling_armolike.ArmoLikeConfig",
+                           "AutoModelForSequenceClassification":
+                               "modeling_armolike.ArmoLikeModel"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+    weights = {"embed.weight": torch.randn(VOCAB, HIDDEN, generator=generator),
+               "heads.weight": torch.randn(len(LABELS), HIDDEN, generator=generator),
+               "heads.bias": torch.randn(len(LABELS), generator=generator),
+               "gate.weight": torch.randn(len(LABELS), HIDDEN, generator=generator),
+               "gate.bias": torch.zeros(len(LABELS))}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = tiny_tokenizer()
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def armolike(tmp_path_factory) -> Path:
+    """One trusted stand-in for the tests that load it (its code runs)."""
+    root = tmp_path_factory.mktemp("trusted")
+    return armolike_folder(root / "armolike_trusted", root / "imported")
+
+
+def own_outputs(folder: Path, texts: list[str], *, special: bool = True):
+    """The stand-in's own output on each text alone (no padding)."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = tiny_tokenizer()
+    with torch.no_grad():
+        outputs = [model(input_ids=tokenizer(t, return_tensors="pt",
+                                             add_special_tokens=special)["input_ids"])
+                   for t in texts]
+    return (torch.cat([o.rewards for o in outputs]), torch.cat([o.score for o in outputs]))
+
+
+def test_custom_code_is_refused_without_trust_and_never_imported(tmp_path, capsys):
+    marker = tmp_path / "imported"
+    folder = armolike_folder(tmp_path / "armolike_untrusted", marker)
+    with pytest.raises(ValueError, match=r"ships custom code .* trust_remote_code=true"):
+        SequenceClassifierReward(folder)
+    # the trainer refuses it as a reward model or as the policy, before writing anything
+    for key in ("reward", "model"):
+        out = tmp_path / "out"
+        assert main(["train", "--config", "smoke", f"{key}={folder}",
+                     f"out_dir={out}"]) == 2
+        assert f"{key}='{folder}' ships custom code" in capsys.readouterr().err
+        assert not out.exists()
+    assert not marker.exists(), "the folder's code was imported"
+
+
+def test_trusted_heads_are_the_models_own_rewards(armolike):
+    reward = SequenceClassifierReward(armolike, trust_remote_code=True, output="rewards",
+                                      heads={"helpfulness": 0, "safety": "safety",
+                                             "verbosity": 2}, batch_size=3)
+    assert reward.objectives == ("helpfulness", "safety", "verbosity")
+    rewards, overall = own_outputs(armolike, [f"{p} {r}" for p, r in
+                                              zip(PROMPTS, RESPONSES, strict=True)])
+    torch.testing.assert_close(score(reward, PROMPTS, RESPONSES), rewards)
+    # the gated overall score, (batch, 1), as one objective
+    overall_reward = SequenceClassifierReward(armolike, trust_remote_code=True,
+                                              output="score", heads={"overall": 0})
+    torch.testing.assert_close(score(overall_reward, PROMPTS, RESPONSES), overall)
+
+
+def test_heads_default_to_the_configs_labels(armolike):
+    reward = SequenceClassifierReward(armolike, trust_remote_code=True, output="rewards")
+    assert reward.objectives == ("helpfulness", "safety")
+    assert score(reward, PROMPTS, RESPONSES).shape == (4, 2)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(output="logits"), r"reward_output='logits': .* no such tensor; it has "
+                            r"\['rewards', 'score'\]"),
+    (dict(output="rewards", heads={"x": 3}), r"head 3 is out of range; the output 'rewards' "
+                                             r"has 3 heads \(0 to 2\)"),
+    (dict(output="rewards", heads={"x": -1}), r"head -1 is out of range"),
+    (dict(output="rewards", heads={"x": "joy"}), r"reward_heads\['x'\] = 'joy' is not a label "
+                                                 r"of the reward model; its id2label names "
+                                                 r"\['helpfulness', 'safety'\]"),
+])
+def test_a_wrong_output_or_head_is_refused_at_load(armolike, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SequenceClassifierReward(armolike, trust_remote_code=True, **kwargs)
+
+
+def test_a_chat_template_formats_the_conversation(tmp_path):
+    folder = armolike_folder(tmp_path / "armolike_chat", tmp_path / "imported", chat=True)
+    reward = SequenceClassifierReward(folder, trust_remote_code=True, output="rewards",
+                                      heads={"helpfulness": 0, "safety": 1})
+    texts = reward.format(PROMPTS, RESPONSES)
+    assert texts[0] == "[BOS] w3 w4 [EOS] [BOS] w10 [EOS] "
+    rewards, _ = own_outputs(folder, texts, special=False)
+    torch.testing.assert_close(score(reward, PROMPTS, RESPONSES), rewards[:, :2])
+
+
+def test_missing_head_weights_are_refused(tmp_path):
+    labels = {0: "a", 1: "b"}
+    config = tiny_config(num_labels=2, id2label=labels,
+                         label2id={v: k for k, v in labels.items()})
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    weights_file = tmp_path / "model.safetensors"
+    weights = load_file(str(weights_file))
+    del weights["score.weight"]  # a base model without the reward head
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 weights are missing .* \(score\.weight\)"):
+        SequenceClassifierReward(tmp_path)
+
+
+def test_training_on_a_custom_multi_head_reward_model(armolike, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "smoke", f"reward={armolike}", "trust_remote_code=true",
+                 "reward_output=rewards", "reward_heads={joy: 0, calm: 1}", "iterations=1",
+                 "train_mixture={joy: 0.5, calm: 0.5}",
+                 "eval_mixtures=[{joy: 1.0}, {calm: 1.0}]", f"out_dir={out}"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "objective/joy" in r]
+    assert evaluated and "objective/calm" in evaluated[-1]
