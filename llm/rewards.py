@@ -134,29 +134,32 @@ class CallableReward:
 
 
 def refuse_untrusted_code(key: str, source: str | Path, *, trust_remote_code: bool) -> None:
-    """Refuse a local model folder that ships custom code unless it is trusted.
+    """Refuse a local model or tokenizer folder that ships custom code unless it is trusted.
 
-    ``config.json`` is read as JSON, so nothing of the folder's code is imported. Without this
-    check ``transformers`` would load such a folder (ArmoRM's, whose ``model_type`` is
-    ``llama``) as its built-in class, with freshly initialised heads and only a load report.
+    ``config.json`` and ``tokenizer_config.json`` are read as JSON, so nothing of the folder's
+    code is imported. Without this check ``transformers`` would load a model folder such as
+    ArmoRM's (``model_type`` ``llama``) as its built-in class, with freshly initialised
+    heads and only a load report.
 
     Args:
         key: the config key naming ``source``, for the message.
-        source: a local folder or a hub name (a hub name is not read: no ``config.json``
-            here; its missing weights are refused by :class:`SequenceClassifierReward`).
+        source: a local folder or a hub name (a hub name is not read: no files here; its
+            missing weights are refused by :class:`SequenceClassifierReward`).
         trust_remote_code: whether running the folder's code is allowed.
 
     Raises:
-        ValueError: if ``source/config.json`` has an ``auto_map`` and ``trust_remote_code``
-            is false; the message names ``trust_remote_code=true``.
+        ValueError: if either file has an ``auto_map`` and ``trust_remote_code`` is false;
+            the message names ``trust_remote_code=true``.
     """
-    config_file = Path(source).expanduser() / "config.json"
-    if trust_remote_code or not config_file.is_file():
+    if trust_remote_code:
         return
-    auto_map = json.loads(config_file.read_text()).get("auto_map")
-    if auto_map:
-        raise ValueError(f"{key}={str(source)!r} ships custom code ({config_file} auto_map: "
-                         f"{auto_map}): read it, then pass trust_remote_code=true to run it")
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(source).expanduser() / name
+        auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        if auto_map:
+            raise ValueError(f"{key}={str(source)!r} ships custom code ({path} auto_map: "
+                             f"{auto_map}): read it, then pass trust_remote_code=true to run "
+                             "it")
 
 
 def _truncated(names: Sequence[str], limit: int = 5) -> str:

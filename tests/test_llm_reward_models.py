@@ -135,6 +135,16 @@ def test_custom_code_is_refused_without_trust_and_never_imported(tmp_path, capsy
     assert not marker.exists(), "the folder's code was imported"
 
 
+def test_a_tokenizer_with_custom_code_is_refused_without_trust(tmp_path, capsys):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}))
+    assert main(["train", "--config", "smoke", f"tokenizer={tokenizer}",
+                 f"out_dir={tmp_path / 'out'}"]) == 2
+    assert f"tokenizer='{tokenizer}' ships custom code" in capsys.readouterr().err
+
+
 def test_trusted_heads_are_the_models_own_rewards(armolike):
     reward = SequenceClassifierReward(armolike, trust_remote_code=True, output="rewards",
                                       heads={"helpfulness": 0, "safety": "safety",
