@@ -148,14 +148,20 @@ def refuse_untrusted_code(key: str, source: str | Path, *, trust_remote_code: bo
         trust_remote_code: whether running the folder's code is allowed.
 
     Raises:
-        ValueError: if either file has an ``auto_map`` and ``trust_remote_code`` is false;
-            the message names ``trust_remote_code=true``.
+        ValueError: if either file has an ``auto_map`` and ``trust_remote_code`` is false
+            (the message names ``trust_remote_code=true``), or is not a JSON object.
     """
     if trust_remote_code:
         return
     for name in ("config.json", "tokenizer_config.json"):
         path = Path(source).expanduser() / name
-        auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{key}={str(source)!r}: {path} is not a JSON object ({err})"
+                             ) from None
         if auto_map:
             raise ValueError(f"{key}={str(source)!r} ships custom code ({path} auto_map: "
                              f"{auto_map}): read it, then pass trust_remote_code=true to run "

@@ -145,6 +145,17 @@ def test_a_tokenizer_with_custom_code_is_refused_without_trust(tmp_path, capsys)
     assert f"tokenizer='{tokenizer}' ships custom code" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["{broken", "[1, 2]"])
+def test_a_corrupt_config_file_is_named(tmp_path, capsys, text):
+    folder = tmp_path / "reward"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    out = tmp_path / "out"
+    assert main(["train", "--config", "smoke", f"reward={folder}", f"out_dir={out}"]) == 2
+    assert "config.json is not a JSON object" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_trusted_heads_are_the_models_own_rewards(armolike):
     reward = SequenceClassifierReward(armolike, trust_remote_code=True, output="rewards",
                                       heads={"helpfulness": 0, "safety": "safety",
