@@ -41,8 +41,19 @@ class TrainConfig:
     # policy / data (required)
     model: str | None = None  # "demo" (the built-in tiny world) or a local path / hub name
     tokenizer: str | None = None  # None: the same as `model`
-    prompts: str | None = None  # "demo", a .txt (one prompt per line) or .jsonl ({"prompt": ..})
+    # "demo", a .txt (one prompt per line), a .parquet / .jsonl / .json / .csv file, a
+    # save_to_disk folder or a hub dataset name
+    prompts: str | None = None
     eval_prompts: str | None = None  # held-out prompts, as `prompts`
+    # the prompts' column (strings, chat message lists or HH transcripts); None: "prompt",
+    # else the only text column
+    prompt_field: str | None = None
+    prompt_split: str = "train"  # the split of a hub dataset or a saved DatasetDict
+    # keep the last max_prompt_tokens tokens of a longer (rendered) prompt; None: no cut
+    max_prompt_tokens: int | None = None
+    # render prompts with the tokenizer's chat template: None when it has one, true (required),
+    # false (never)
+    chat_template: bool | None = None
     reward: str | None = None  # "demo" (rule-based word lists) or a HF sequence classifier
     # run the custom code (config.json `auto_map`) of the policy and the reward model; a
     # folder with such code is refused without it, before any of it is imported
@@ -280,7 +291,8 @@ def validate_config(config: TrainConfig) -> None:
             eval mixture, ``compile`` with a Wasserstein method, ``sharding=fsdp2`` with
             the exact Wasserstein gradient, a ``reward_output`` that is not an attribute
             name, an empty ``reward_heads`` or one with a negative index or an empty label,
-            or ``reward_output`` / ``reward_heads`` with ``reward=demo``.
+            ``reward_output`` / ``reward_heads`` with ``reward=demo``, an empty
+            ``prompt_field`` or ``prompt_split``, or ``max_prompt_tokens`` below 1.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -327,6 +339,7 @@ def validate_config(config: TrainConfig) -> None:
              f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
              f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
              "every epoch)")
+    _check_prompt_keys(config)
     _check_reward_heads(config)
     _check_mixture("train_mixture", config.train_mixture)
     if not config.eval_mixtures:
@@ -339,6 +352,18 @@ def _require(config: TrainConfig, name: str, ok: Callable[[Any], bool], requirem
     value = getattr(config, name)
     if not ok(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def _check_prompt_keys(config: TrainConfig) -> None:
+    """A prompt field and split are non-empty names, a prompt token budget is >= 1."""
+    if config.prompt_field is not None and not config.prompt_field:
+        raise ValueError("prompt_field is empty; name a column, or null to pick 'prompt' or "
+                         "the only text column")
+    if not config.prompt_split:
+        raise ValueError("prompt_split is empty; name a split such as 'train'")
+    if config.max_prompt_tokens is not None and not config.max_prompt_tokens >= 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1 or null, got "
+                         f"{config.max_prompt_tokens!r}")
 
 
 def _check_reward_heads(config: TrainConfig) -> None:
