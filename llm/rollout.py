@@ -10,11 +10,14 @@ that pi_theta and pi_t round alike.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from drosim.llm.data import Prompt, prompt_text
 
 
 class SampledPairs(NamedTuple):
@@ -26,6 +29,7 @@ class SampledPairs(NamedTuple):
         response_mask: ``(n, 2, T)``.
         responses: n lists of the two decoded responses (special tokens removed).
         empty: ``(n, 2)`` bool, True where a response has no token.
+        truncated: the number of prompts cut to ``max_prompt_tokens`` tokens.
     """
 
     input_ids: Tensor
@@ -33,6 +37,7 @@ class SampledPairs(NamedTuple):
     response_mask: Tensor
     responses: list[list[str]]
     empty: Tensor
+    truncated: int = 0
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -96,9 +101,65 @@ def check_prompt_lengths(prompts: Sequence[str], lengths: Sequence[int], max_new
                          f"{positions} positions: shorten the prompts or max_new_tokens")
 
 
+def render_prompts(tokenizer, prompts: Sequence[Prompt], *, chat_template: bool | None = False,
+                   max_prompt_tokens: int | None = None) -> tuple[list[list[int]], int]:
+    """Prompts as the token ids the policy is given, and how many were cut.
+
+    A conversation is rendered with the tokenizer's chat template
+    (``add_generation_prompt=True``); a string is too, as one user message, when the template
+    is used, else tokenised as is. A rendering longer than ``max_prompt_tokens`` keeps its
+    LAST tokens: the question and the assistant header sit at the end of a prompt.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        prompts: strings or ``{"role", "content"}`` message lists.
+        chat_template: None: use the template when the tokenizer has one; True: require one;
+            False: never (conversations then still need one).
+        max_prompt_tokens: the token budget of a prompt; None: no cut.
+
+    Returns:
+        The token id lists, and the number of prompts truncated.
+
+    Raises:
+        ValueError: ``chat_template=True``, or a conversation, with a tokenizer that has no
+            chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise ValueError("chat_template=true, but the tokenizer has no chat template: set "
+                         "chat_template=null or false, or use a chat tokenizer")
+    use_template = has_template if chat_template is None else chat_template
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, str) and not use_template:
+            texts.append(prompt)
+            continue
+        if not has_template:
+            raise ValueError(f"a chat prompt ({prompt_text(prompt)[:60]!r}...) needs a "
+                             "tokenizer with a chat template")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=True))
+    tokens = [list(ids) for ids in tokenizer(texts)["input_ids"]]
+    if max_prompt_tokens is None:
+        return tokens, 0
+    truncated = sum(len(ids) > max_prompt_tokens for ids in tokens)
+    return [ids[-max_prompt_tokens:] for ids in tokens], truncated
+
+
+def warn_truncated(count: int, total: int, where: str, max_prompt_tokens: int | None) -> None:
+    """One stderr line when ``count`` of ``total`` prompts of ``where`` were cut (once per
+    iteration or evaluation, not per prompt, so a long dataset does not flood the log)."""
+    if count:
+        print(f"drosim-llm: warning: {where}: {count} of {total} prompts were longer than "
+              f"max_prompt_tokens = {max_prompt_tokens} and lost their first tokens",
+              file=sys.stderr)
+
+
 @torch.no_grad()
-def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
-                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32
+def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[Prompt], *,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32,
+                 chat_template: bool | None = False, max_prompt_tokens: int | None = None
                  ) -> SampledPairs:
     """Sample two responses per prompt from ``policy``.
 
@@ -107,13 +168,15 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
     Args:
         policy: a causal LM with ``generate`` (a ``transformers`` model).
         tokenizer: its tokenizer; needs an EOS token (and uses it as padding if it has none).
-        prompts: n prompt strings.
+        prompts: n prompt strings or message lists.
         temperature: sampling temperature > 0.
         top_p: nucleus mass in (0, 1].
         max_new_tokens: response length cap >= 1.
+        chat_template, max_prompt_tokens: as :func:`render_prompts` (the defaults tokenise
+            the strings as they are).
 
     Returns:
-        :class:`SampledPairs`.
+        :class:`SampledPairs`; ``truncated`` counts the prompts cut to ``max_prompt_tokens``.
 
     Raises:
         ValueError: no prompts, a bad sampling parameter, or a prompt too long for the
@@ -127,9 +190,10 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
     device = next(policy.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id)
-    tokens = tokenizer(list(prompts))["input_ids"]
-    check_prompt_lengths(prompts, [len(t) for t in tokens], max_new_tokens,
-                         getattr(policy.config, "max_position_embeddings", None))
+    tokens, truncated = render_prompts(tokenizer, prompts, chat_template=chat_template,
+                                       max_prompt_tokens=max_prompt_tokens)
+    check_prompt_lengths([prompt_text(p) for p in prompts], [len(t) for t in tokens],
+                         max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
     input_ids, prompt_mask = left_pad(tokens, pad_id)
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     sequences = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True,
@@ -147,4 +211,4 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[str], *,
     return SampledPairs(sequences.view(n, 2, -1), attention_mask.view(n, 2, -1),
                         response_mask.view(n, 2, -1),
                         [responses[2 * i:2 * i + 2] for i in range(n)],
-                        response_mask.sum(-1).view(n, 2) == 0)
+                        response_mask.sum(-1).view(n, 2) == 0, truncated)

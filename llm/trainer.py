@@ -55,7 +55,7 @@ from drosim.llm.checkpoint import (
     save_checkpoint,
 )
 from drosim.llm.config import TrainConfig, save_config
-from drosim.llm.data import PromptStream, load_prompts
+from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.evaluation import evaluate_mixtures
 from drosim.llm.export import FINAL_DIR, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
@@ -68,7 +68,7 @@ from drosim.llm.rewards import (
     refuse_untrusted_code,
     score,
 )
-from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs
+from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs, warn_truncated
 from drosim.llm.sharding import is_sharded, shard_policy
 from drosim.llm.update import (
     StepStats,
@@ -329,7 +329,7 @@ class Run:
     reward_model: RewardModel
     alpha: torch.Tensor  # (objectives,) training mixture weights
     stream: PromptStream
-    eval_prompts: list[str]
+    eval_prompts: list[Prompt]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
@@ -378,9 +378,11 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     policy.train()
     reward_model = load_reward_model(config, device)
     alpha = mixture_weights(reward_model.objectives, config.train_mixture).to(device)
-    stream = PromptStream(load_prompts(config.prompts, demo_seed=DEMO_TRAIN_PROMPT_SEED),
-                          seed=config.seed)
-    eval_prompts = load_prompts(config.eval_prompts, demo_seed=DEMO_EVAL_PROMPT_SEED)
+    stream = PromptStream(load_prompts(config.prompts, field=config.prompt_field,
+                                       split=config.prompt_split,
+                                       demo_seed=DEMO_TRAIN_PROMPT_SEED), seed=config.seed)
+    eval_prompts = load_prompts(config.eval_prompts, field=config.prompt_field,
+                                split=config.prompt_split, demo_seed=DEMO_EVAL_PROMPT_SEED)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     warmup = config.warmup_iterations
@@ -410,15 +412,23 @@ def resume_from(run: Run) -> TrainState | None:
 
 
 def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs]:
-    """This rank's share of the iteration's prompts and two responses sampled for each."""
+    """This rank's share of the iteration's prompts and two responses sampled for each.
+
+    The prompts returned are those the reward model is given: the original text of each
+    (a conversation's last user message), not its chat rendering or truncation."""
     prompts = run.stream.take(state.data_position, run.config.pairs_per_iteration)
     prompts = prompts[run.world.rank * run.local_pairs:(run.world.rank + 1) * run.local_pairs]
     run.policy.eval()
+    config = run.config
     pairs = sample_pairs(run.policy, run.tokenizer, prompts,
-                         temperature=run.config.temperature, top_p=run.config.top_p,
-                         max_new_tokens=run.config.max_new_tokens)
+                         temperature=config.temperature, top_p=config.top_p,
+                         max_new_tokens=config.max_new_tokens,
+                         chat_template=config.chat_template,
+                         max_prompt_tokens=config.max_prompt_tokens)
     run.policy.train()
-    return prompts, pairs
+    warn_truncated(pairs.truncated, len(prompts), f"iteration at prompt {state.data_position}",
+                   config.max_prompt_tokens)
+    return [prompt_text(p) for p in prompts], pairs
 
 
 def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
@@ -485,7 +495,8 @@ def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
     report = evaluate_mixtures(run.policy, run.tokenizer, run.reward_model, run.eval_prompts,
                                config.eval_mixtures, temperature=config.temperature,
                                top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                               seed=EVAL_SEED)
+                               seed=EVAL_SEED, chat_template=config.chat_template,
+                               max_prompt_tokens=config.max_prompt_tokens)
     if log is not None:
         log.write({"iteration": iteration, "kind": "eval", **report})
 
