@@ -129,18 +129,19 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], *, chat_template: bool 
         raise ValueError("chat_template=true, but the tokenizer has no chat template: set "
                          "chat_template=null or false, or use a chat tokenizer")
     use_template = has_template if chat_template is None else chat_template
-    texts = []
+    tokens = []
     for prompt in prompts:
         if isinstance(prompt, str) and not use_template:
-            texts.append(prompt)
+            tokens.append(list(tokenizer(prompt)["input_ids"]))
             continue
         if not has_template:
             raise ValueError(f"a chat prompt ({prompt_text(prompt)[:60]!r}...) needs a "
                              "tokenizer with a chat template")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
-                                                   add_generation_prompt=True))
-    tokens = [list(ids) for ids in tokenizer(texts)["input_ids"]]
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+        # the template writes its own special tokens (BOS): adding them again would double them
+        tokens.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     if max_prompt_tokens is None:
         return tokens, 0
     truncated = sum(len(ids) > max_prompt_tokens for ids in tokens)

@@ -156,6 +156,20 @@ def test_chat_prompts_are_rendered_with_the_template():
     assert tokenizer.convert_ids_to_tokens(plain[0]) == ["why?"]
 
 
+def test_a_template_that_writes_bos_does_not_get_a_second_one():
+    from tokenizers import processors
+
+    tokenizer = _chat_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "[BOS]"})
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", bos)])
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    (chat, plain), _ = render_prompts(tokenizer, [[{"role": "user", "content": "hi"}], "hi"])
+    assert tokenizer.convert_ids_to_tokens(chat) == ["[BOS]", "<user>", "hi", "<assistant>"]
+    assert tokenizer.convert_ids_to_tokens(plain) == ["[BOS]", "hi"]  # a plain string: one BOS
+
+
 def test_left_truncation_keeps_the_last_tokens_and_counts():
     tokenizer = _chat_tokenizer(template=False)
     ids, cut = render_prompts(tokenizer, ["w1 w2 w3 w4 w5", "w1 w2"], max_prompt_tokens=3)
