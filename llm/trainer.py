@@ -266,8 +266,9 @@ def check_sources(config: TrainConfig) -> None:
     """Refuse, before anything is written, what cannot work: sharding outside ``torchrun``,
     a CUDA device on a torch without CUDA, a model, tokenizer or reward model given as a
     local path (absolute, or starting with ``.`` or ``~``) that does not exist, and a local
-    model folder with custom code (``auto_map``) without ``trust_remote_code``. (A hub name
-    is looked up by ``from_pretrained`` itself.)
+    model folder with custom code (``auto_map``) without ``trust_remote_code``, and a prompt
+    source that names a local file (a path, or a name with a suffix) that does not exist. (A
+    hub name is looked up by ``from_pretrained`` or ``load_dataset`` itself.)
 
     Raises:
         ValueError: naming the key and what is wrong.
@@ -285,6 +286,13 @@ def check_sources(config: TrainConfig) -> None:
         if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
             raise ValueError(f"{key}={source!r}: no such file or directory")
         refuse_untrusted_code(key, source, trust_remote_code=config.trust_remote_code)
+    for key in ("prompts", "eval_prompts"):
+        source = getattr(config, key)
+        path = Path(source).expanduser()
+        # a hub dataset name ("org/name") has neither a leading "/", ".", "~" nor a suffix
+        looks_local = source.startswith(("/", ".", "~")) or path.suffix
+        if source != "demo" and looks_local and not path.exists():
+            raise ValueError(f"{key}={source!r}: no such file or directory")
 
 
 def previous_run(out_dir: Path) -> list[str]:

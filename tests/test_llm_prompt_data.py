@@ -125,6 +125,15 @@ def test_an_offline_hub_name_is_named(monkeypatch):
         load_prompts("someone/no-such-set")
 
 
+@pytest.mark.parametrize("key", ["prompts", "eval_prompts"])
+def test_train_names_a_missing_prompt_file_before_writing(tmp_path, capsys, key):
+    out = tmp_path / "run"
+    missing = tmp_path / "nowhere.parquet"
+    assert main(["train", "--config", "smoke", f"{key}={missing}", f"out_dir={out}"]) == 2
+    assert f"{key}='{missing}': no such file or directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------ rendering, truncation
 
 
