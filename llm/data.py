@@ -99,6 +99,7 @@ def _read_dataset(source: str, split: str):
     """The ``datasets.Dataset`` behind a local file, a saved folder or a hub name."""
     import datasets
 
+    datasets.disable_progress_bars()  # a bar per small prompt file would drown the run's log
     path = Path(source).expanduser()
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
