@@ -129,19 +129,20 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], *, chat_template: bool 
         raise ValueError("chat_template=true, but the tokenizer has no chat template: set "
                          "chat_template=null or false, or use a chat tokenizer")
     use_template = has_template if chat_template is None else chat_template
-    tokens = []
-    for prompt in prompts:
-        if isinstance(prompt, str) and not use_template:
-            tokens.append(list(tokenizer(prompt)["input_ids"]))
-            continue
-        if not has_template:
-            raise ValueError(f"a chat prompt ({prompt_text(prompt)[:60]!r}...) needs a "
-                             "tokenizer with a chat template")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
-        # the template writes its own special tokens (BOS): adding them again would double them
-        tokens.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    templated = [use_template or not isinstance(prompt, str) for prompt in prompts]
+    if any(templated) and not has_template:
+        first = prompts[templated.index(True)]
+        raise ValueError(f"a chat prompt ({prompt_text(first)[:60]!r}...) needs a tokenizer "
+                         "with a chat template")
+    texts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=False,
+        add_generation_prompt=True) for p, t in zip(prompts, templated, strict=True) if t]
+    plain = [p for p, t in zip(prompts, templated, strict=True) if not t]
+    # one tokenizer call per kind; a template writes its own special tokens (BOS), so its
+    # renderings are tokenised without adding them again
+    rendered = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    as_is = iter(tokenizer(plain)["input_ids"] if plain else [])
+    tokens = [list(next(rendered if t else as_is)) for t in templated]
     if max_prompt_tokens is None:
         return tokens, 0
     truncated = sum(len(ids) > max_prompt_tokens for ids in tokens)
