@@ -65,10 +65,9 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
                               "--overwrite")
     weights, run_dir = _weights_to_export(Path(source))
     if weights.name == FINAL_DIR:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(weights)
+        config_file = run_dir / "config.yaml"
+        trust = config_file.is_file() and load_config(config_file).trust_remote_code
+        model, tokenizer = load_pretrained_policy(str(weights), trust_remote_code=trust)
     else:
         model, tokenizer = _base_model(run_dir)
         load_weights(model, weights)
@@ -100,20 +99,31 @@ def _weights_to_export(source: Path) -> tuple[Path, Path]:
                             "to export")
 
 
-def _base_model(run_dir: Path) -> tuple[nn.Module, object]:
-    """The run's initial policy (the architecture to load weights into) and tokenizer."""
+def load_pretrained_policy(source: str, *, tokenizer: str | None = None,
+                           trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """A causal LM in float32 and its tokenizer (EOS as padding if it has none), from a
+    local folder or a hub name; ``tokenizer`` None reads it from ``source``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    loaded = AutoTokenizer.from_pretrained(tokenizer or source,
+                                           trust_remote_code=trust_remote_code)
+    if loaded.pad_token is None:
+        loaded.pad_token = loaded.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    return model, loaded
+
+
+def _base_model(run_dir: Path) -> tuple[nn.Module, object]:
+    """The run's initial policy (the architecture to load weights into) and tokenizer."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot tell which model the "
                                 "checkpoint belongs to")
     config = load_config(config_file)
     model = str(run_dir / "base") if config.model == "demo" else config.model
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), tokenizer
+    return load_pretrained_policy(model, tokenizer=config.tokenizer,
+                                  trust_remote_code=config.trust_remote_code)
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:

@@ -57,7 +57,7 @@ from drosim.llm.checkpoint import (
 from drosim.llm.config import TrainConfig, save_config
 from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.evaluation import evaluate_mixtures
-from drosim.llm.export import FINAL_DIR, write_pretrained
+from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method, make_method
 from drosim.llm.rewards import (
@@ -156,7 +156,6 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
     ``out_dir/base``, by the main rank while the others wait) the offline demo's
     pre-trained tiny GPT-2; anything else is passed to ``from_pretrained`` (a local
     directory or a hub name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -169,13 +168,8 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
             build_demo_base(out_dir / "base", seed=config.seed)
         world.barrier()
         source = str(out_dir / "base")
-    trust = config.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or source, trust_remote_code=trust)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                  trust_remote_code=trust)
-    return policy, tokenizer
+    return load_pretrained_policy(source, tokenizer=config.tokenizer,
+                                  trust_remote_code=config.trust_remote_code)
 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
