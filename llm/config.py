@@ -27,6 +27,7 @@ from drosim.llm.sharding import SHARDINGS
 from drosim.llm.update import W_GRADIENTS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
@@ -64,6 +65,18 @@ class TrainConfig:
     # objective name -> head index or id2label name; None: every head the config's id2label
     # names
     reward_heads: dict[str, int | str] | None = None
+    # objective -> [shift, scale]: the reward model's score r_j is used as (r_j - shift) /
+    # scale, a fixed affine map (e.g. ArmoRM's heads to a common scale); None: raw scores
+    reward_normalization: dict[str, list[float]] | None = None
+    reward_max_length: int = 1024  # the reward model's input tokens (longer ones: cut, warned)
+    # weights: the policy's (and the DPO reference's) "float32" or "bfloat16" (then the
+    # optimiser state is bf16 too); the reward model's "auto" (bf16 on CUDA), "float32" or
+    # "bfloat16"
+    dtype: str = "float32"
+    reward_dtype: str = "auto"
+    # transformers' attention kernel for the policy and reward model ("sdpa", "eager",
+    # "flash_attention_2", ...); None: transformers' default
+    attn_implementation: str | None = None
     train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
     eval_mixtures: list[dict[str, float]] = field(default_factory=list)
     # method
@@ -267,7 +280,8 @@ _REQUIRED = ("model", "prompts", "eval_prompts", "reward")
 _POSITIVE = ("eta", "beta", "lr", "max_grad_norm", "temperature")
 _NON_NEGATIVE = ("weight_decay", "warmup_iterations")
 _AT_LEAST_ONE = ("iterations", "pairs_per_iteration", "epochs", "minibatch_size",
-                 "max_new_tokens", "eval_every", "num_eval_prompts", "checkpoint_every")
+                 "max_new_tokens", "reward_max_length", "eval_every", "num_eval_prompts",
+                 "checkpoint_every")
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -292,7 +306,10 @@ def validate_config(config: TrainConfig) -> None:
             the exact Wasserstein gradient, a ``reward_output`` that is not an attribute
             name, an empty ``reward_heads`` or one with a negative index or an empty label,
             ``reward_output`` / ``reward_heads`` with ``reward=demo``, an empty
-            ``prompt_field`` or ``prompt_split``, or ``max_prompt_tokens`` below 1.
+            ``prompt_field`` or ``prompt_split``, ``max_prompt_tokens`` below 1, an unknown
+            ``dtype`` or ``reward_dtype``, an empty ``attn_implementation``, or a
+            ``reward_normalization`` entry that is not [shift, scale] with a finite shift
+            and a finite scale > 0.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -341,6 +358,7 @@ def validate_config(config: TrainConfig) -> None:
              "every epoch)")
     _check_prompt_keys(config)
     _check_reward_heads(config)
+    _check_model_keys(config)
     _check_mixture("train_mixture", config.train_mixture)
     if not config.eval_mixtures:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
@@ -385,6 +403,24 @@ def _check_reward_heads(config: TrainConfig) -> None:
     if config.reward == "demo" and (heads is not None or config.reward_output != "logits"):
         raise ValueError("reward_output and reward_heads choose a model's output heads; the "
                          "rule-based reward=demo has none: leave them unset")
+
+
+def _check_model_keys(config: TrainConfig) -> None:
+    """Known weight dtypes, a named attention kernel, and affine reward maps that keep every
+    score finite and its order (scale > 0)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.reward_dtype not in ("auto", *DTYPES):
+        raise ValueError(f"reward_dtype must be one of auto, {', '.join(DTYPES)}, got "
+                         f"{config.reward_dtype!r}")
+    if config.attn_implementation is not None and not config.attn_implementation:
+        raise ValueError("attn_implementation is empty; name a kernel such as 'sdpa', or null "
+                         "for transformers' default")
+    for objective, pair in (config.reward_normalization or {}).items():
+        if not (len(pair) == 2 and math.isfinite(pair[0]) and math.isfinite(pair[1])
+                and pair[1] > 0):
+            raise ValueError(f"reward_normalization[{objective!r}] must be [shift, scale] with "
+                             f"a finite shift and a finite scale > 0, got {pair!r}")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

@@ -100,17 +100,20 @@ def _weights_to_export(source: Path) -> tuple[Path, Path]:
 
 
 def load_pretrained_policy(source: str, *, tokenizer: str | None = None,
-                           trust_remote_code: bool = False) -> tuple[nn.Module, object]:
-    """A causal LM in float32 and its tokenizer (EOS as padding if it has none), from a
-    local folder or a hub name; ``tokenizer`` None reads it from ``source``."""
+                           trust_remote_code: bool = False, dtype: str = "float32",
+                           attn_implementation: str | None = None) -> tuple[nn.Module, object]:
+    """A causal LM with ``dtype`` weights and its tokenizer (EOS as padding if it has none),
+    from a local folder or a hub name; ``tokenizer`` None reads it from ``source``;
+    ``attn_implementation`` None leaves transformers' default kernel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(tokenizer or source,
                                            trust_remote_code=trust_remote_code)
     if loaded.pad_token is None:
         loaded.pad_token = loaded.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=trust_remote_code, **extra)
     return model, loaded
 
 
@@ -123,7 +126,8 @@ def _base_model(run_dir: Path) -> tuple[nn.Module, object]:
     config = load_config(config_file)
     model = str(run_dir / "base") if config.model == "demo" else config.model
     return load_pretrained_policy(model, tokenizer=config.tokenizer,
-                                  trust_remote_code=config.trust_remote_code)
+                                  trust_remote_code=config.trust_remote_code,
+                                  dtype=config.dtype)
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:

@@ -15,6 +15,7 @@ implementations share the :class:`RewardModel` interface:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -189,12 +190,15 @@ class SequenceClassifierReward:
         model_name_or_path: path or hub name of an ``AutoModelForSequenceClassification``.
         device: where to run it.
         batch_size: texts per forward pass.
-        max_length: truncation length in tokens.
+        max_length: the most tokens scored per text; a longer conversation loses its first
+            tokens (the response, at the end, is kept) and is counted in ``truncated``.
         separator: joins prompt and response when the tokenizer has no chat template.
         trust_remote_code: run the model's custom code (its ``config.json`` ``auto_map``).
         output: the output attribute holding the ``(batch, heads)`` (or ``(batch,)``) scores.
         heads: objective name -> head index or ``id2label`` name, in order; ``None``: every
             label of the config's ``id2label``, named by it.
+        dtype: the weights' dtype; ``None``: bfloat16 on CUDA, else float32.
+        attn_implementation: transformers' attention kernel; ``None``: its default.
 
     Raises:
         ValueError: custom code without ``trust_remote_code``, missing weights, a head label
@@ -203,16 +207,22 @@ class SequenceClassifierReward:
     """
 
     def __init__(self, model_name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 512, separator: str = " ",
+                 batch_size: int = 64, max_length: int = 1024, separator: str = " ",
                  trust_remote_code: bool = False, output: str = "logits",
-                 heads: Mapping[str, int | str] | None = None):
+                 heads: Mapping[str, int | str] | None = None,
+                 dtype: torch.dtype | None = None, attn_implementation: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         refuse_untrusted_code("reward", model_name_or_path, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path,
                                                        trust_remote_code=trust_remote_code)
+        device = torch.device(device)
+        if dtype is None:  # bf16 halves a GPU's memory and time; CPUs gain little from it
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True)
+            model_name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True,
+            dtype=dtype, **extra)
         if info["missing_keys"]:  # random heads would make random rewards, silently
             missing = sorted(info["missing_keys"])
             raise ValueError(f"reward={str(model_name_or_path)!r}: {len(missing)} weights are "
@@ -224,9 +234,11 @@ class SequenceClassifierReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.objectives, self.columns = self._resolve_heads(heads)
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size = device, batch_size
         self.max_length, self.separator, self.output = max_length, separator, output
+        self.truncated = 0  # texts cut to max_length so far
         self._forward(self.format(["Hi"], ["Hello"]))  # a wrong output or head fails now
+        self.truncated = 0
 
     def _resolve_heads(self, heads: Mapping[str, int | str] | None
                        ) -> tuple[tuple[str, ...], list[int]]:
@@ -256,11 +268,12 @@ class SequenceClassifierReward:
     @torch.no_grad()
     def _forward(self, texts: list[str]) -> Tensor:
         """``(len(texts), objectives)`` scores of one batch of formatted texts."""
-        encoded = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True,
-            max_length=self.max_length,
-            # a chat template writes its own special tokens (BOS): not twice
-            add_special_tokens=not self.tokenizer.chat_template).to(self.device)
+        # a chat template writes its own special tokens (BOS): not twice
+        rows = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template,
+                              truncation=False)["input_ids"]
+        self.truncated += sum(len(row) > self.max_length for row in rows)
+        encoded = self.tokenizer.pad({"input_ids": [row[-self.max_length:] for row in rows]},
+                                     return_tensors="pt").to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             output = self.model(**encoded)
         scores = getattr(output, self.output, None)
@@ -278,5 +291,51 @@ class SequenceClassifierReward:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         texts = self.format(prompts, responses)
-        return torch.cat([self._forward(texts[start:start + self.batch_size])
-                          for start in range(0, len(texts), self.batch_size)])
+        before = self.truncated
+        scores = torch.cat([self._forward(texts[start:start + self.batch_size])
+                            for start in range(0, len(texts), self.batch_size)])
+        if self.truncated > before:
+            print(f"drosim-llm: warning: {self.truncated - before} of {len(texts)} texts were "
+                  f"longer than reward_max_length = {self.max_length} tokens and lost their "
+                  "first tokens", file=sys.stderr)
+        return scores
+
+
+class NormalizedReward:
+    """A reward model whose objective j reads ``(r_j - shift_j) / scale_j``.
+
+    A fixed affine map, so the same response always gets the same reward (no running
+    statistics to checkpoint) and the order within each objective is kept (scale > 0).
+    Objectives not named keep their raw scores.
+
+    Args:
+        reward_model: the model to wrap.
+        normalization: objective -> ``(shift, scale)``.
+
+    Raises:
+        ValueError: an objective the model does not have, or a scale that is not > 0.
+
+    Example:
+        >>> raw = CallableReward(lambda p, r: [[2.0, 5.0]] * len(p), ("a", "b"))
+        >>> NormalizedReward(raw, {"b": (4.0, 2.0)})(["x"], ["y"])
+        tensor([[2.0000, 0.5000]])
+    """
+
+    def __init__(self, reward_model: RewardModel,
+                 normalization: Mapping[str, Sequence[float]]):
+        unknown = sorted(set(normalization) - set(reward_model.objectives))
+        if unknown:
+            raise ValueError(f"reward_normalization names {unknown}, which the reward model "
+                             f"does not score; its objectives are {list(reward_model.objectives)}")
+        shift = torch.zeros(len(reward_model.objectives))
+        scale = torch.ones(len(reward_model.objectives))
+        for j, name in enumerate(reward_model.objectives):
+            if name in normalization:
+                shift[j], scale[j] = normalization[name]
+        if not bool((scale > 0).all()):
+            raise ValueError(f"reward_normalization scales must be > 0, got {normalization}")
+        self.reward_model, self.shift, self.scale = reward_model, shift, scale
+        self.objectives = reward_model.objectives
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        return (self.reward_model(prompts, responses).float() - self.shift) / self.scale

@@ -9,7 +9,8 @@
                            responses per prompt sampled from pi_t
         score_batch        rewards under every objective, mixed by the training mixture
         update             `epochs` passes of minibatch updates (drosim.llm.update)
-        evaluate           every `eval_every` iterations: held-out prompts, mixture grid
+        evaluate           every `eval_every` iterations: held-out prompts (split over the
+                           ranks), mixture grid, win rates against the initial policy
         save_checkpoint    every `checkpoint_every` iterations, and on SIGTERM / SIGINT
       finish               the final policy and tokenizer in <out_dir>/final
 
@@ -21,8 +22,8 @@ ends with the same bits as an uninterrupted one. Under ``torchrun`` every rank s
 share of the prompts and the robust objective is global over ranks (see
 :mod:`drosim.llm.objective`); whatever is written once per run is written by rank 0 while the
 others wait. With ``sharding: fsdp2`` the policy and reference are sharded over the ranks
-(:mod:`drosim.llm.sharding`): every forward is then a collective, so every rank also runs the
-evaluation, and checkpoints are written by all ranks together.
+(:mod:`drosim.llm.sharding`): every forward is then a collective, and checkpoints are written
+by all ranks together. Evaluation splits the held-out prompts over the ranks.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ from drosim.llm.checkpoint import (
 )
 from drosim.llm.config import TrainConfig, save_config
 from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
-from drosim.llm.evaluation import evaluate_mixtures
+from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, sample_scores
 from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method, make_method
 from drosim.llm.rewards import (
+    NormalizedReward,
     RewardModel,
     SequenceClassifierReward,
     WordListReward,
@@ -81,7 +83,9 @@ from drosim.output import ensure_writable
 EVAL_SEED = 1234
 DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2
 # What a run writes into its out_dir (a cached base model, base/, is not a run's output).
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard")
+INITIAL_EVAL_FILE = "eval_initial.pt"  # the initial policy's evaluation scores (win rates)
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard",
+               INITIAL_EVAL_FILE)
 
 
 # ------------------------------------------------------------------------ processes, devices
@@ -169,19 +173,30 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
         world.barrier()
         source = str(out_dir / "base")
     return load_pretrained_policy(source, tokenizer=config.tokenizer,
-                                  trust_remote_code=config.trust_remote_code)
+                                  trust_remote_code=config.trust_remote_code,
+                                  dtype=config.dtype,
+                                  attn_implementation=config.attn_implementation)
 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
     """The demo's word-list reward, or a ``transformers`` reward model read with the config's
-    ``trust_remote_code``, ``reward_output`` and ``reward_heads``."""
+    ``trust_remote_code``, ``reward_output``, ``reward_heads``, ``reward_dtype``,
+    ``reward_max_length`` and ``attn_implementation``; either one with the fixed
+    ``reward_normalization`` when given."""
     if config.reward == "demo":
         from drosim.llm.demo_world import OBJECTIVES
 
-        return WordListReward(OBJECTIVES)
-    return SequenceClassifierReward(config.reward, device=device,
-                                    trust_remote_code=config.trust_remote_code,
-                                    output=config.reward_output, heads=config.reward_heads)
+        reward_model: RewardModel = WordListReward(OBJECTIVES)
+    else:
+        dtype = None if config.reward_dtype == "auto" else getattr(torch, config.reward_dtype)
+        reward_model = SequenceClassifierReward(
+            config.reward, device=device, trust_remote_code=config.trust_remote_code,
+            output=config.reward_output, heads=config.reward_heads, dtype=dtype,
+            max_length=config.reward_max_length,
+            attn_implementation=config.attn_implementation)
+    if config.reward_normalization:
+        reward_model = NormalizedReward(reward_model, config.reward_normalization)
+    return reward_model
 
 
 def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPairs
@@ -488,17 +503,32 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
 
 
 def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
-    """Rank 0 scores held-out prompts under the mixture grid and logs the report (a sharded
-    policy's forwards are collectives: every rank then samples the same evaluation)."""
-    sharded = is_sharded(run.policy)
-    if not (run.world.is_main or sharded):
-        return
+    """Score the held-out prompts under the mixture grid, each rank its share, and have
+    rank 0 log the report. The first evaluation's scores (the initial policy's) are kept in
+    ``out_dir/eval_initial.pt``: later reports give win rates against them."""
     config = run.config
-    report = evaluate_mixtures(run.policy, run.tokenizer, run.reward_model, run.eval_prompts,
-                               config.eval_mixtures, temperature=config.temperature,
-                               top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                               seed=EVAL_SEED, chat_template=config.chat_template,
-                               max_prompt_tokens=config.max_prompt_tokens)
+    world = run.world
+    shard = prompt_shard(run.eval_prompts, world.rank, world.world_size)
+    local = sample_scores(run.policy, run.tokenizer, run.reward_model, shard,
+                          temperature=config.temperature, top_p=config.top_p,
+                          max_new_tokens=config.max_new_tokens,
+                          seed=EVAL_SEED + world.rank, chat_template=config.chat_template,
+                          max_prompt_tokens=config.max_prompt_tokens)
+    scores = gather_scores(local, len(run.eval_prompts), run.device)
+    if not world.is_main:
+        return
+    initial_file = run.out_dir / INITIAL_EVAL_FILE
+    if iteration == 0:
+        staging = initial_file.with_suffix(".tmp")
+        torch.save(scores, staging)
+        staging.replace(initial_file)
+    baseline = torch.load(initial_file) if initial_file.exists() else None
+    if baseline is not None and baseline.shape != scores.shape:
+        print(f"drosim-llm: warning: {initial_file} holds scores of {tuple(baseline.shape)}, "
+              f"not {tuple(scores.shape)}: no win rates", file=sys.stderr)
+        baseline = None
+    report = mixture_report(scores, run.reward_model.objectives, config.eval_mixtures,
+                            baseline=None if iteration == 0 else baseline)
     if log is not None:
         log.write({"iteration": iteration, "kind": "eval", **report})
 

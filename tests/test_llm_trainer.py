@@ -168,8 +168,8 @@ def test_a_finished_run_is_never_overwritten_silently(base, uninterrupted, tmp_p
     result = subprocess.run(command(out, base, "iterations=2", "checkpoint_every=1"), env=ENV,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "holds an earlier run (config.yaml, metrics.jsonl, checkpoints, final)" in (
-        result.stderr)
+    assert ("holds an earlier run (config.yaml, metrics.jsonl, checkpoints, final, "
+            "eval_initial.pt)") in result.stderr
     assert (out / "metrics.jsonl").read_text() == lines
     # --overwrite replaces it: the log holds one run again
     subprocess.run([*command(out, base, "iterations=2", "checkpoint_every=1"), "--overwrite"],

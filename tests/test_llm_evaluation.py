@@ -1,0 +1,145 @@
+"""The evaluation report (mixture rewards, worst case, win rates), its split over ranks, and
+the reward model options it depends on (fixed normalisation, cut long inputs, dtype)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from llm_helpers import run_on_two_ranks, shared_pair_batch
+from llm_stand_ins import char_tokenizer, tiny_classifier_folder
+
+from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, win_rate
+from drosim.llm.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
+
+
+def test_win_rate_counts_every_pair_and_ties_half():
+    scores = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    baseline = torch.tensor([[2.0, 3.0], [1.0, -1.0]])
+    # prompt 0: 1 vs (2, 3) -> 0, 0; 3 vs (2, 3) -> 1, 0.5; prompt 1: 0 vs (1, -1) -> 0, 1 twice
+    expected = (0 + 0 + 1 + 0.5 + 0 + 1 + 0 + 1) / 8
+    assert float(win_rate(scores, baseline)) == pytest.approx(expected)
+    assert float(win_rate(baseline, baseline)) == pytest.approx(0.5)  # against itself
+
+
+def test_mixture_report_matches_a_hand_computation():
+    scores = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 1.0], [1.0, 1.0]]])  # (2, 2, 2)
+    baseline = torch.zeros(2, 2, 2)
+    mixtures = [{"a": 1.0}, {"b": 1.0}, {"a": 0.25, "b": 0.75}]
+    report = mixture_report(scores, ["a", "b"], mixtures, baseline=baseline)
+    assert report["objective/a"] == pytest.approx(5 / 4)
+    assert report["objective/b"] == pytest.approx(4 / 4)
+    mixed = (0.25 * scores[..., 0] + 0.75 * scores[..., 1]).mean()
+    assert report["reward/0.25 a + 0.75 b"] == pytest.approx(float(mixed))
+    assert report["reward/worst"] == pytest.approx(1.0)
+    assert report["reward/mean"] == pytest.approx((5 / 4 + 1 + float(mixed)) / 3)
+    # objective a is 0 (a tie with the baseline's 0) in one of four responses: 3.5 / 4
+    assert report["win_rate/1 a"] == pytest.approx(0.875)
+    assert report["win_rate/worst"] == min(report[f"win_rate/{m}"]
+                                           for m in ("1 a", "1 b", "0.25 a + 0.75 b"))
+    assert not any(k.startswith("win_rate/") for k in mixture_report(scores, ["a", "b"],
+                                                                      mixtures))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 2, 2), torch.zeros(2, 2, 3)])
+def test_a_baseline_of_other_prompts_or_objectives_is_refused(bad):
+    with pytest.raises(ValueError, match="do not match"):
+        mixture_report(torch.zeros(2, 2, 2), ["a", "b"], [{"a": 1.0}], baseline=bad)
+
+
+def test_a_mixture_of_an_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="c"):
+        mixture_report(torch.zeros(2, 2, 2), ["a", "b"], [{"c": 1.0}])
+
+
+@pytest.mark.parametrize("n, world", [(5, 2), (4, 2), (1, 3), (7, 4)])
+def test_prompt_shards_cover_the_prompts_in_order_with_equal_lengths(n, world):
+    prompts = [f"p{i}" for i in range(n)]
+    shards = [prompt_shard(prompts, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs as many generate calls
+    assert [p for shard in shards for p in shard][:n] == prompts
+
+
+def _gather_on_rank(_batch) -> torch.Tensor:
+    """Each rank's scores are its prompts' indices: the gathered tensor must be 0..4."""
+    prompts = list(range(5))
+    shard = prompt_shard(prompts, dist.get_rank(), dist.get_world_size())
+    local = torch.tensor(shard, dtype=torch.float32).view(-1, 1, 1).expand(-1, 2, 3)
+    return gather_scores(local.contiguous(), len(prompts))
+
+
+def test_gathered_scores_are_in_prompt_order_without_the_padding(tmp_path):
+    results = run_on_two_ranks(_gather_on_rank, shared_pair_batch(), tmp_path)
+    expected = torch.arange(5.0).view(-1, 1, 1).expand(-1, 2, 3)
+    for gathered in results:
+        assert torch.equal(gathered, expected)
+
+
+def test_normalised_rewards_are_a_fixed_affine_map():
+    raw = CallableReward(lambda p, r: [[float(len(t)), 10.0] for t in r], ("length", "ten"))
+    normalised = NormalizedReward(raw, {"ten": [10.0, 4.0], "length": [1.0, 2.0]})
+    scores = normalised(["q", "q"], ["abc", "a"])
+    assert torch.equal(scores, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="does not score"):
+        NormalizedReward(raw, {"joy": [0.0, 1.0]})
+
+
+def test_train_normalises_the_rewards_it_logs(tmp_path):
+    from drosim.llm.config import bundled_config_path, load_config
+    from drosim.llm.trainer import train
+
+    runs = {}
+    for name, extra in [("raw", []), ("scaled", ["reward_normalization={joy: [1.0, 0.5], "
+                                                  "calm: [1.0, 0.5]}"])]:
+        # the same seed builds the same demo base, so both runs sample the same responses
+        train(load_config(bundled_config_path("smoke"), [
+            f"out_dir={tmp_path / name}", "iterations=1", "progress=false", *extra]))
+        runs[name] = [json.loads(line) for line in
+                      (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    raw, scaled = runs["raw"][0], runs["scaled"][0]  # the initial evaluations
+    for objective in ("joy", "calm"):
+        assert scaled[f"objective/{objective}"] == pytest.approx(
+            (raw[f"objective/{objective}"] - 1.0) / 0.5, abs=1e-5)
+    # an objective left out keeps its raw scores
+    assert scaled["objective/anger"] == pytest.approx(raw["objective/anger"], abs=1e-6)
+
+
+def test_a_long_reward_input_keeps_its_end_and_is_counted(tmp_path, capsys):
+    folder = tiny_classifier_folder(tmp_path / "classifier")
+    model = SequenceClassifierReward(folder, max_length=8)
+    tokenizer = char_tokenizer(chat_template=False)
+    long_prompt = "abcdefghijklmnop"
+    scores = model([long_prompt, "a"], ["xyz", "b"])
+    assert model.truncated == 1
+    assert "1 of 2 texts were longer than reward_max_length = 8" in capsys.readouterr().err
+    # the cut text is scored as its last 8 tokens alone
+    alone = SequenceClassifierReward(folder, max_length=64)
+    tail = tokenizer.decode(tokenizer(long_prompt + " xyz")["input_ids"][-8:])
+    assert torch.allclose(scores[0], alone.model(**tokenizer(tail, return_tensors="pt")
+                                                 ).logits[0].detach(), atol=1e-5)
+
+
+def test_the_reward_dtype_is_the_weights_dtype(tmp_path):
+    folder = tiny_classifier_folder(tmp_path / "classifier")
+    model = SequenceClassifierReward(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    assert model.model.config._attn_implementation == "eager"
+    assert model(["hi"], ["there"]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("override, match", [
+    ("dtype=float16", "dtype must be one of float32, bfloat16"),
+    ("reward_dtype=half", "reward_dtype must be one of auto"),
+    ("attn_implementation=''", "attn_implementation is empty"),
+    ("reward_normalization={joy: [0.0, 0.0]}", r"reward_normalization\['joy'\]"),
+    ("reward_normalization={joy: [0.0]}", r"reward_normalization\['joy'\]"),
+    ("reward_normalization={joy: [.nan, 1.0]}", r"reward_normalization\['joy'\]"),
+    ("reward_max_length=0", "reward_max_length must be >= 1"),
+])
+def test_bad_model_keys_are_refused(override, match):
+    from drosim.llm.config import bundled_config_path, load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config(bundled_config_path("smoke"), [override])
