@@ -5,6 +5,7 @@
     drosim-llm --version
     torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
     drosim-llm export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite]
+    drosim-llm report RUN_DIR [RUN_DIR ...] --out DIR
 
 ``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
 ``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.config.TrainConfig`.
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the folder to write (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
+    report = commands.add_parser("report", help="rewards.csv, summary.csv and rewards.png of "
+                                                "runs (several methods and seeds)")
+    report.add_argument("runs", nargs="+", help="run directories (out_dir of train)")
+    report.add_argument("--out", required=True, help="the folder to write the three files in")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -69,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                 float_format="{:.3f}".format))
             if "rebel" in methods and len(seeds) > 1:
                 print(learning_report(summary))
+            print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+        elif args.command == "report":
+            from drosim.llm.report import report_runs
+
+            summary = report_runs(args.runs, args.out)
+            print(summary.to_string(index=False, float_format="{:.3f}".format))
             print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
         elif args.command == "export":
             from drosim.llm.export import export_model

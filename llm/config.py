@@ -50,6 +50,7 @@ class TrainConfig:
     # else the only text column
     prompt_field: str | None = None
     prompt_split: str = "train"  # the split of a hub dataset or a saved DatasetDict
+    eval_prompt_split: str | None = None  # eval_prompts' split; None: prompt_split
     # keep the last max_prompt_tokens tokens of a longer (rendered) prompt; None: no cut
     max_prompt_tokens: int | None = None
     # render prompts with the tokenizer's chat template: None when it has one, true (required),
@@ -74,8 +75,8 @@ class TrainConfig:
     # "bfloat16"
     dtype: str = "float32"
     reward_dtype: str = "auto"
-    # transformers' attention kernel for the policy and reward model ("sdpa", "eager",
-    # "flash_attention_2", ...); None: transformers' default
+    # transformers' attention kernel of the policy ("sdpa", "eager", "flash_attention_2",
+    # ...); None: transformers' default (the reward model always gets the default)
     attn_implementation: str | None = None
     train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
     eval_mixtures: list[dict[str, float]] = field(default_factory=list)
@@ -306,10 +307,10 @@ def validate_config(config: TrainConfig) -> None:
             the exact Wasserstein gradient, a ``reward_output`` that is not an attribute
             name, an empty ``reward_heads`` or one with a negative index or an empty label,
             ``reward_output`` / ``reward_heads`` with ``reward=demo``, an empty
-            ``prompt_field`` or ``prompt_split``, ``max_prompt_tokens`` below 1, an unknown
-            ``dtype`` or ``reward_dtype``, an empty ``attn_implementation``, or a
-            ``reward_normalization`` entry that is not [shift, scale] with a finite shift
-            and a finite scale > 0.
+            ``prompt_field``, ``prompt_split`` or ``eval_prompt_split``,
+            ``max_prompt_tokens`` below 1, an unknown ``dtype`` or ``reward_dtype``, an
+            empty ``attn_implementation``, or a ``reward_normalization`` entry that is not
+            [shift, scale] with a finite shift and a finite scale > 0.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -379,6 +380,9 @@ def _check_prompt_keys(config: TrainConfig) -> None:
                          "the only text column")
     if not config.prompt_split:
         raise ValueError("prompt_split is empty; name a split such as 'train'")
+    if config.eval_prompt_split is not None and not config.eval_prompt_split:
+        raise ValueError("eval_prompt_split is empty; name a split such as 'test', or null "
+                         "for prompt_split")
     if config.max_prompt_tokens is not None and not config.max_prompt_tokens >= 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or null, got "
                          f"{config.max_prompt_tokens!r}")

@@ -17,13 +17,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from drosim.llm.config import TrainConfig, bundled_config_path, config_to_dict, load_config
+from drosim.llm.report import COLUMNS, plot_rewards, read_eval_metrics, summarise
 from drosim.llm.rewards import mixture_name
 
 DEMO_METHODS = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
@@ -58,20 +58,6 @@ def build_demo_base(path: str | Path, *, seed: int = 0, corpus_size: int = 4000,
     return path
 
 
-def read_eval_metrics(run_dir: Path) -> pd.DataFrame:
-    """The evaluation records of one run as a long table (iteration, mixture, reward)."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] != "eval":
-            continue
-        for key, value in record.items():
-            if key.startswith("reward/"):
-                rows.append({"iteration": record["iteration"], "mixture": key[len("reward/"):],
-                             "reward": value})
-    return pd.DataFrame(rows)
-
-
 def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = DEMO_METHODS,
              seeds: Sequence[int] = (0, 1, 2), progress: bool = True) -> pd.DataFrame:
     """Run the demo into ``out`` and return its long reward table.
@@ -85,7 +71,8 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
         progress: show progress bars.
 
     Returns:
-        Columns method, seed, iteration, mixture, reward (also written to ``rewards.csv``).
+        Columns method, seed, iteration, mixture, reward, win_rate (also written to
+        ``rewards.csv``; see :mod:`drosim.llm.report`).
     """
     from drosim.llm.trainer import train
 
@@ -109,29 +96,14 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
                 train(config, resume=True)
             table = read_eval_metrics(run_dir)
             tables.append(table.assign(method=method, seed=seed))
-    rewards = pd.concat(tables, ignore_index=True)[
-        ["method", "seed", "iteration", "mixture", "reward"]]
+    rewards = pd.concat(tables, ignore_index=True)[COLUMNS]
     rewards.to_csv(out / "rewards.csv", index=False)
     train_mixture = mixture_name(config.train_mixture)
     summary = summarise(rewards, train_mixture)
     summary.to_csv(out / "summary.csv", index=False)
-    plot_rewards(rewards, train_mixture, out / "rewards.png")
+    plot_rewards(rewards, train_mixture, out / "rewards.png",
+                 title="drosim-llm demo: held-out reward per mixture")
     return rewards
-
-
-def summarise(rewards: pd.DataFrame, train_mixture: str) -> pd.DataFrame:
-    """Per method and mixture: mean reward at the first and last evaluation, the gain, the
-    seed-to-seed standard deviation of the final reward, and gain / spread."""
-    first, last = rewards.iteration.min(), rewards.iteration.max()
-    ends = rewards[rewards.iteration.isin([first, last])].pivot_table(
-        index=["method", "mixture", "seed"], columns="iteration", values="reward")
-    ends["gain"] = ends[last] - ends[first]
-    summary = ends.groupby(level=["method", "mixture"]).agg(
-        start=(first, "mean"), end=(last, "mean"), gain=("gain", "mean"),
-        seed_std=(last, "std")).reset_index()
-    summary["gain_over_spread"] = summary.gain / summary.seed_std
-    summary["trained_on"] = summary.mixture == train_mixture
-    return summary
 
 
 def _check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
@@ -154,37 +126,3 @@ def learning_report(summary: pd.DataFrame, method: str = "rebel") -> str:
     verdict = "learns" if row.gain > 2 * row.seed_std else "does NOT clearly learn"
     return (f"{method} {verdict}: training-mixture reward {row.start:.3f} -> {row.end:.3f} "
             f"(gain {row.gain:.3f} = {row.gain_over_spread:.1f}x the seed std {row.seed_std:.3f})")
-
-
-def plot_rewards(rewards: pd.DataFrame, train_mixture: str, path: Path) -> None:
-    """One panel per mixture: reward against iterations, a line per method (mean over seeds,
-    shaded between the seeds' min and max)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mixtures = list(dict.fromkeys(rewards.mixture))
-    columns = min(4, len(mixtures))
-    rows = -(-len(mixtures) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows),
-                             squeeze=False, sharex=True)
-    for ax, mixture in zip(axes.flat, mixtures, strict=False):
-        for method, group in rewards[rewards.mixture == mixture].groupby("method", sort=False):
-            stats = group.groupby("iteration").reward.agg(["mean", "min", "max"])
-            line, = ax.plot(stats.index, stats["mean"], label=method)
-            ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.15,
-                            color=line.get_color())
-        title = f"{mixture} (trained)" if mixture == train_mixture else mixture
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[len(mixtures):]:
-        ax.set_visible(False)
-    axes[0, 0].set_ylabel("mean reward")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("drosim-llm demo: held-out reward per mixture (mean over seeds, range shaded)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

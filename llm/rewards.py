@@ -198,7 +198,6 @@ class SequenceClassifierReward:
         heads: objective name -> head index or ``id2label`` name, in order; ``None``: every
             label of the config's ``id2label``, named by it.
         dtype: the weights' dtype; ``None``: bfloat16 on CUDA, else float32.
-        attn_implementation: transformers' attention kernel; ``None``: its default.
 
     Raises:
         ValueError: custom code without ``trust_remote_code``, missing weights, a head label
@@ -210,7 +209,7 @@ class SequenceClassifierReward:
                  batch_size: int = 64, max_length: int = 1024, separator: str = " ",
                  trust_remote_code: bool = False, output: str = "logits",
                  heads: Mapping[str, int | str] | None = None,
-                 dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+                 dtype: torch.dtype | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         refuse_untrusted_code("reward", model_name_or_path, trust_remote_code=trust_remote_code)
@@ -219,10 +218,9 @@ class SequenceClassifierReward:
         device = torch.device(device)
         if dtype is None:  # bf16 halves a GPU's memory and time; CPUs gain little from it
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_name_or_path, trust_remote_code=trust_remote_code, output_loading_info=True,
-            dtype=dtype, **extra)
+            dtype=dtype)
         if info["missing_keys"]:  # random heads would make random rewards, silently
             missing = sorted(info["missing_keys"])
             raise ValueError(f"reward={str(model_name_or_path)!r}: {len(missing)} weights are "

@@ -180,8 +180,8 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
     """The demo's word-list reward, or a ``transformers`` reward model read with the config's
-    ``trust_remote_code``, ``reward_output``, ``reward_heads``, ``reward_dtype``,
-    ``reward_max_length`` and ``attn_implementation``; either one with the fixed
+    ``trust_remote_code``, ``reward_output``, ``reward_heads``, ``reward_dtype`` and
+    ``reward_max_length`` (and transformers' default attention kernel); either one with the fixed
     ``reward_normalization`` when given."""
     if config.reward == "demo":
         from drosim.llm.demo_world import OBJECTIVES
@@ -192,8 +192,7 @@ def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
         reward_model = SequenceClassifierReward(
             config.reward, device=device, trust_remote_code=config.trust_remote_code,
             output=config.reward_output, heads=config.reward_heads, dtype=dtype,
-            max_length=config.reward_max_length,
-            attn_implementation=config.attn_implementation)
+            max_length=config.reward_max_length)
     if config.reward_normalization:
         reward_model = NormalizedReward(reward_model, config.reward_normalization)
     return reward_model
@@ -399,7 +398,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
                                        split=config.prompt_split,
                                        demo_seed=DEMO_TRAIN_PROMPT_SEED), seed=config.seed)
     eval_prompts = load_prompts(config.eval_prompts, field=config.prompt_field,
-                                split=config.prompt_split, demo_seed=DEMO_EVAL_PROMPT_SEED)
+                                split=config.eval_prompt_split or config.prompt_split,
+                                demo_seed=DEMO_EVAL_PROMPT_SEED)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     warmup = config.warmup_iterations

@@ -240,8 +240,8 @@ def test_bundled_configs():
 
 
 def test_unknown_bundled_config_lists_the_available_ones():
-    with pytest.raises(ValueError, match="no bundled config 'smok'; available: demo, "
-                                         "gpt2-small-gpu, smoke"):
+    with pytest.raises(ValueError, match="no bundled config 'smok'; available: armorm, demo, "
+                                         "emotion, gpt2-small-gpu, hh, smoke"):
         bundled_config_path("smok")
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo, summarise
+from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo
+from drosim.llm.report import summarise
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # 12 short iterations, a checkpoint every 4: a kill lands between checkpoints
