@@ -19,6 +19,8 @@ Components (small, pure, tested one by one):
 
 Recipes: :mod:`~drosim.llm.trainer` (the online loop, with :mod:`~drosim.llm.config` and
 :mod:`~drosim.llm.checkpoint`), :mod:`~drosim.llm.export` (a run as a Hugging Face folder),
-:mod:`~drosim.llm.demo` (the offline demo on :mod:`~drosim.llm.demo_world`) and the
-``drosim-llm`` command (:mod:`~drosim.llm.cli`).
+:mod:`~drosim.llm.demo` (the offline demo on :mod:`~drosim.llm.demo_world`), the stage-0
+recipes on ``transformers``' Trainer (:mod:`~drosim.llm.sft`, the starting policy;
+:mod:`~drosim.llm.reward_training`, a classifier reward; shared: :mod:`~drosim.llm.recipes`)
+and the ``drosim-llm`` command (:mod:`~drosim.llm.cli`).
 """

@@ -6,14 +6,23 @@
     torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
     drosim-llm export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite]
     drosim-llm report RUN_DIR [RUN_DIR ...] --out DIR
+    drosim-llm sft --model M --data D --out DIR [--field F] [--split S] [--epochs N] [--lr X]
+        [--batch-size B] [--max-length L] [--seed S] [--bf16] [--trust-remote-code]
+        [--overwrite] [--resume] [--save-steps N]
+    drosim-llm train-reward --model M --data D --out DIR [--text-field F] [--label-field F]
+        [--labels a,b,c] [--eval-fraction X] [the training options of sft]
 
 ``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
 ``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.config.TrainConfig`.
+``sft`` and ``train-reward`` are the stage-0 recipes (:mod:`drosim.llm.sft`,
+:mod:`drosim.llm.reward_training`): their ``--out`` folders are ``train``'s ``model`` and
+``reward``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +32,41 @@ from drosim.llm.config import bundled_config_path, load_config
 
 def _config_path(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
+
+
+def _add_training_options(command: argparse.ArgumentParser, *, lr: float,
+                          batch_size: int, max_length: int) -> None:
+    """The options ``sft`` and ``train-reward`` share: model, data, out and Trainer's."""
+    command.add_argument("--model", required=True, help="a local folder or hub name")
+    command.add_argument("--data", required=True,
+                         help="a .txt / .parquet / .jsonl / .json / .csv file, a saved "
+                              "dataset folder or a hub dataset name")
+    command.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    command.add_argument("--split", default="train", help="dataset split (default: train)")
+    command.add_argument("--epochs", type=float, default=1.0, help="default: 1")
+    command.add_argument("--lr", type=float, default=lr, help=f"default: {lr:g}")
+    command.add_argument("--batch-size", type=int, default=batch_size,
+                         help=f"default: {batch_size}")
+    command.add_argument("--max-length", type=int, default=max_length,
+                         help=f"tokens per example (default: {max_length})")
+    command.add_argument("--seed", type=int, default=0, help="default: 0")
+    command.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    command.add_argument("--trust-remote-code", action="store_true",
+                         help="run the model folder's custom code")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace a non-empty --out and an interrupted run's checkpoints")
+    command.add_argument("--resume", action="store_true",
+                         help="continue an interrupted run from its checkpoints in OUT.work/")
+    command.add_argument("--save-steps", type=int, default=500,
+                         help="steps between checkpoints (default: 500)")
+
+
+def _training_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`_add_training_options`' options but model/data/out."""
+    return {"split": args.split, "epochs": args.epochs, "lr": args.lr,
+            "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
+            "bf16": args.bf16, "trust_remote_code": args.trust_remote_code,
+            "overwrite": args.overwrite, "resume": args.resume, "save_steps": args.save_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +101,21 @@ def main(argv: list[str] | None = None) -> int:
                                                 "runs (several methods and seeds)")
     report.add_argument("runs", nargs="+", help="run directories (out_dir of train)")
     report.add_argument("--out", required=True, help="the folder to write the three files in")
+    sft = commands.add_parser("sft", help="stage 0: supervised fine-tuning of a causal LM")
+    _add_training_options(sft, lr=2e-5, batch_size=8, max_length=1024)
+    sft.add_argument("--field", default=None,
+                     help="the text or conversation column (default: text, else messages)")
+
+    reward = commands.add_parser("train-reward",
+                                 help="stage 0: a sequence classifier as a reward model")
+    _add_training_options(reward, lr=2e-5, batch_size=16, max_length=512)
+    reward.add_argument("--text-field", default="text", help="default: text")
+    reward.add_argument("--label-field", default="label", help="default: label")
+    reward.add_argument("--labels", default=None,
+                        help="comma-separated class names in id order (default: the column's "
+                             "ClassLabel names, else the sorted labels)")
+    reward.add_argument("--eval-fraction", type=float, default=0.1,
+                        help="held-out fraction for the accuracy (default: 0.1)")
 
     args = parser.parse_args(argv)
     try:
@@ -82,6 +141,25 @@ def main(argv: list[str] | None = None) -> int:
             summary = report_runs(args.runs, args.out)
             print(summary.to_string(index=False, float_format="{:.3f}".format))
             print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+        elif args.command == "sft":
+            from drosim.llm.sft import sft as run_sft
+
+            out = run_sft(args.model, args.data, args.out, field=args.field,
+                          **_training_kwargs(args))
+            print(f"wrote the fine-tuned model to {out}")
+        elif args.command == "train-reward":
+            from drosim.llm.recipes import METRICS_FILE
+            from drosim.llm.reward_training import train_reward
+
+            labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
+            out = train_reward(args.model, args.data, args.out, text_field=args.text_field,
+                               label_field=args.label_field, labels=labels,
+                               eval_fraction=args.eval_fraction, **_training_kwargs(args))
+            metrics = json.loads((out / METRICS_FILE).read_text())
+            if "eval_accuracy" in metrics:
+                print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on "
+                      f"{metrics['eval_rows']} rows")
+            print(f"wrote the reward model ({', '.join(metrics['labels'])}) to {out}")
         elif args.command == "export":
             from drosim.llm.export import export_model
 

@@ -51,8 +51,28 @@ def hh_messages(transcript: str) -> list[Message]:
     cut = transcript.rfind(_ASSISTANT)
     if not transcript.startswith(_HUMAN) or cut < 0:
         raise ValueError(f"not an HH transcript (Human: ... Assistant: ...): {transcript[:60]!r}")
+    return _hh_turns(transcript[:cut])
+
+
+def hh_conversation(transcript: str) -> list[Message]:
+    """An Anthropic-HH transcript as its whole conversation, last assistant reply included
+    (what supervised fine-tuning learns from; :func:`hh_messages` is its prompt).
+
+    Raises:
+        ValueError: a transcript without an assistant turn or not starting with a human turn.
+
+    Example:
+        >>> hh_conversation("\\n\\nHuman: hi\\n\\nAssistant: hello")
+        [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
+    """
+    hh_messages(transcript)  # the same checks as the prompt's
+    return _hh_turns(transcript)
+
+
+def _hh_turns(text: str) -> list[Message]:
+    """The messages of ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` turns."""
     messages: list[Message] = []
-    for turn in transcript[:cut].split(_HUMAN)[1:]:
+    for turn in text.split(_HUMAN)[1:]:
         user, *assistant = turn.split(_ASSISTANT)
         messages.append({"role": "user", "content": user.strip()})
         messages.extend({"role": "assistant", "content": a.strip()} for a in assistant)
@@ -127,6 +147,42 @@ def _read_dataset(source: str, split: str):
     except Exception as error:  # offline, unknown name, no such split: all end the run here
         raise ValueError(f"cannot load the prompt dataset {source!r} (split {split!r}) from "
                          f"the Hugging Face hub: {error}") from error
+
+
+def read_table(source: str, split: str = "train"):
+    """A labelled or text table as a ``datasets.Dataset`` (what the stage-0 recipes train on).
+
+    Args:
+        source: a ``.txt`` file (one text per line, read as the column ``"text"``), a
+            ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` file, a ``save_to_disk`` folder or
+            a hub dataset name.
+        split: the split of a ``DatasetDict`` folder or a hub dataset.
+
+    Returns:
+        The dataset, in file order.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        ValueError: an unknown file type, a corrupt file, a missing split, a hub dataset that
+            cannot be loaded, or no row at all.
+
+    Example:
+        >>> read_table("texts.txt").column_names  # doctest: +SKIP
+        ['text']
+    """
+    path = Path(source).expanduser()
+    if path.suffix == ".txt":
+        import datasets
+
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        dataset = datasets.Dataset.from_dict({"text": lines})
+    else:
+        dataset = _read_dataset(source, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{source} holds no row")
+    return dataset
 
 
 def pick_field(columns: list[str], features: Any, field: str | None, *, where: str) -> str:

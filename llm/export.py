@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -151,7 +152,8 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
-                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                     state_dict: dict[str, torch.Tensor] | None = None,
+                     files: Mapping[str, str] | None = None) -> None:
     """Atomically write ``model`` (safetensors) and ``tokenizer`` as the folder ``out``.
 
     Written into a temporary sibling and renamed, so ``out`` is complete or absent.
@@ -164,6 +166,7 @@ def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
         state_dict: the weights to write instead of ``model``'s own (e.g. the gathered full
             state of a sharded model); names that alias an earlier parameter of ``model``
             (tied embeddings) are dropped, as ``save_pretrained`` drops them from a model.
+        files: more text files for the folder (name -> content), written with it.
 
     Raises:
         FileExistsError: ``out`` is not empty and ``overwrite`` is not set.
@@ -178,6 +181,8 @@ def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(content)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -14,7 +14,8 @@ MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
            "drosim.stats", "drosim.chunks", "drosim.llm.data",
            "drosim.llm.demo_world", "drosim.llm.logprobs", "drosim.llm.losses",
            "drosim.llm.methods", "drosim.llm.objective", "drosim.llm.rewards",
-           "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update"]
+           "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update",
+           "drosim.llm.recipes", "drosim.llm.sft", "drosim.llm.reward_training"]
 
 
 @pytest.mark.parametrize("name", MODULES)
