@@ -6,6 +6,8 @@ Nothing can be downloaded here, so the tests build what a real run loads from th
   with a Llama-3-like chat template, built in-process;
 - :func:`tiny_llama_folder`: a randomly initialised two-layer Llama policy with that
   tokenizer, as a Hugging Face folder (the Llama-3.2-1B stand-in);
+- :func:`tiny_gpt2_folder`: a random two-layer GPT-2 language model with that tokenizer (no
+  chat template), the stand-in of the Emotion experiment's GPT-2 before SFT;
 - :func:`tiny_classifier_folder`: a GPT-2 sequence classifier with named labels (the
   six-emotion reward classifier's stand-in, before or instead of ``train-reward``);
 - :func:`armolike_folder`: a reward model with custom code (``auto_map``) and several heads
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -70,6 +73,19 @@ def tiny_llama_folder(folder: Path, *, seed: int = 0, chat_template: bool = True
                          eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_gpt2_folder(folder: Path, *, seed: int = 0, width: int = 32) -> Path:
+    """Write a random two-layer GPT-2 causal LM and :func:`char_tokenizer` (no template)."""
+    tokenizer = char_tokenizer(chat_template=False)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=width, n_head=2,
+                        n_positions=256, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from llm_stand_ins import (
+    EMOTIONS,
     armolike_folder,
     char_tokenizer,
     tiny_classifier_folder,
+    tiny_gpt2_folder,
     tiny_llama_folder,
     write_emotion,
     write_helpsteer,
@@ -116,3 +118,39 @@ def test_the_paper_configs_convert_the_authors_scale(name):
     assert config.eta == 0.01 and config.lr == 1e-5
     assert config.kl_tau == pytest.approx(0.1 / config.eta**2)
     assert config.max_grad_norm == pytest.approx(1.0 / config.eta**2)
+
+
+@pytest.mark.slow
+def test_the_emotion_pipeline_runs_end_to_end(tmp_path, capsys):
+    """sft -> train-reward -> train (REBEL and chi2-REBEL) -> report, each through the
+    command line, on a tiny GPT-2 and the emotion table; the report's win rates are against
+    each run's own SFT policy."""
+    base = tiny_gpt2_folder(tmp_path / "gpt2")
+    data = write_emotion(tmp_path / "emotion.parquet", repeat=8)
+    sft, rm = tmp_path / "models" / "sft", tmp_path / "models" / "rm"
+    assert main(["sft", "--model", str(base), "--data", str(data), "--field", "text",
+                 "--out", str(sft), "--epochs", "3", "--lr", "3e-3", "--batch-size", "16",
+                 "--max-length", "64"]) == 0
+    assert main(["train-reward", "--model", str(base), "--data", str(data), "--out", str(rm),
+                 "--epochs", "8", "--lr", "3e-3", "--batch-size", "16", "--max-length", "64",
+                 "--eval-fraction", "0.2", "--labels", ",".join(EMOTIONS)]) == 0
+    accuracy = json.loads((rm / "train_metrics.json").read_text())["eval_accuracy"]
+    assert accuracy > 0.5  # six classes: chance is 1/6
+    runs = []
+    for method in ("rebel", "chi2-rebel"):
+        runs.append(tmp_path / "runs" / method)
+        assert main(["train", "--config", "emotion", f"model={sft}", f"reward={rm}",
+                     f"prompts={data}", f"eval_prompts={data}", "eval_prompt_split=null",
+                     f"method={method}", f"out_dir={runs[-1]}", "max_prompt_tokens=16",
+                     "lr=1e-3", *SMALL, "iterations=4", "pairs_per_iteration=16",
+                     "minibatch_size=8", "num_eval_prompts=16", "eval_every=2"]) == 0, (
+            capsys.readouterr().err)
+    report = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(report)]) == 0
+    import pandas as pd
+
+    summary = pd.read_csv(report / "summary.csv")
+    assert set(summary.method) == {"rebel", "chi2-rebel"}
+    assert summary.trained_on.sum() == 2
+    assert summary.win_rate.between(0, 1).all()
+    assert (report / "rewards.png").stat().st_size > 0
