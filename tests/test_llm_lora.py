@@ -1,13 +1,15 @@
 """LoRA (``lora_rank``) in the online trainer.
 
 - the DPO-type reference is the policy with its adapter disabled: the initial policy's
-  log-probabilities, bit for bit, before and after updates; only the adapters train;
+  log-probabilities, bit for bit, before and after updates (adapter dropout or not); only
+  the adapters train; the merged copy computes the adapted policy and leaves it alone;
 - the Wasserstein methods differentiate through the frozen embedding table's output: their
   penalty moves the adapters, the finite difference as the exact double backward does;
-- ``train()`` with DPO and W-REBEL on the tiny Llama stand-in and a classifier reward: the
-  base weights stay put, a resumed run ends bitwise where an uninterrupted one does, and
-  ``final/`` is a plain (merged) model that ``from_pretrained`` and ``train`` accept;
-- the LoRA keys' errors.
+- ``train()`` with DPO and W-REBEL on the tiny Llama stand-in and a classifier reward: no
+  reference copy, the optimiser holds the adapters alone, the base weights stay put, a
+  resumed run ends bitwise where an uninterrupted one does, and ``final/`` is a plain
+  (merged) model that ``from_pretrained`` and ``train`` accept;
+- the LoRA keys' errors; a torch.compile'd LoRA update equals the eager one (slow).
 """
 
 from __future__ import annotations
@@ -29,19 +31,26 @@ from drosim.llm import trainer
 from drosim.llm.config import load_config
 from drosim.llm.export import export_model
 from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.lora import ADAPTER_DIR, apply_lora, causal_lm, reference_model
+from drosim.llm.lora import (
+    ADAPTER_DIR,
+    apply_lora,
+    causal_lm,
+    is_lora,
+    merged_copy,
+    reference_model,
+)
 from drosim.llm.methods import Method, make_method
-from drosim.llm.trainer import train, update
+from drosim.llm.trainer import Distributed, set_up, train, update
 from drosim.llm.update import update_step
 
 RANK, ALPHA = 4, 8.0
 
 
-def lora_model(seed: int = 0, *, randomise: bool = False, **kwargs) -> torch.nn.Module:
+def lora_model(seed: int = 0, *, randomise: bool = False) -> torch.nn.Module:
     """The tiny float64 GPT-2 with rank-4 adapters on its default targets (c_attn);
     ``randomise`` draws B (zero at PEFT's initialisation), so that A has gradients too."""
-    options = dict(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=None) | kwargs
-    model = apply_lora(tiny_model(seed=seed), **options)
+    model = apply_lora(tiny_model(seed=seed), rank=RANK, alpha=ALPHA, dropout=0.0,
+                       target_modules=None)
     if randomise:
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -101,6 +110,18 @@ def test_lora_dropout_leaves_the_reference_exact():
     batch = random_pair_batch(4, seed=5)
     with reference_model(policy, None) as reference:
         assert torch.equal(logprobs(reference, batch), logprobs(initial, batch))
+
+
+def test_the_merged_copy_computes_the_adapted_policy_and_leaves_it_alone():
+    policy = lora_model(randomise=True)
+    before = {name: p.detach().clone() for name, p in policy.state_dict().items()}
+    merged = merged_copy(policy)
+    assert not is_lora(merged) and not any("lora_" in name for name in merged.state_dict())
+    batch = random_pair_batch(4, seed=6)
+    torch.testing.assert_close(logprobs(merged, batch), logprobs(causal_lm(policy), batch),
+                               rtol=1e-12, atol=1e-12)
+    after = policy.state_dict()
+    assert is_lora(policy) and all(torch.equal(after[name], before[name]) for name in before)
 
 
 def _w_step(name: str, w_gradient: str, w_rho: float = 0.5) -> dict[str, torch.Tensor]:
@@ -167,6 +188,19 @@ def run_config(world: dict[str, Path], out: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def dpo_run(world, tmp_path_factory) -> Path:
     return train(run_config(world, tmp_path_factory.mktemp("lora") / "dpo", "method=dpo"))
+
+
+def test_set_up_adapts_the_policy_without_a_reference_copy(world, tmp_path):
+    config = run_config(world, tmp_path / "set-up", "method=dpo", "lora_dropout=0.1")
+    run = set_up(config, Distributed())
+    assert is_lora(run.policy) and run.reference is None
+    assert run.update_policy is causal_lm(run.policy)
+    # disable_dropout ran before the adapters were added: they keep lora_dropout
+    dropouts = [m.p for n, m in run.policy.named_modules()
+                if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
+    assert dropouts and set(dropouts) == {0.1}
+    trained = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for n, p in run.policy.named_parameters() if "lora_" in n}
 
 
 def test_a_lora_run_trains_the_adapters_only(world, dpo_run):
