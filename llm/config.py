@@ -426,9 +426,10 @@ def _check_lora(config: TrainConfig, method: Method) -> None:
                          "difference compares two forwards of one network; dropout draws a "
                          "new sub-network each forward. Use lora_dropout=0")
     if config.sharding == "fsdp2":
-        raise ValueError("sharding=fsdp2 cannot shard a LoRA policy yet (its PEFT wrapper, "
-                         "frozen base and merged export are untested under FSDP2): use "
-                         "sharding=none, or lora_rank=null")
+        raise ValueError("sharding=fsdp2 cannot run a LoRA policy yet: the update calls the "
+                         "model inside the PEFT wrapper, past the FSDP root's all-gather, and "
+                         "final/ merges an unsharded copy. Use sharding=none (a LoRA "
+                         "optimiser holds the adapters' state only) or lora_rank=null")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

@@ -276,7 +276,7 @@ def test_w_rebel_trains_under_lora_from_a_zero_policy_term(world, tmp_path, monk
     (["lora_rank=4", "lora_dropout=0.1"], r"lora_dropout > 0 cannot run rebel"),
     (["lora_rank=4", "lora_dropout=0.1", "method=wdpo"], r"cannot run wdpo"),
     (["lora_rank=4", "lora_target_modules=[]"], r"lora_target_modules is empty"),
-    (["lora_rank=4", "sharding=fsdp2"], r"sharding=fsdp2 cannot shard a LoRA policy"),
+    (["lora_rank=4", "sharding=fsdp2"], r"sharding=fsdp2 cannot run a LoRA policy"),
     (["lora_alpha=32"], r"lora_alpha configure a LoRA adapter, but lora_rank is null"),
     (["lora_target_modules=[q_proj]"], r"lora_target_modules configure"),
 ])
