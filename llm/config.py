@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from drosim.llm.methods import METHODS, make_method
+from drosim.llm.methods import METHODS, Method, make_method
 from drosim.llm.sharding import SHARDINGS
 from drosim.llm.update import W_GRADIENTS
 
@@ -115,6 +115,16 @@ class TrainConfig:
     # Wasserstein methods (their input-embedding hook is added per step)
     compile: bool = False
     sharding: str = "none"  # one of SHARDINGS: "fsdp2" shards weights, gradients, optimiser
+    # LoRA (PEFT): train rank-`lora_rank` adapters on frozen weights; None: full fine-tuning.
+    # The DPO-type methods' reference is then the policy with its adapter disabled.
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0  # an adapter adds (lora_alpha / lora_rank) B A x
+    # dropout on the adapters' input, for the DPO-type methods without a Wasserstein set only
+    # (REBEL's pi_t and the Wasserstein finite difference need the same network every forward)
+    lora_dropout: float = 0.0
+    # the modules to adapt (names or suffixes, or [all-linear]); None: PEFT's default for the
+    # architecture (Llama: q_proj, v_proj), else every linear layer but the output head
+    lora_target_modules: list[str] | None = None
     tensorboard: bool = False
     progress: bool = True
     out_dir: str = "runs/default"
@@ -309,8 +319,9 @@ def validate_config(config: TrainConfig) -> None:
             ``reward_output`` / ``reward_heads`` with ``reward=demo``, an empty
             ``prompt_field``, ``prompt_split`` or ``eval_prompt_split``,
             ``max_prompt_tokens`` below 1, an unknown ``dtype`` or ``reward_dtype``, an
-            empty ``attn_implementation``, or a ``reward_normalization`` entry that is not
-            [shift, scale] with a finite shift and a finite scale > 0.
+            empty ``attn_implementation``, a ``reward_normalization`` entry that is not
+            [shift, scale] with a finite shift and a finite scale > 0, or a LoRA key out of
+            range or not allowed (:func:`_check_lora`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -360,6 +371,7 @@ def validate_config(config: TrainConfig) -> None:
     _check_prompt_keys(config)
     _check_reward_heads(config)
     _check_model_keys(config)
+    _check_lora(config, method)
     _check_mixture("train_mixture", config.train_mixture)
     if not config.eval_mixtures:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
@@ -425,6 +437,39 @@ def _check_model_keys(config: TrainConfig) -> None:
                 and pair[1] > 0):
             raise ValueError(f"reward_normalization[{objective!r}] must be [shift, scale] with "
                              f"a finite shift and a finite scale > 0, got {pair!r}")
+
+
+def _check_lora(config: TrainConfig, method: Method) -> None:
+    """The LoRA keys: a rank >= 1, an alpha > 0, a dropout in [0, 1) and only with a DPO-type
+    method without a Wasserstein set, a non-empty target list, no adapter keys without a
+    rank, and no FSDP2 sharding. (Target modules that name nothing are refused when the
+    adapter is built, by :func:`drosim.llm.lora.apply_lora`.)"""
+    if config.lora_rank is None:
+        defaults = TrainConfig()
+        changed = [name for name in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                   if getattr(config, name) != getattr(defaults, name)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} configure a LoRA adapter, but lora_rank "
+                             "is null (full fine-tuning): set lora_rank, or leave them unset")
+        return
+    _require(config, "lora_rank", lambda v: v >= 1, ">= 1 (or null: full fine-tuning)")
+    _require(config, "lora_alpha", lambda v: 0 < v < math.inf, "finite and > 0")
+    _require(config, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    if config.lora_target_modules is not None and not config.lora_target_modules:
+        raise ValueError("lora_target_modules is empty; name modules to adapt, or null for "
+                         "PEFT's default for the architecture")
+    wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    if config.lora_dropout > 0 and (wasserstein or method.pointwise == "rebel"):
+        # The trainer turns every other dropout off for the same reasons (disable_dropout).
+        raise ValueError(f"lora_dropout > 0 cannot run {config.method}: REBEL's first step "
+                         "needs log pi_theta = log pi_t exactly, and the Wasserstein finite "
+                         "difference compares two forwards of one network; dropout draws a "
+                         "new sub-network each forward. Use lora_dropout=0")
+    if config.sharding == "fsdp2":
+        raise ValueError("sharding=fsdp2 cannot run a LoRA policy yet: the update calls the "
+                         "model inside the PEFT wrapper, past the FSDP root's all-gather, and "
+                         "final/ merges an unsharded copy. Use sharding=none (a LoRA "
+                         "optimiser holds the adapters' state only) or lora_rank=null")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

@@ -8,7 +8,9 @@ The folder (``config.json``, ``model.safetensors``, the tokenizer) loads with
 run (safetensors) or a sharded one (``torch.distributed.checkpoint``, read here on one
 process without a process group). A checkpoint holds weights only; the architecture and the
 tokenizer come from the run's ``config.yaml`` (its ``model`` and ``tokenizer``: the cached
-``base/`` for ``model: demo``).
+``base/`` for ``model: demo``). A LoRA run's policy (``lora_rank``) is written with its
+adapter merged into the weights, a plain model, and the adapter alone in ``adapter/``
+(``PeftModel.from_pretrained(base, folder / "adapter")`` reads it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from drosim.llm.checkpoint import (
     verify_checkpoint,
 )
 from drosim.llm.config import load_config
+from drosim.llm.lora import ADAPTER_DIR, apply_lora, is_lora, merged_copy
 
 FINAL_DIR = "final"
 
@@ -70,7 +73,7 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
         trust = config_file.is_file() and load_config(config_file).trust_remote_code
         model, tokenizer = load_pretrained_policy(str(weights), trust_remote_code=trust)
     else:
-        model, tokenizer = _base_model(run_dir)
+        model, tokenizer = _run_policy(run_dir)
         load_weights(model, weights)
     write_pretrained(model, tokenizer, out, overwrite=overwrite)
     return weights
@@ -118,17 +121,23 @@ def load_pretrained_policy(source: str, *, tokenizer: str | None = None,
     return model, loaded
 
 
-def _base_model(run_dir: Path) -> tuple[nn.Module, object]:
-    """The run's initial policy (the architecture to load weights into) and tokenizer."""
+def _run_policy(run_dir: Path) -> tuple[nn.Module, object]:
+    """The run's initial policy (the architecture to load weights into, with the run's LoRA
+    adapter when it had one) and tokenizer."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot tell which model the "
                                 "checkpoint belongs to")
     config = load_config(config_file)
-    model = str(run_dir / "base") if config.model == "demo" else config.model
-    return load_pretrained_policy(model, tokenizer=config.tokenizer,
-                                  trust_remote_code=config.trust_remote_code,
-                                  dtype=config.dtype)
+    source = str(run_dir / "base") if config.model == "demo" else config.model
+    model, tokenizer = load_pretrained_policy(source, tokenizer=config.tokenizer,
+                                              trust_remote_code=config.trust_remote_code,
+                                              dtype=config.dtype)
+    if config.lora_rank is not None:
+        model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha,
+                           dropout=config.lora_dropout,
+                           target_modules=config.lora_target_modules)
+    return model, tokenizer
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
@@ -156,10 +165,12 @@ def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
                      files: Mapping[str, str] | None = None) -> None:
     """Atomically write ``model`` (safetensors) and ``tokenizer`` as the folder ``out``.
 
-    Written into a temporary sibling and renamed, so ``out`` is complete or absent.
+    Written into a temporary sibling and renamed, so ``out`` is complete or absent. A LoRA
+    ``PeftModel`` is written as a plain model with its adapter merged (a merged copy:
+    ``model`` itself is unchanged) and its adapter alone in ``out/adapter``.
 
     Args:
-        model: a ``transformers`` model.
+        model: a ``transformers`` model, or a LoRA ``PeftModel`` wrapping one.
         tokenizer: its tokenizer.
         out: the folder to create.
         overwrite: replace an existing ``out`` (otherwise only an empty one is replaced).
@@ -174,12 +185,17 @@ def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
+    adapter = None
+    if is_lora(model):
+        adapter, model = model, merged_copy(model)
     if state_dict is not None:
         state_dict = {name: value for name, value in state_dict.items()
                       if name not in _tied_aliases(model)}
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
+        if adapter is not None:
+            adapter.save_pretrained(tmp / ADAPTER_DIR)
         tokenizer.save_pretrained(tmp)
         for name, content in (files or {}).items():
             (tmp / name).write_text(content)

@@ -60,6 +60,7 @@ from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, sample_scores
 from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.lora import apply_lora, causal_lm, reference_model
 from drosim.llm.methods import Method, make_method
 from drosim.llm.rewards import (
     NormalizedReward,
@@ -359,10 +360,12 @@ class Run:
 
 
 def set_up(config: TrainConfig, world: Distributed) -> Run:
-    """Device, method, policy (dropout off), reference, reward model, prompts, optimiser.
+    """Device, method, policy (dropout off; LoRA adapters with ``lora_rank``), reference
+    (none under LoRA), reward model, prompts, optimiser (of the trained parameters).
 
     Raises:
-        ValueError: pairs or minibatches that do not split evenly over the ranks.
+        ValueError: pairs or minibatches that do not split evenly over the ranks, or
+            ``lora_target_modules`` that name no module of the policy.
     """
     out_dir = Path(config.out_dir)
     device = resolve_device(config, world.local_rank)
@@ -379,7 +382,14 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     policy.to(device)
     disable_dropout(policy)
     reference = None
-    if method.pointwise != "rebel":
+    if config.lora_rank is not None:
+        # After disable_dropout: the adapters keep lora_dropout (validate_config allows it
+        # only where no forward must be repeated exactly). The reference is the policy with
+        # its adapter disabled (reference_model): no frozen copy.
+        policy = apply_lora(policy, rank=config.lora_rank, alpha=config.lora_alpha,
+                            dropout=config.lora_dropout,
+                            target_modules=config.lora_target_modules)
+    elif method.pointwise != "rebel":
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(
@@ -400,13 +410,14 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     eval_prompts = load_prompts(config.eval_prompts, field=config.prompt_field,
                                 split=config.eval_prompt_split or config.prompt_split,
                                 demo_seed=DEMO_EVAL_PROMPT_SEED)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    # the trained parameters only: all of them, or a LoRA policy's adapters
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                  lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
     return Run(config, out_dir, world, device, method, policy,
-               maybe_compile(policy, config.compile), tokenizer, reference,
+               maybe_compile(causal_lm(policy), config.compile), tokenizer, reference,
                reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
                optimizer, scheduler)
 
@@ -450,13 +461,14 @@ def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs]:
 
 def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
     """The pairs as a training batch: mixed rewards, and the reference's log-probabilities
-    for the DPO-type methods (pi_t's are recorded by :func:`update`)."""
+    for the DPO-type methods (pi_t's are recorded by :func:`update`); a LoRA policy's
+    reference is itself with its adapter disabled."""
     rewards = score_pairs(run.reward_model, prompts, pairs).to(run.device) @ run.alpha
     reference_logprobs = None
-    if run.reference is not None:
-        with torch.no_grad():
+    if run.method.pointwise != "rebel":
+        with torch.no_grad(), reference_model(run.policy, run.reference) as reference:
             reference_logprobs = sequence_logprobs(
-                run.reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
+                reference, pairs.input_ids.flatten(0, 1), pairs.attention_mask.flatten(0, 1),
                 pairs.response_mask.flatten(0, 1)).logprobs.view(-1, 2)
     return PairBatch(pairs.input_ids, pairs.attention_mask, pairs.response_mask, None,
                      rewards, reference_logprobs)
@@ -543,7 +555,9 @@ def checkpoint(run: Run, state: TrainState) -> None:
 
 def finish(run: Run) -> None:
     """Rank 0 saves the final policy and tokenizer as a Hugging Face folder; the others
-    wait. A sharded policy is first gathered, on the CPU, by every rank together."""
+    wait. A sharded policy is first gathered, on the CPU, by every rank together; a LoRA
+    policy is written merged, its adapter also in ``final/adapter``
+    (:func:`drosim.llm.export.write_pretrained`)."""
     full = None
     if is_sharded(run.policy):
         full = get_model_state_dict(run.policy, options=StateDictOptions(

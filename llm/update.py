@@ -83,7 +83,9 @@ def input_embeddings(policy: nn.Module, *, shift: Tensor | None = None
     A forward hook on ``policy.get_input_embeddings()`` records its output and returns
     ``output + shift``. Unlike embedding the ids outside the model and feeding
     ``inputs_embeds``, this works when the embedding table is sharded (FSDP2 gathers it only
-    inside the root forward), and the shifted embeddings still depend on the table.
+    inside the root forward), and the shifted embeddings still depend on the table. With a
+    frozen table (LoRA) the captured embeddings are made to require a gradient (outside
+    ``torch.no_grad``), so the Wasserstein penalty can still differentiate through them.
 
     Args:
         policy: a causal LM with ``get_input_embeddings``.
@@ -104,6 +106,10 @@ def input_embeddings(policy: nn.Module, *, shift: Tensor | None = None
     captured = CapturedEmbeddings()
 
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not output.requires_grad:
+            # A frozen table (LoRA) gives embeddings outside the graph: the penalty still
+            # differentiates the loss with respect to them (they become a leaf).
+            output.requires_grad_()
         captured.value = output if shift is None else output + shift
         return captured.value
 
