@@ -342,7 +342,9 @@ class Run:
     # what the update calls: the policy, or its torch.compile wrapper (same parameters)
     update_policy: nn.Module
     tokenizer: Any
-    reference: nn.Module | None  # the frozen initial policy of the DPO-type methods
+    # the frozen initial policy of the DPO-type methods (None under LoRA: the adapter is
+    # disabled instead, see drosim.llm.lora.reference_model)
+    reference: nn.Module | None
     reward_model: RewardModel
     alpha: torch.Tensor  # (objectives,) training mixture weights
     stream: PromptStream

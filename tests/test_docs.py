@@ -15,7 +15,8 @@ MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
            "drosim.llm.demo_world", "drosim.llm.logprobs", "drosim.llm.losses",
            "drosim.llm.methods", "drosim.llm.objective", "drosim.llm.rewards",
            "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update",
-           "drosim.llm.recipes", "drosim.llm.sft", "drosim.llm.reward_training"]
+           "drosim.llm.recipes", "drosim.llm.sft", "drosim.llm.reward_training",
+           "drosim.llm.evaluation", "drosim.llm.lora"]
 
 
 @pytest.mark.parametrize("name", MODULES)

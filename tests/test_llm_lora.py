@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import doctest
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,7 +25,6 @@ from llm_helpers import near_policy, random_pair_batch, tiny_model
 from llm_stand_ins import tiny_classifier_folder, tiny_llama_folder, write_helpsteer
 from safetensors.torch import load_file
 
-import drosim.llm.lora
 from drosim.llm import trainer
 from drosim.llm.config import load_config
 from drosim.llm.export import export_model
@@ -70,11 +68,6 @@ def logprobs(model: torch.nn.Module, batch) -> torch.Tensor:
     with torch.no_grad():
         return sequence_logprobs(model, batch.flat("input_ids"), batch.flat("attention_mask"),
                                  batch.flat("response_mask")).logprobs
-
-
-def test_lora_docstring_examples_run():
-    result = doctest.testmod(drosim.llm.lora)
-    assert result.failed == 0 and result.attempted > 0
 
 
 def test_the_reference_is_the_initial_policy_before_and_after_updates():
