@@ -135,6 +135,37 @@ def test_bf16_rollout_on_the_cpu_returns_the_layout():
     assert next(model.parameters()).dtype == torch.float32  # autocast: no copy, no cast
 
 
+def test_a_stop_id_ends_a_chat_response_of_the_tiny_llama(tmp_path):
+    """The Llama stand-in with its chat template, a newline as the stop id: responses end at
+    the first newline or <eos> (counted in), and laid out again from their token ids (as a
+    vLLM engine returns them) they are the same pairs."""
+    from llm_stand_ins import tiny_llama_folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_llama_folder(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    model.generation_config.sequence_bias = {(newline,): 3.0}
+    prompts = ["Say hi", [{"role": "user", "content": "Tell me a story"}], "Why?"] * 2
+    engine = HFGenerateEngine(tokenizer, SamplingSettings(max_new_tokens=10, chat_template=True,
+                                                          stop_token_ids=(newline,)))
+    engine.sync_weights(model)
+    torch.manual_seed(0)
+    pairs = engine.sample(prompts)
+    tokens, _ = render_prompts(tokenizer, prompts, chat_template=True)
+    width = max(map(len, tokens))
+    completions = completions_of(pairs, width)
+    ends = [c[-1] for c in completions]
+    assert newline in ends  # some responses ended at the stop id
+    for completion in completions:
+        inner = completion[:-1]
+        assert newline not in inner and tokenizer.eos_token_id not in inner
+    assert all("\n" not in r.rstrip("\n") for pair in pairs.responses for r in pair)
+    assert_same_pairs(pairs_from_completions(tokenizer, tokens, completions,
+                                             stop_token_ids=[newline]), pairs)
+
+
 # ---------------------------------------------------------------- the vLLM conversion
 
 
