@@ -59,6 +59,12 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
    optimiser up on a 2-pair slice and frees its gradients first; glibc's dynamic mmap
    threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once
    and the RSS tracks the tensors alive. Targets as for the step time.
+5. Generation rate. Response tokens sampled per second by each rollout engine available here
+   (``drosim.llm.rollout_engines``), on ``--pairs`` demo prompts, two responses each, up to
+   the response positions of ``--seq-len`` new tokens: the HF engine (``generate``, KV
+   cache) in float32, plus bf16 autocast on CUDA; on CUDA with vLLM installed, the vLLM
+   engine too, built from the same random model saved to a temporary folder. Each engine
+   samples once untimed (warm-up), then ``--repeats`` times; the rate is of the median.
 
 ``--sections`` runs a subset (e.g. ``--sections steps,memory``), ``--methods`` a subset of
 the robust methods (their plain method is always added). Results: one table per section,
@@ -77,6 +83,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +110,13 @@ from drosim.llm.demo_world import (
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method, make_method
 from drosim.llm.objective import input_grad_sq_norms, robust_objective
+from drosim.llm.rollout_engines import (
+    HFGenerateEngine,
+    RolloutEngine,
+    SamplingSettings,
+    VLLMEngine,
+    vllm_available,
+)
 from drosim.llm.update import pair_logprobs, update_step
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -131,6 +145,7 @@ SECTIONS = {
     "logprobs": "3. Response log-probs, forward included: sequence_logprobs vs the per-row "
                 "re-tokenising loop",
     "memory": "4. Peak extra memory of one update_step, ratio over the plain method",
+    "generation": "5. Generation rate of each rollout engine: response tokens per second",
 }
 
 
@@ -723,6 +738,55 @@ def measure_memory(runner: StepRunner, batch: PairBatch, names: Sequence[str]) -
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------- 5. generation rate per engine
+
+
+def rollout_engines(model: nn.Module, tokenizer, settings: Settings, sampling: SamplingSettings,
+                    folder: Path) -> list[tuple[str, RolloutEngine]]:
+    """(label, engine) of every engine that runs here, weights synced to ``model``: HF in
+    float32, HF under bf16 autocast (CUDA), vLLM in bf16 (CUDA with vLLM installed, loaded
+    from ``model`` saved to ``folder``)."""
+    engines: list[tuple[str, RolloutEngine]] = [
+        ("hf float32", HFGenerateEngine(tokenizer, sampling, dtype=torch.float32))]
+    cuda = torch.device(settings.device).type == "cuda"
+    if cuda:
+        engines.append(("hf bf16 autocast",
+                        HFGenerateEngine(tokenizer, sampling, dtype=torch.bfloat16)))
+    if cuda and vllm_available():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        engines.append(("vllm bf16", VLLMEngine(str(folder), tokenizer, sampling,
+                                                device=settings.device, dtype=torch.bfloat16,
+                                                gpu_memory_utilization=0.3,
+                                                seed=settings.seed)))
+    for _, engine in engines:
+        engine.sync_weights(model)
+    return engines
+
+
+def time_generation(model: nn.Module, tokenizer, settings: Settings,
+                    folder: Path) -> pd.DataFrame:
+    """One row per engine: the median response tokens of a sampling call over its median
+    seconds."""
+    prompts = demo_prompts(settings.pairs, seed=settings.seed)
+    sampling = SamplingSettings(max_new_tokens=settings.seq_len - prompt_width_of(
+        settings.seq_len))
+    model.eval()  # what the trainer samples in (dropout is off already)
+    rows = []
+    for label, engine in rollout_engines(model, tokenizer, settings, sampling, folder):
+        tokens: list[int] = []
+        engine.sample(prompts)  # warm-up: kernels, caches, allocator
+        seconds = median_time(lambda engine=engine, tokens=tokens: tokens.append(
+            int(engine.sample(prompts).response_mask.sum())), settings.device,
+            settings.repeats)
+        rows.append({"engine": label, "prompts": len(prompts),
+                     "max_new_tokens": sampling.max_new_tokens,
+                     "response_tokens": statistics.median(tokens), "seconds": seconds,
+                     "tokens_per_s": statistics.median(tokens) / seconds})
+    model.train()
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -886,6 +950,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tables[section] = time_penalties(model, settings)
         elif section == "logprobs":
             tables[section] = time_logprobs(model, tokenizer, settings)
+        elif section == "generation":
+            with tempfile.TemporaryDirectory() as folder:
+                tables[section] = time_generation(model, tokenizer, settings, Path(folder))
         else:
             tables[section] = measure_memory(runner, batch, settings.methods)
         runner.restore()

@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from drosim.llm.methods import METHODS, Method, make_method
+from drosim.llm.rollout_engines import DTYPES as ROLLOUT_DTYPES
+from drosim.llm.rollout_engines import ENGINES
 from drosim.llm.sharding import SHARDINGS
 from drosim.llm.update import W_GRADIENTS
 
@@ -104,6 +106,17 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 12
+    # what samples the training pairs: "hf" (transformers' generate on the policy) or "vllm"
+    # (a vLLM engine on the same GPU, its weights synced every iteration; CUDA only,
+    # pip install 'drosim[vllm]'); evaluation always uses "hf"
+    rollout_engine: str = "hf"
+    # the sampling precision: "auto" (bfloat16 on CUDA, float32 on CPU), "float32" or
+    # "bfloat16"; pi_t's log-probabilities are recomputed by the update whatever it is
+    rollout_dtype: str = "auto"
+    # extra token ids that end a response as EOS does (counted in it), e.g. an end-of-turn id
+    stop_token_ids: list[int] | None = None
+    # the fraction of the GPU's memory the vLLM engine may take (weights and KV cache)
+    vllm_gpu_memory_utilization: float = 0.3
     eval_every: int = 5
     num_eval_prompts: int = 64
     checkpoint_every: int = 10
@@ -320,8 +333,10 @@ def validate_config(config: TrainConfig) -> None:
             ``prompt_field``, ``prompt_split`` or ``eval_prompt_split``,
             ``max_prompt_tokens`` below 1, an unknown ``dtype`` or ``reward_dtype``, an
             empty ``attn_implementation``, a ``reward_normalization`` entry that is not
-            [shift, scale] with a finite shift and a finite scale > 0, or a LoRA key out of
-            range or not allowed (:func:`_check_lora`).
+            [shift, scale] with a finite shift and a finite scale > 0, a LoRA key out of
+            range or not allowed (:func:`_check_lora`), an unknown ``rollout_engine`` or
+            ``rollout_dtype``, a negative stop id, a ``vllm_gpu_memory_utilization``
+            outside (0, 1), or ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA.
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -369,6 +384,7 @@ def validate_config(config: TrainConfig) -> None:
              f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
              "every epoch)")
     _check_prompt_keys(config)
+    _check_rollout_keys(config)
     _check_reward_heads(config)
     _check_model_keys(config)
     _check_lora(config, method)
@@ -398,6 +414,27 @@ def _check_prompt_keys(config: TrainConfig) -> None:
     if config.max_prompt_tokens is not None and not config.max_prompt_tokens >= 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or null, got "
                          f"{config.max_prompt_tokens!r}")
+
+
+def _check_rollout_keys(config: TrainConfig) -> None:
+    """A known engine and dtype, token ids >= 0, a memory fraction in (0, 1), and no vLLM
+    engine over a sharded policy (whose state_dict holds shards, not the weights)."""
+    if config.rollout_engine not in ENGINES:
+        raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, got "
+                         f"{config.rollout_engine!r}")
+    if config.rollout_dtype not in ROLLOUT_DTYPES:
+        raise ValueError(f"rollout_dtype must be one of {', '.join(ROLLOUT_DTYPES)}, got "
+                         f"{config.rollout_dtype!r}")
+    if config.stop_token_ids is not None and any(i < 0 for i in config.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be token ids >= 0, got {config.stop_token_ids}")
+    _require(config, "vllm_gpu_memory_utilization", lambda v: 0 < v < 1, "in (0, 1)")
+    if config.rollout_engine == "vllm" and config.sharding == "fsdp2":
+        raise ValueError("rollout_engine=vllm cannot sample for sharding=fsdp2 yet (the "
+                         "engine is loaded from a whole state_dict): use rollout_engine=hf")
+    if config.rollout_engine == "vllm" and config.lora_rank is not None:
+        raise ValueError("rollout_engine=vllm cannot sample a LoRA policy yet (its "
+                         "state_dict holds the adapters apart from the base weights vLLM "
+                         "loads): use rollout_engine=hf")
 
 
 def _check_reward_heads(config: TrainConfig) -> None:

@@ -28,8 +28,8 @@ from drosim.llm.rollout import sample_pairs, warn_truncated
 def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
                   prompts: Sequence[Prompt], *, temperature: float = 1.0, top_p: float = 1.0,
                   max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0,
-                  chat_template: bool | None = False, max_prompt_tokens: int | None = None
-                  ) -> Tensor:
+                  chat_template: bool | None = False, max_prompt_tokens: int | None = None,
+                  stop_token_ids: Sequence[int] = ()) -> Tensor:
     """The objective scores of two sampled responses per prompt.
 
     Args:
@@ -43,6 +43,7 @@ def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
         seed: seed of the sampling noise (the global RNG is restored afterwards).
         chat_template, max_prompt_tokens: as :func:`~drosim.llm.rollout.render_prompts`;
             the prompts cut are counted in one warning.
+        stop_token_ids: ids that end a response besides EOS, as in training.
 
     Returns:
         ``(n, 2, objectives)`` float32 scores, on the CPU.
@@ -62,7 +63,8 @@ def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
             pairs = sample_pairs(policy, tokenizer, chunk, temperature=temperature,
                                  top_p=top_p, max_new_tokens=max_new_tokens,
                                  chat_template=chat_template,
-                                 max_prompt_tokens=max_prompt_tokens)
+                                 max_prompt_tokens=max_prompt_tokens,
+                                 stop_token_ids=stop_token_ids)
             truncated += pairs.truncated
             responses = [r for pair in pairs.responses for r in pair]
             texts = [prompt_text(p) for p in chunk for _ in range(2)]

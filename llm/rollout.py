@@ -2,10 +2,12 @@
 
 Prompts are tokenised once, left-padded, and every prompt is sampled twice in ONE
 ``generate`` call (``num_return_sequences=2``). The response of a row is everything generated
-up to and including its first end-of-sequence token; what ``generate`` writes after it is
-padding. The pi_t log-probabilities REBEL needs are not recorded here: the trainer computes
-them with the update's own forward (:func:`drosim.llm.update.record_sampling_logprobs`), so
-that pi_theta and pi_t round alike.
+up to and including its first end token (EOS, or one of the caller's stop ids); what
+``generate`` writes after it is padding. :func:`pairs_from_completions` lays out token ids
+sampled elsewhere (a vLLM engine) in the same way. The pi_t log-probabilities REBEL needs are
+not recorded here: the trainer computes them with the update's own forward
+(:func:`drosim.llm.update.record_sampling_logprobs`), so that pi_theta and pi_t round alike,
+whichever engine sampled.
 """
 
 from __future__ import annotations
@@ -48,21 +50,52 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def response_mask_after(prompt_length: int, sequences: Tensor, eos_token_id: int) -> Tensor:
-    """Mask of the generated tokens up to and including each row's first EOS.
+def response_mask_after(prompt_length: int, sequences: Tensor,
+                        eos_token_id: int | Sequence[int]) -> Tensor:
+    """Mask of the generated tokens up to and including each row's first end token.
+
+    Args:
+        prompt_length: the width P of the (left-padded) prompt part.
+        sequences: ``(rows, P + G)`` prompts followed by generated tokens.
+        eos_token_id: the id that ends a response, or several (EOS and stop ids): a
+            response ends at the first of any of them, which is counted in it.
+
+    Returns:
+        ``(rows, P + G)`` long mask, 0 over the prompt part.
 
     Example:
         >>> import torch
         >>> seq = torch.tensor([[7, 4, 2, 0, 0], [7, 4, 4, 4, 2]])   # eos = 2, pad = 0
         >>> response_mask_after(1, seq, eos_token_id=2).tolist()
         [[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+        >>> response_mask_after(1, seq, eos_token_id=[2, 4]).tolist()   # 4: a stop id
+        [[0, 1, 0, 0, 0], [0, 1, 0, 0, 0]]
     """
+    end_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else
+                           list(eos_token_id), device=sequences.device)
     generated = sequences[:, prompt_length:]
-    is_eos = (generated == eos_token_id).long()
-    before_or_at_first_eos = (is_eos.cumsum(-1) - is_eos) == 0
+    is_end = torch.isin(generated, end_ids).long()
+    before_or_at_first_end = (is_end.cumsum(-1) - is_end) == 0
     mask = torch.zeros_like(sequences, dtype=torch.long)
-    mask[:, prompt_length:] = before_or_at_first_eos.long()
+    mask[:, prompt_length:] = before_or_at_first_end.long()
     return mask
+
+
+def end_token_ids(tokenizer, stop_token_ids: Sequence[int] = ()) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, then the extra stop ids (each once).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> end_token_ids(SimpleNamespace(eos_token_id=2), [7, 2, 9])
+        [2, 7, 9]
+    """
+    return list(dict.fromkeys([tokenizer.eos_token_id, *stop_token_ids]))
+
+
+def padding_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none (GPT-2's tokenizer)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -158,11 +191,108 @@ def warn_truncated(count: int, total: int, where: str, max_prompt_tokens: int | 
               file=sys.stderr)
 
 
+def check_sampling(prompts: Sequence[Prompt], temperature: float, top_p: float,
+                   max_new_tokens: int) -> None:
+    """Refuse what no engine can sample: no prompts, or a sampling parameter out of range.
+
+    Raises:
+        ValueError: naming the parameters and their values.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to sample from")
+    if not temperature > 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and max_new_tokens >= 1; got "
+                         f"{temperature}, {top_p}, {max_new_tokens}")
+
+
+def assemble_pairs(tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, sequences: Tensor,
+                   end_ids: Sequence[int], truncated: int, lengths: Tensor | None = None
+                   ) -> SampledPairs:
+    """The :class:`SampledPairs` of n prompts sampled twice each.
+
+    Args:
+        tokenizer: decodes the responses (special tokens removed).
+        prompt_ids: ``(n, P)`` left-padded prompts.
+        prompt_mask: ``(n, P)`` their attention mask.
+        sequences: ``(2n, P + G)`` the prompts (each twice, in a row) followed by the
+            generated tokens, right-padded.
+        end_ids: the ids that end a response (:func:`end_token_ids`).
+        truncated: the number of prompts cut to ``max_prompt_tokens``.
+        lengths: ``(2n,)`` the tokens each row generated, for an engine whose rows can stop
+            short of G without an end token; None: a row runs to its end token or to G (as
+            in ``generate``, which pads only after an end token).
+
+    Returns:
+        :class:`SampledPairs` with ``(n, 2, P + G)`` tensors.
+    """
+    n, prompt_length = prompt_ids.shape
+    response_mask = response_mask_after(prompt_length, sequences, end_ids)
+    if lengths is not None:
+        position = torch.arange(sequences.shape[1], device=sequences.device) - prompt_length
+        response_mask = response_mask * (position < lengths[:, None])
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0),
+                                response_mask[:, prompt_length:]], dim=1)
+    responses = tokenizer.batch_decode(
+        torch.where(response_mask.bool(), sequences, padding_id(tokenizer))[:, prompt_length:],
+        skip_special_tokens=True)
+    return SampledPairs(sequences.view(n, 2, -1), attention_mask.view(n, 2, -1),
+                        response_mask.view(n, 2, -1),
+                        [responses[2 * i:2 * i + 2] for i in range(n)],
+                        response_mask.sum(-1).view(n, 2) == 0, truncated)
+
+
+def pairs_from_completions(tokenizer, prompt_tokens: Sequence[Sequence[int]],
+                           completions: Sequence[Sequence[int]], *,
+                           stop_token_ids: Sequence[int] = (), truncated: int = 0
+                           ) -> SampledPairs:
+    """Token ids sampled by another engine (vLLM), laid out as :func:`sample_pairs` does.
+
+    The prompts are left-padded and the completions right-padded to the longest one with the
+    pad id (what ``generate`` writes after a finished row); each response ends at its first
+    EOS or stop id, counted in it (a completion that runs on past it is cut there), or at
+    its last token (padding is never response).
+
+    Args:
+        tokenizer: the policy's tokenizer (EOS, pad id, decoding).
+        prompt_tokens: n prompts' token ids, as :func:`render_prompts` returns them.
+        completions: 2n completions' token ids, the two of prompt i at 2i and 2i + 1.
+        stop_token_ids: extra ids that end a response, beside EOS.
+        truncated: the number of prompts cut to ``max_prompt_tokens``.
+
+    Returns:
+        :class:`SampledPairs` with ``(n, 2, P + G)`` tensors, G the longest completion.
+
+    Raises:
+        ValueError: not two completions per prompt, or an empty completion.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> tok = SimpleNamespace(eos_token_id=2, pad_token_id=0,
+        ...                       batch_decode=lambda rows, **kw: [str(r.tolist()) for r in rows])
+        >>> pairs = pairs_from_completions(tok, [[5, 6], [7]], [[9, 2], [9, 9, 9], [2], [8]])
+        >>> pairs.input_ids[0].tolist(), pairs.response_mask[1].tolist()
+        ([[5, 6, 9, 2, 0], [5, 6, 9, 9, 9]], [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]])
+    """
+    if len(completions) != 2 * len(prompt_tokens):
+        raise ValueError(f"need two completions per prompt: {len(prompt_tokens)} prompts, "
+                         f"{len(completions)} completions")
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("an empty completion: an engine samples at least one token")
+    pad_id = padding_id(tokenizer)
+    prompt_ids, prompt_mask = left_pad(prompt_tokens, pad_id)
+    width = max(len(c) for c in completions)
+    generated = torch.tensor([list(c) + [pad_id] * (width - len(c)) for c in completions])
+    sequences = torch.cat([prompt_ids.repeat_interleave(2, dim=0), generated], dim=1)
+    return assemble_pairs(tokenizer, prompt_ids, prompt_mask, sequences,
+                          end_token_ids(tokenizer, stop_token_ids), truncated,
+                          lengths=torch.tensor([len(c) for c in completions]))
+
+
 @torch.no_grad()
 def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[Prompt], *,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 32,
-                 chat_template: bool | None = False, max_prompt_tokens: int | None = None
-                 ) -> SampledPairs:
+                 chat_template: bool | None = False, max_prompt_tokens: int | None = None,
+                 stop_token_ids: Sequence[int] = ()) -> SampledPairs:
     """Sample two responses per prompt from ``policy``.
 
     Sampling draws from torch's global RNG, so a checkpoint that saves it resumes exactly.
@@ -176,6 +306,8 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[Prompt], *,
         max_new_tokens: response length cap >= 1.
         chat_template, max_prompt_tokens: as :func:`render_prompts` (the defaults tokenise
             the strings as they are).
+        stop_token_ids: extra ids that end a response as EOS does (counted in it; a row
+            stops generating there).
 
     Returns:
         :class:`SampledPairs`; ``truncated`` counts the prompts cut to ``max_prompt_tokens``.
@@ -184,33 +316,23 @@ def sample_pairs(policy: nn.Module, tokenizer, prompts: Sequence[Prompt], *,
         ValueError: no prompts, a bad sampling parameter, or a prompt too long for the
             model's positions.
     """
-    if len(prompts) == 0:
-        raise ValueError("no prompts to sample from")
-    if not temperature > 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-        raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and max_new_tokens >= 1; got "
-                         f"{temperature}, {top_p}, {max_new_tokens}")
+    check_sampling(prompts, temperature, top_p, max_new_tokens)
     device = next(policy.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        tokenizer.eos_token_id)
+    pad_id = padding_id(tokenizer)
     tokens, truncated = render_prompts(tokenizer, prompts, chat_template=chat_template,
                                        max_prompt_tokens=max_prompt_tokens)
     check_prompt_lengths([prompt_text(p) for p in prompts], [len(t) for t in tokens],
                          max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
-    input_ids, prompt_mask = left_pad(tokens, pad_id)
-    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    sequences = policy.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=True,
+    prompt_ids, prompt_mask = left_pad(tokens, pad_id)
+    end_ids = end_token_ids(tokenizer, stop_token_ids)
+    # a list of end ids stops a row at any of them (the one EOS id alone as before); the KV
+    # cache is asked for, as a config saved for training may have turned it off
+    sequences = policy.generate(input_ids=prompt_ids.to(device),
+                                attention_mask=prompt_mask.to(device), do_sample=True,
+                                use_cache=True,
                                 temperature=temperature, top_p=top_p, top_k=0,
                                 max_new_tokens=max_new_tokens, num_return_sequences=2,
-                                pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-    prompt_length = input_ids.shape[1]
-    response_mask = response_mask_after(prompt_length, sequences, tokenizer.eos_token_id)
-    prompt_mask = prompt_mask.repeat_interleave(2, dim=0)
-    attention_mask = torch.cat([prompt_mask, response_mask[:, prompt_length:]], dim=1)
-    responses = tokenizer.batch_decode(
-        torch.where(response_mask.bool(), sequences, pad_id)[:, prompt_length:],
-        skip_special_tokens=True)
-    n = len(prompts)
-    return SampledPairs(sequences.view(n, 2, -1), attention_mask.view(n, 2, -1),
-                        response_mask.view(n, 2, -1),
-                        [responses[2 * i:2 * i + 2] for i in range(n)],
-                        response_mask.sum(-1).view(n, 2) == 0, truncated)
+                                pad_token_id=pad_id,
+                                eos_token_id=end_ids if len(end_ids) > 1 else end_ids[0])
+    return assemble_pairs(tokenizer, prompt_ids.to(device), prompt_mask.to(device), sequences,
+                          end_ids, truncated)

@@ -5,8 +5,9 @@
       set_up               process group, device, policy, reference, rewards, data, optimiser
       resume_from          the newest intact checkpoint (with --resume)
       for each iteration t:
-        roll_out           the next pairs_per_iteration prompts (this rank's share); two
-                           responses per prompt sampled from pi_t
+        roll_out           the next pairs_per_iteration prompts (this rank's share); the
+                           rollout engine syncs pi_t's weights and samples two responses
+                           per prompt
         score_batch        rewards under every objective, mixed by the training mixture
         update             `epochs` passes of minibatch updates (drosim.llm.update)
         evaluate           every `eval_every` iterations: held-out prompts (split over the
@@ -71,7 +72,8 @@ from drosim.llm.rewards import (
     refuse_untrusted_code,
     score,
 )
-from drosim.llm.rollout import SampledPairs, disable_dropout, sample_pairs, warn_truncated
+from drosim.llm.rollout import SampledPairs, disable_dropout, warn_truncated
+from drosim.llm.rollout_engines import RolloutEngine, check_rollout_engine, make_rollout_engine
 from drosim.llm.sharding import is_sharded, shard_policy
 from drosim.llm.update import (
     StepStats,
@@ -276,8 +278,9 @@ def check_sources(config: TrainConfig) -> None:
     a CUDA device on a torch without CUDA, a model, tokenizer or reward model given as a
     local path (absolute, or starting with ``.`` or ``~``) that does not exist, and a local
     model folder with custom code (``auto_map``) without ``trust_remote_code``, and a prompt
-    source that names a local file (a path, or a name with a suffix) that does not exist. (A
-    hub name is looked up by ``from_pretrained`` or ``load_dataset`` itself.)
+    source that names a local file (a path, or a name with a suffix) that does not exist, and
+    ``rollout_engine=vllm`` without vLLM or without CUDA. (A hub name is looked up by
+    ``from_pretrained`` or ``load_dataset`` itself.)
 
     Raises:
         ValueError: naming the key and what is wrong.
@@ -302,6 +305,7 @@ def check_sources(config: TrainConfig) -> None:
         looks_local = source.startswith(("/", ".", "~")) or path.suffix
         if source != "demo" and looks_local and not path.exists():
             raise ValueError(f"{key}={source!r}: no such file or directory")
+    check_rollout_engine(config)
 
 
 def previous_run(out_dir: Path) -> list[str]:
@@ -351,6 +355,7 @@ class Run:
     eval_prompts: list[Prompt]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: RolloutEngine  # samples the training pairs (evaluation samples with generate)
 
     @property
     def local_pairs(self) -> int:
@@ -363,7 +368,8 @@ class Run:
 
 def set_up(config: TrainConfig, world: Distributed) -> Run:
     """Device, method, policy (dropout off; LoRA adapters with ``lora_rank``), reference
-    (none under LoRA), reward model, prompts, optimiser (of the trained parameters).
+    (none under LoRA), reward model, prompts, optimiser (of the trained parameters), rollout
+    engine.
 
     Raises:
         ValueError: pairs or minibatches that do not split evenly over the ranks, or
@@ -421,7 +427,7 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     return Run(config, out_dir, world, device, method, policy,
                maybe_compile(causal_lm(policy), config.compile), tokenizer, reference,
                reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
-               optimizer, scheduler)
+               optimizer, scheduler, make_rollout_engine(config, policy, tokenizer, device))
 
 
 def resume_from(run: Run) -> TrainState | None:
@@ -441,24 +447,25 @@ def resume_from(run: Run) -> TrainState | None:
     return None
 
 
-def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs]:
-    """This rank's share of the iteration's prompts and two responses sampled for each.
+def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs, float]:
+    """This rank's share of the iteration's prompts, two responses sampled for each by the
+    run's engine (its weights synced to the policy first), and the seconds sampling took.
 
     The prompts returned are those the reward model is given: the original text of each
     (a conversation's last user message), not its chat rendering or truncation."""
     prompts = run.stream.take(state.data_position, run.config.pairs_per_iteration)
     prompts = prompts[run.world.rank * run.local_pairs:(run.world.rank + 1) * run.local_pairs]
     run.policy.eval()
-    config = run.config
-    pairs = sample_pairs(run.policy, run.tokenizer, prompts,
-                         temperature=config.temperature, top_p=config.top_p,
-                         max_new_tokens=config.max_new_tokens,
-                         chat_template=config.chat_template,
-                         max_prompt_tokens=config.max_prompt_tokens)
+    run.engine.sync_weights(run.policy)
+    started = time.perf_counter()
+    pairs = run.engine.sample(prompts)
+    if run.device.startswith("cuda"):
+        torch.cuda.synchronize(run.device)  # the time of the tokens, not of their launch
+    seconds = time.perf_counter() - started
     run.policy.train()
     warn_truncated(pairs.truncated, len(prompts), f"iteration at prompt {state.data_position}",
-                   config.max_prompt_tokens)
-    return [prompt_text(p) for p in prompts], pairs
+                   run.config.max_prompt_tokens)
+    return [prompt_text(p) for p in prompts], pairs, seconds
 
 
 def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
@@ -503,8 +510,14 @@ def update(run: Run, batch: PairBatch) -> list[StepStats]:
 
 
 def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs,
-                 steps: list[StepStats], seconds: float) -> dict[str, Any]:
-    """The metrics line of one training iteration (means over its optimiser steps)."""
+                 steps: list[StepStats], seconds: float, generation_seconds: float
+                 ) -> dict[str, Any]:
+    """The metrics line of one training iteration (means over its optimiser steps).
+
+    ``generation_tokens_per_s`` is the response tokens sampled per second of sampling, summed
+    over the ranks (they sample at once: the job's rate); ``generation_seconds`` is this
+    rank's (rank 0's) sampling time."""
+    tokens = float(pairs.response_mask.sum())
     return {"iteration": iteration, "kind": "train",
             "train_reward": _global_mean(batch.rewards),
             "objective": sum(s.objective for s in steps) / len(steps),
@@ -513,6 +526,9 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             "max_weight": max(s.max_weight for s in steps),
             "empty_responses": int(pairs.empty.sum()),
             "lr": run.scheduler.get_last_lr()[0],
+            "generation_tokens_per_s": _global_sum(tokens / max(generation_seconds, 1e-9),
+                                                   run.device),
+            "generation_seconds": generation_seconds,
             "seconds": seconds}
 
 
@@ -527,7 +543,8 @@ def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
                           temperature=config.temperature, top_p=config.top_p,
                           max_new_tokens=config.max_new_tokens,
                           seed=EVAL_SEED + world.rank, chat_template=config.chat_template,
-                          max_prompt_tokens=config.max_prompt_tokens)
+                          max_prompt_tokens=config.max_prompt_tokens,
+                          stop_token_ids=config.stop_token_ids or ())
     scores = gather_scores(local, len(run.eval_prompts), run.device)
     if not world.is_main:
         return
@@ -617,13 +634,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
                 # a seed per (run, rank, iteration): ranks sample different responses, and a
                 # resumed run draws what the uninterrupted one drew whatever the rank count
                 seed_everything(iteration_seed(config.seed, world.rank, iteration))
-                prompts, pairs = roll_out(run, state)
+                prompts, pairs, generation_seconds = roll_out(run, state)
                 batch = score_batch(run, prompts, pairs)
                 steps = update(run, batch)
                 state = TrainState(iteration + 1,
                                    state.data_position + config.pairs_per_iteration, {})
                 record = train_record(run, iteration + 1, batch, pairs, steps,
-                                      time.perf_counter() - started)
+                                      time.perf_counter() - started, generation_seconds)
                 if log is not None:
                     log.write(record)
                     bar.set_postfix(reward=f"{record['train_reward']:.3f}",
@@ -645,6 +662,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         if log is not None:
             log.close()
     return run.out_dir
+
+
+def _global_sum(value: float, device: str) -> float:
+    """``value`` summed over the ranks (itself on one process)."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total)
 
 
 def _global_mean(values: torch.Tensor) -> float:
