@@ -172,3 +172,23 @@ def test_llm_bench_loop_extrapolation(bench_llm: ModuleType) -> None:
     assert row["loop_timing"] == "1 of 4 samples, extrapolated"
     assert row["checked"] == "norms of 1 samples" and row["max_rel_err"] < 1e-3
     assert row["loop_s"] > 0 and math.isfinite(row["loop/batched"])
+
+
+def test_emotion_pipeline_bench_tiny(tmp_path: Path) -> None:
+    """The GPU session's Emotion pipeline runs end to end at its --tiny size on the CPU, and
+    refuses to write into a non-empty folder."""
+    import json
+    import subprocess
+
+    script = BENCH.with_name("emotion_pipeline.py")
+    out = tmp_path / "emotion"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out), "--tiny",
+                             "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads((out / "emotion_pipeline.json").read_text())
+    assert set(measured["seconds"]) == {"sft", "train_reward", "train_rebel",
+                                        "train_chi2-rebel", "report"}
+    assert all(rate > 0 for rate in measured["generation_tokens_per_s"].values())
+    again = subprocess.run([sys.executable, str(script), "--out", str(out), "--tiny"],
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "is not empty" in again.stderr
