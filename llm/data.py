@@ -24,7 +24,7 @@ Prompt = str | list[Message]
 
 # local file suffix -> the `datasets` builder that reads it
 _BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-_HUMAN, _ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 def hh_messages(transcript: str) -> list[Message]:
@@ -48,8 +48,8 @@ def hh_messages(transcript: str) -> list[Message]:
         [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}, \
 {'role': 'user', 'content': 'joke?'}]
     """
-    cut = transcript.rfind(_ASSISTANT)
-    if not transcript.startswith(_HUMAN) or cut < 0:
+    cut = transcript.rfind(HH_ASSISTANT)
+    if not transcript.startswith(HH_HUMAN) or cut < 0:
         raise ValueError(f"not an HH transcript (Human: ... Assistant: ...): {transcript[:60]!r}")
     return _hh_turns(transcript[:cut])
 
@@ -72,8 +72,8 @@ def hh_conversation(transcript: str) -> list[Message]:
 def _hh_turns(text: str) -> list[Message]:
     """The messages of ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` turns."""
     messages: list[Message] = []
-    for turn in text.split(_HUMAN)[1:]:
-        user, *assistant = turn.split(_ASSISTANT)
+    for turn in text.split(HH_HUMAN)[1:]:
+        user, *assistant = turn.split(HH_ASSISTANT)
         messages.append({"role": "user", "content": user.strip()})
         messages.extend({"role": "assistant", "content": a.strip()} for a in assistant)
     return messages
@@ -105,14 +105,30 @@ def as_prompt(value: Any, *, row: int, where: str) -> Prompt:
         'Why is the sky blue?'
     """
     if isinstance(value, str):
-        return hh_messages(value) if value.startswith(_HUMAN) else value
+        return hh_messages(value) if value.startswith(HH_HUMAN) else value
+    messages = as_messages(value, needs="user")
+    if messages is not None:
+        return messages
+    raise ValueError(f"{where}: row {row}: a prompt must be a string or a list of "
+                     f"{{'role', 'content'}} messages with a user message, got {value!r:.80}")
+
+
+def as_messages(value: Any, *, needs: str) -> list[Message] | None:
+    """``value`` as a conversation if it is a non-empty list of ``{"role", "content"}``
+    string messages with at least one ``needs`` turn (extra keys dropped), else ``None``.
+
+    Example:
+        >>> as_messages([{"role": "user", "content": "hi", "id": 3}], needs="user")
+        [{'role': 'user', 'content': 'hi'}]
+        >>> as_messages([{"role": "user", "content": "hi"}], needs="assistant") is None
+        True
+    """
     if (isinstance(value, list) and value
             and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                     and isinstance(m.get("content"), str) for m in value)
-            and any(m["role"] == "user" for m in value)):
+            and any(m["role"] == needs for m in value)):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ValueError(f"{where}: row {row}: a prompt must be a string or a list of "
-                     f"{{'role', 'content'}} messages with a user message, got {value!r:.80}")
+    return None
 
 
 def _read_dataset(source: str, split: str):

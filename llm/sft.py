@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from drosim.llm.data import _HUMAN, Message, hh_conversation, read_table
+from drosim.llm.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
 from drosim.llm.recipes import check_hyperparameters, fit, prepare_out, training_arguments
 from drosim.llm.rewards import refuse_untrusted_code
 
@@ -138,12 +138,10 @@ def as_example(value: Any, *, row: int, where: str) -> str | list[Message]:
         [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
     """
     if isinstance(value, str) and value.strip():
-        return hh_conversation(value) if value.startswith(_HUMAN) else value
-    if (isinstance(value, list) and value
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str) for m in value)
-            and any(m["role"] == "assistant" for m in value)):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return hh_conversation(value) if value.startswith(HH_HUMAN) else value
+    messages = as_messages(value, needs="assistant")
+    if messages is not None:
+        return messages
     raise ValueError(f"{where}: row {row}: an example must be a non-empty string or a list of "
                      f"{{'role', 'content'}} messages with an assistant turn, got "
                      f"{value!r:.80}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -524,7 +525,9 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             "loss": sum(s.mean_loss for s in steps) / len(steps),
             "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
             "max_weight": max(s.max_weight for s in steps),
-            "empty_responses": int(pairs.empty.sum()),
+            # counts over all ranks
+            "empty_responses": int(_global_sum(float(pairs.empty.sum()), run.device)),
+            "truncated_prompts": int(_global_sum(float(pairs.truncated), run.device)),
             "lr": run.scheduler.get_last_lr()[0],
             "generation_tokens_per_s": _global_sum(tokens / max(generation_seconds, 1e-9),
                                                    run.device),
@@ -553,13 +556,20 @@ def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
         staging = initial_file.with_suffix(".tmp")
         torch.save(scores, staging)
         staging.replace(initial_file)
-    baseline = torch.load(initial_file) if initial_file.exists() else None
+    baseline = None
+    if iteration > 0:
+        try:
+            baseline = torch.load(initial_file)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            # missing (a run from before win rates) or damaged: the run goes on without them
+            print(f"drosim-llm: warning: no win rates: cannot read {initial_file} ({error})",
+                  file=sys.stderr)
     if baseline is not None and baseline.shape != scores.shape:
         print(f"drosim-llm: warning: {initial_file} holds scores of {tuple(baseline.shape)}, "
               f"not {tuple(scores.shape)}: no win rates", file=sys.stderr)
         baseline = None
     report = mixture_report(scores, run.reward_model.objectives, config.eval_mixtures,
-                            baseline=None if iteration == 0 else baseline)
+                            baseline=baseline)
     if log is not None:
         log.write({"iteration": iteration, "kind": "eval", **report})
 

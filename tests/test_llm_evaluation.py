@@ -142,3 +142,27 @@ def test_bad_model_keys_are_refused(override, match):
 
     with pytest.raises(ValueError, match=match):
         load_config(bundled_config_path("smoke"), [override])
+
+
+def test_win_rates_survive_a_resume_and_a_damaged_baseline_only_costs_them(tmp_path, capsys):
+    from drosim.llm.config import bundled_config_path, load_config
+    from drosim.llm.trainer import INITIAL_EVAL_FILE, train
+
+    def run(iterations: int, out) -> list[dict]:
+        train(load_config(bundled_config_path("smoke"), [
+            f"out_dir={out}", f"iterations={iterations}", "eval_every=1",
+            "checkpoint_every=1", "progress=false"]), resume=True)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "eval"]
+
+    kept, damaged = tmp_path / "kept", tmp_path / "damaged"
+    for out in (kept, damaged):
+        run(1, out)
+    (damaged / INITIAL_EVAL_FILE).write_bytes(b"not a tensor")
+    resumed = run(2, kept)
+    assert resumed[-1]["iteration"] == 2 and "win_rate/mean" in resumed[-1]
+    capsys.readouterr()
+    without = run(2, damaged)
+    assert "no win rates: cannot read" in capsys.readouterr().err
+    assert without[-1]["iteration"] == 2 and "win_rate/mean" not in without[-1]
+    assert without[-1]["reward/mean"] == resumed[-1]["reward/mean"]  # the run itself is intact

@@ -92,9 +92,14 @@ def test_the_hh_config_runs_on_transcripts_with_a_chat_template(world, tmp_path,
                  f"eval_prompts={world['hh']}", "eval_prompt_split=null", ARMOLIKE_HEADS,
                  "train_mixture={helpfulness: 0.5, safety: 0.5}",
                  "eval_mixtures=[{helpfulness: 1.0}, {safety: 1.0}]",
-                 f"out_dir={out}", "method=dpo", *SMALL])
-    assert code == 0, capsys.readouterr().err
+                 f"out_dir={out}", "method=dpo", *SMALL, "max_prompt_tokens=16"])
+    error = capsys.readouterr().err
+    assert code == 0, error
     assert "objective/safety" in _evaluations(out)[-1]
+    # every rendered transcript is longer than 16 characters: all cut, counted and warned
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["truncated_prompts"] for r in records if r["kind"] == "train"] == [4, 4]
+    assert "4 of 4 prompts were longer than max_prompt_tokens = 16" in error
 
 
 def test_the_emotion_config_runs_on_a_six_emotion_classifier(world, tmp_path, capsys):

@@ -12,94 +12,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import llm_stand_ins as stand_ins
 import pytest
 import torch
-from llm_helpers import VOCAB, tiny_config, tiny_tokenizer
+from llm_helpers import tiny_config, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification
 
 from drosim.llm.cli import main
 from drosim.llm.rewards import SequenceClassifierReward, score
 
-LABELS = {0: "helpfulness", 1: "safety", 2: "verbosity"}
+LABELS = stand_ins.ARMOLIKE_LABELS
 HIDDEN = 8
 # Words of the tiny tokenizer's vocabulary, so every token is a known one.
 CHAT_TEMPLATE = "{% for m in messages %}[BOS] {{ m['content'] }} [EOS] {% endfor %}"
 PROMPTS = ["w3 w4", "w5", "w6 w7 w8", "w9"]
 RESPONSES = ["w10", "w11 w12 w13 w14", "w15", ""]
 
-MODELING = '''
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.utils import ModelOutput
-
-Path({marker!r}).write_text("imported")
-
-
-class ArmoLikeConfig(PretrainedConfig):
-    model_type = "armolike"
-
-    def __init__(self, vocab_size=40, hidden_size=8, num_objectives=3, **kwargs):
-        self.vocab_size, self.hidden_size = vocab_size, hidden_size
-        self.num_objectives = num_objectives
-        super().__init__(**kwargs)
-
-
-@dataclass
-class ArmoLikeOutput(ModelOutput):
-    rewards: torch.FloatTensor | None = None
-    score: torch.FloatTensor | None = None
-
-
-class ArmoLikeModel(PreTrainedModel):
-    """Mean-pooled embeddings -> objective heads, and a gated overall score (as ArmoRM)."""
-
-    config_class = ArmoLikeConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.heads = nn.Linear(config.hidden_size, config.num_objectives)
-        self.gate = nn.Linear(config.hidden_size, config.num_objectives)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        hidden = (self.embed(input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        rewards = self.heads(hidden)
-        score = (rewards * self.gate(hidden).softmax(-1)).sum(-1, keepdim=True)
-        return ArmoLikeOutput(rewards=rewards, score=score)
-'''
-
-
 def armolike_folder(folder: Path, marker: Path, *, chat: bool = False) -> Path:
-    """Write the ArmoRM stand-in (random weights, three objective heads) into ``folder``."""
-    folder.mkdir()
-    (folder / "modeling_armolike.py").write_text(MODELING.format(marker=str(marker)))
-    config = {"model_type": "armolike", "architectures": ["ArmoLikeModel"],
-              "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_objectives": len(LABELS),
-              # ArmoRM's config also names fewer labels than it has objectives: one
-              "id2label": {"0": "helpfulness", "1": "safety"},
-              "auto_map": {"AutoConfig": "modeling_armolike.ArmoLikeConfig",
-                           "AutoModelForSequenceClassification":
-                               "modeling_armolike.ArmoLikeModel"}}
-    (folder / "config.json").write_text(json.dumps(config))
-    generator = torch.Generator().manual_seed(0)
-    weights = {"embed.weight": torch.randn(VOCAB, HIDDEN, generator=generator),
-               "heads.weight": torch.randn(len(LABELS), HIDDEN, generator=generator),
-               "heads.bias": torch.randn(len(LABELS), generator=generator),
-               "gate.weight": torch.randn(len(LABELS), HIDDEN, generator=generator),
-               "gate.bias": torch.zeros(len(LABELS))}
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    """The ArmoRM stand-in (three objective heads in ``rewards``) over the tiny word-level
+    vocabulary, with a chat template when ``chat``."""
     tokenizer = tiny_tokenizer()
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
+    return stand_ins.armolike_folder(folder, marker, tokenizer, hidden=HIDDEN)
 
 
 @pytest.fixture(scope="module")
