@@ -29,6 +29,7 @@ by all ranks together. Evaluation splits the held-out prompts over the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -159,6 +160,19 @@ def iteration_seed(seed: int, rank: int, iteration: int) -> int:
 # ---------------------------------------------------------------------------- models, data
 
 
+@contextlib.contextmanager
+def named_source(key: str, source: str):
+    """Prefix an ``OSError`` of loading ``source`` with the config key and whether it was
+    read as a local folder or a hub name (``transformers`` says only that the hub was
+    unreachable when a relative path such as ``models/sft`` does not exist)."""
+    try:
+        yield
+    except OSError as error:
+        where = "local folder" if Path(source).expanduser().exists() else (
+            "not a local folder, so read as a hub name")
+        raise OSError(f"{key}={source!r} ({where}): {error}") from error
+
+
 def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = None):
     """The initial policy and its tokenizer: ``model="demo"`` builds (once, cached in
     ``out_dir/base``, by the main rank while the others wait) the offline demo's
@@ -176,10 +190,11 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
             build_demo_base(out_dir / "base", seed=config.seed)
         world.barrier()
         source = str(out_dir / "base")
-    return load_pretrained_policy(source, tokenizer=config.tokenizer,
-                                  trust_remote_code=config.trust_remote_code,
-                                  dtype=config.dtype,
-                                  attn_implementation=config.attn_implementation)
+    with named_source("model", source):
+        return load_pretrained_policy(source, tokenizer=config.tokenizer,
+                                      trust_remote_code=config.trust_remote_code,
+                                      dtype=config.dtype,
+                                      attn_implementation=config.attn_implementation)
 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
@@ -193,10 +208,11 @@ def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
         reward_model: RewardModel = WordListReward(OBJECTIVES)
     else:
         dtype = None if config.reward_dtype == "auto" else getattr(torch, config.reward_dtype)
-        reward_model = SequenceClassifierReward(
-            config.reward, device=device, trust_remote_code=config.trust_remote_code,
-            output=config.reward_output, heads=config.reward_heads, dtype=dtype,
-            max_length=config.reward_max_length)
+        with named_source("reward", config.reward):
+            reward_model = SequenceClassifierReward(
+                config.reward, device=device, trust_remote_code=config.trust_remote_code,
+                output=config.reward_output, heads=config.reward_heads, dtype=dtype,
+                max_length=config.reward_max_length)
     if config.reward_normalization:
         reward_model = NormalizedReward(reward_model, config.reward_normalization)
     return reward_model

@@ -159,3 +159,19 @@ def test_the_emotion_pipeline_runs_end_to_end(tmp_path, capsys):
     assert summary.trained_on.sum() == 2
     assert summary.win_rate.between(0, 1).all()
     assert (report / "rewards.png").stat().st_size > 0
+
+
+def test_a_missing_stage_0_model_is_named_with_its_key(tmp_path):
+    """emotion.yaml names the stage-0 folders models/emotion-sft and models/emotion-rm: run
+    before stage 0, the error says which key and that it was read as a hub name."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "drosim.llm.cli", "train", "--config",
+                             "emotion", f"out_dir={tmp_path / 'run'}", "device=cpu"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert ("model='models/emotion-sft' (not a local folder, so read as a hub name)"
+            in result.stderr)
