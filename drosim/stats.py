@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-__all__ = ["Slope", "loglog_slope", "quantile_band"]
+__all__ = ["Slope", "loglog_slope", "per_x_statistics", "quantile_band"]
 
 
 class Slope(NamedTuple):
@@ -74,3 +74,35 @@ def quantile_band(frame: pd.DataFrame, by: list[str], y: str, low: float = 0.1,
     grouped = frame.groupby(by)[y]
     return pd.DataFrame({"median": grouped.median(), "low": grouped.quantile(low),
                          "high": grouped.quantile(high)}).reset_index()
+
+
+def per_x_statistics(frame: pd.DataFrame, x: str, y: str, *, study: str,
+                     by: tuple[str, ...] = ("method",)) -> pd.DataFrame:
+    """Long-format statistics of y per group and x: what a reader needs to refit a slope.
+
+    Args:
+        frame: one row per trial and x value.
+        x: the swept column (e.g. "n").
+        y: the measured column (e.g. "error").
+        study: the study's name, written in the ``study`` column.
+        by: the grouping columns kept (``method`` at least; e.g. schedule, world).
+
+    Returns:
+        Columns study, *by, x_name, x, median, q10, q90, mean, trials, one row per (group,
+        x), sorted.
+
+    Example:
+        >>> import pandas as pd
+        >>> f = pd.DataFrame({"method": "A", "n": [10, 10, 100], "error": [1.0, 3.0, 0.5]})
+        >>> per_x_statistics(f, "n", "error", study="rates")[["x", "median", "trials"]]
+             x  median  trials
+        0   10     2.0       2
+        1  100     0.5       1
+    """
+    grouped = frame.groupby([*by, x], sort=True)[y]
+    stats = pd.DataFrame({"median": grouped.median(), "q10": grouped.quantile(0.1),
+                          "q90": grouped.quantile(0.9), "mean": grouped.mean(),
+                          "trials": grouped.size()}).reset_index().rename(columns={x: "x"})
+    stats.insert(0, "study", study)
+    stats.insert(len(by) + 1, "x_name", x)
+    return stats

@@ -95,6 +95,9 @@ def _run_checks(names: Sequence[str], preset: str, out: Path) -> pd.DataFrame:
         seconds = time.perf_counter() - began
         tqdm.write(report(name, result, seconds))
         result.table.to_csv(out / "checks" / f"{name}.csv", index=False)
+        if result.stats is not None:
+            (out / "tables").mkdir(exist_ok=True)
+            result.stats.to_csv(out / "tables" / f"{name}.csv", index=False)
         rows.append({"check": name, "claim": result.claim, "title": result.title,
                      "paper_says": result.paper_says, "measured": result.measured,
                      "verdict": result.verdict, "seconds": round(seconds, 1)})

@@ -4,6 +4,16 @@ A check is a module with a ``run(preset, out) -> CheckResult`` function. It meas
 claim of the paper (DRO-REBEL, arXiv 2509.19104) or one property of the authors' public code,
 and says in plain words whether the measurement reproduces it. "Not reproduced" is a
 finding, not an error: only a check that raises is a failure of the software.
+
+The verdicts, read as a referee would:
+
+* "reproduced": the claim holds where it was tested;
+* "partially reproduced": it holds in some regimes or worlds and not in others (the
+  measured text names them);
+* "not reproduced": it fails in a world where the effect could show;
+* "not testable here": the world tested decides the question by construction (e.g. a robust
+  set cannot act on a well-specified, homoscedastic world); the text says why;
+* "inconclusive": the measurement is too noisy to decide (intervals too wide).
 """
 
 from __future__ import annotations
@@ -17,10 +27,15 @@ import numpy as np
 import pandas as pd
 
 Preset = Literal["quick", "full"]
-Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
+Verdict = Literal["reproduced", "partially reproduced", "not reproduced", "not testable here",
+                  "inconclusive"]
 
 PRESETS: tuple[str, ...] = get_args(Preset)
 VERDICTS: tuple[str, ...] = get_args(Verdict)
+
+# The per-x statistics every swept study publishes (drosim.stats.per_x_statistics).
+STATS_COLUMNS: tuple[str, ...] = ("study", "method", "x_name", "x", "median", "q10", "q90",
+                                  "mean", "trials")
 
 # cvxpy statuses whose value we trust as a reference; anything else is counted and skipped.
 TRUSTED_STATUSES = ("optimal", "optimal_inaccurate")
@@ -37,8 +52,12 @@ class CheckResult:
         paper_says: the claim, stated in our words (the paper's, or what the public code
             does).
         measured: what this check measured, with the numbers that decide the verdict.
-        verdict: "reproduced", "not reproduced" or "inconclusive".
+        verdict: one of :data:`VERDICTS` (see the module note).
         table: the detailed measurements, one row per configuration.
+        stats: per-x statistics behind the figures and slopes, long format (columns
+            :data:`STATS_COLUMNS` at least; see :func:`drosim.stats.per_x_statistics`),
+            written to ``<out>/tables/<check>.csv`` so that anyone can refit a reported
+            slope; ``None`` for checks without a swept x.
     """
 
     claim: str
@@ -47,12 +66,17 @@ class CheckResult:
     measured: str
     verdict: Verdict
     table: pd.DataFrame
+    stats: pd.DataFrame | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
         if not isinstance(self.table, pd.DataFrame):
             raise TypeError(f"table must be a pandas DataFrame, got {type(self.table).__name__}")
+        if self.stats is not None:
+            missing = [c for c in STATS_COLUMNS if c not in self.stats.columns]
+            if missing:
+                raise ValueError(f"stats lacks the columns {missing}")
 
 
 class Check(Protocol):
