@@ -28,8 +28,9 @@ class Slope(NamedTuple):
 
 
 def loglog_slope(frame: pd.DataFrame, x: str, y: str, *, boots: int = 500,
-                 level: float = 0.9, seed: int = 0) -> Slope:
-    """Slope of log(median y) against log(x), with a bootstrap interval over trials.
+                 level: float = 0.9, seed: int = 0, statistic: str = "median") -> Slope:
+    """Slope of log(median y) (or log(mean y)) against log(x), with a bootstrap interval over
+    trials.
 
     Args:
         frame: one row per trial and x value.
@@ -38,6 +39,9 @@ def loglog_slope(frame: pd.DataFrame, x: str, y: str, *, boots: int = 500,
         boots: bootstrap resamples.
         level: confidence level of the interval.
         seed: the bootstrap's seed.
+        statistic: "median" (robust to heavy tails) or "mean" (the right one when the
+            error's distribution changes shape along x, e.g. a chi-square with d degrees of
+            freedom, whose median / mean ratio moves with d).
 
     Returns:
         Slope(slope, low, high).
@@ -51,18 +55,28 @@ def loglog_slope(frame: pd.DataFrame, x: str, y: str, *, boots: int = 500,
         >>> round(loglog_slope(f, "n", "err").slope, 3)
         -1.0
     """
-    groups = [np.log(g[y].to_numpy(dtype=float)) for _, g in frame.groupby(x, sort=True)]
+    if statistic not in ("median", "mean"):
+        raise ValueError(f"statistic must be 'median' or 'mean', got {statistic!r}")
+    groups = [g[y].to_numpy(dtype=float) for _, g in frame.groupby(x, sort=True)]
     xs = np.log(np.sort(frame[x].unique()).astype(float))
     if len(xs) < 2:
         raise ValueError(f"a slope needs at least two distinct values of {x}")
-    if not all(np.isfinite(g).all() for g in groups):
+    if not all((g > 0).all() and np.isfinite(g).all() for g in groups):
         raise ValueError(f"{y} must be positive and finite to take logs")
-    slope = float(np.polyfit(xs, [np.median(g) for g in groups], 1)[0])
+
+    def centre(values: np.ndarray) -> float:
+        # the median of the logs (between two middle values: their geometric mean); the
+        # mean is taken before the log
+        if statistic == "median":
+            return float(np.median(np.log(values)))
+        return float(np.log(values.mean()))
+
+    slope = float(np.polyfit(xs, [centre(g) for g in groups], 1)[0])
     rng = np.random.default_rng(seed)
     resampled = np.empty(boots)
     for b in range(boots):
-        medians = [np.median(rng.choice(g, size=g.size)) for g in groups]
-        resampled[b] = np.polyfit(xs, medians, 1)[0]
+        centres = [centre(rng.choice(g, size=g.size)) for g in groups]
+        resampled[b] = np.polyfit(xs, centres, 1)[0]
     tail = (1 - level) / 2
     return Slope(slope, float(np.quantile(resampled, tail)),
                  float(np.quantile(resampled, 1 - tail)))

@@ -19,6 +19,7 @@ import pandas as pd
 
 from drosim.paper_checks._framework import CheckResult, Preset
 from drosim.paper_checks._slopes import describe, too_wide
+from drosim.stats import per_x_statistics
 from drosim.studies import constants
 
 
@@ -78,6 +79,8 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         measured=measured,
         verdict=verdict,
         table=table,
+        stats=per_x_statistics(frame, "reward_scale", "error", study="constants",
+                               by=("method", "loss", "family")),
     )
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 from drosim.methods import Method
 from drosim.paper_checks._framework import CheckResult, Preset
 from drosim.paper_checks._slopes import describe, describe_all, overlaps, too_wide
+from drosim.stats import per_x_statistics
 from drosim.studies import rates
 from drosim.studies.montecarlo import UNSCHEDULED, resolve_preset, scheduled_methods
 
@@ -59,6 +60,7 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
     table = rates.slopes(frame)
     paths = rates.plot(frame, out, slope_table=table)
     table["reading"] = table.apply(_reading, axis=1)
+    stats = study_statistics(frame)
 
     by_n = table[table["study"] == "n"]
     by_d = table[table["study"] == "d"]
@@ -89,7 +91,8 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         f"interval -> {_outcome(off_slow)} (largest upper end {slow_n['high'].max():.2f}). "
         f"Other radii, slopes in n: {' | '.join(others)}. "
         f"Radius constant c = {grid['c']}, noise {grid['noise']}, {grid['trials']} trials, "
-        f"90% bootstrap intervals; slopes of medians (see the module note on d). "
+        f"90% bootstrap intervals; slopes of medians in n and of means in d (the error is "
+        f"chi-square-shaped in d: its median / mean ratio moves with d). "
         f"Figures: {', '.join(p.name for p in paths)}."
     )
     return CheckResult(
@@ -102,7 +105,17 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         measured=measured,
         verdict=verdict,
         table=table[COLUMNS],
+        stats=stats,
     )
+
+
+def study_statistics(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-x statistics of the error of both sweeps (study "n": x = n, "d": x = d), per
+    method and radius schedule: what the slopes are fitted to."""
+    return pd.concat([per_x_statistics(frame[frame["study"] == study], study, "error",
+                                       study=study, by=("method", "schedule"))
+                      for study in ("n", "d") if (frame["study"] == study).any()],
+                     ignore_index=True)
 
 
 def _outcome(failing: pd.DataFrame) -> str:

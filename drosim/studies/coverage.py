@@ -51,7 +51,7 @@ thus covers P in about 90% of trials at n = 1024, and the gammas fan out from th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,8 +200,7 @@ def sample(world: LinearWorld, support: FiniteSupport, theta: Tensor, n: int, al
                               generator=generator).reshape(pairs.dr.shape)
     k, levels = world.features.shape[1], values.numel()
     key = ((pairs.prompts * k + pairs.responses[..., 0]) * k + pairs.responses[..., 1]) * levels
-    noisy = PairBatch(pairs.dphi, pairs.dr + values[level], pairs.pref, pairs.prompts,
-                      pairs.responses)
+    noisy = replace(pairs, dr=pairs.dr + values[level])
     return noisy, support.index[key + level]
 
 
