@@ -229,3 +229,45 @@ def save_figure(fig: Figure, out_dir: Path | str, stem: str, dpi: int = 150) -> 
     for path in paths:
         fig.savefig(path, dpi=dpi)
     return paths
+
+
+__all__ += ["BAND_NOTE", "draw_ratios"]
+
+# How every study figure's shading reads: the spread of the trials, not an interval on the
+# median (the slopes' intervals are bootstrap intervals, given in the legends).
+BAND_NOTE = "shaded: 10-90% of trials (their spread, not a confidence interval)"
+
+
+def draw_ratios(ax: object, frame: pd.DataFrame, x: str, y: str, baseline: str) -> None:
+    """Each method's y divided by the baseline method's on the same trial, against x.
+
+    The methods of a setting are fitted on the same pairs, so the paired ratio shows where a
+    robust method differs from its baseline even when their error curves overlap; a ratio
+    of exactly 1 means the same estimate.
+
+    Args:
+        ax: a matplotlib Axes.
+        frame: one row per trial, with columns method, schedule, family, loss, trial, x, y.
+        x: the grid column.
+        y: the error column (positive).
+        baseline: the method every other one is divided by.
+    """
+    from drosim.stats import quantile_band
+
+    keys = [x, "trial"]
+    base = frame[frame["method"] == baseline].set_index(keys)[y]
+    for (method, _), group in frame.groupby(["method", "schedule"], sort=False):
+        if method == baseline:
+            continue
+        paired = group.set_index(keys)[y] / base.reindex(group.set_index(keys).index)
+        band = quantile_band(paired.rename("ratio").reset_index(), [x], "ratio")
+        first = group.iloc[0]
+        colour = FAMILY_COLOURS[first["family"]]
+        ax.plot(band[x], band["median"], _LOSS_STYLES[first["loss"]], color=colour,
+                marker="o", ms=3, lw=1.4, label=method)
+        ax.fill_between(band[x], band["low"], band["high"], color=colour, alpha=0.12, lw=0)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_ylabel(f"error / {baseline}'s\n(same trial)")
