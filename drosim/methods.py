@@ -2,10 +2,17 @@
 
 A :class:`Method` names a pointwise loss ("rebel" or "dpo"), an ambiguity family and a
 radius schedule rho_n = c * n^(-gamma) (gamma = 1: c / n, gamma = 0.5: c / sqrt(n),
-gamma = 0: a fixed radius). Fitting a batch of sampled pairs gives an estimate of the
-training mixture's reward parameter theta* (REBEL regresses relative rewards onto dphi,
-so w estimates theta*; DPO's logistic regression on beta * <w, dphi> estimates theta* / beta,
-so beta * w is reported).
+gamma = 0: a fixed radius). The fixed-temperature KL ("kl_temperature") has a temperature
+schedule instead, tau_n = c * n^(+gamma): gamma is in both cases the rate at which the
+robustness vanishes (the tilt 1 / tau_n falls like n^(-gamma); gamma = 0 is a fixed
+temperature tau = c, the form of KL-DPO).
+
+Fitting a batch of sampled pairs gives an estimate of the training mixture's reward
+parameter theta* (REBEL regresses relative rewards onto dphi, so w estimates theta*; DPO's
+logistic regression on beta * <w, dphi> estimates theta* / beta, so beta * w is reported).
+In the linear world beta is a change of units: every DPO loss value, and so every robust
+objective and the reported beta * w, depends on theta = beta * w alone, so the estimate
+does not depend on beta (only the temperature tau, which divides loss values, matters).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ class Method:
         name: display name, e.g. "chi2-REBEL".
         loss: "rebel" (squared relative-reward regression) or "dpo" (logistic).
         family: one of FAMILIES.
-        c: radius constant (the temperature tau for "kl_temperature").
-        gamma: radius decay exponent, rho_n = c * n^(-gamma) (ignored for temperatures).
+        c: radius constant (the temperature's constant for "kl_temperature").
+        gamma: decay exponent of the robustness: radius rho_n = c * n^(-gamma), or for
+            "kl_temperature" temperature tau_n = c * n^(+gamma) (gamma = 0: fixed tau = c).
         beta: DPO's inverse temperature.
     """
 
@@ -55,6 +63,10 @@ class Method:
         """rho_n = c * n^(-gamma)."""
         return self.c * n ** (-self.gamma)
 
+    def temperature(self, n: int) -> float:
+        """tau_n = c * n^(+gamma), the temperature of "kl_temperature" with n samples."""
+        return self.c * n**self.gamma
+
     def spec(self, n: int) -> AmbiguitySet | None:
         """The ambiguity set used with n samples."""
         rho = self.radius(n)
@@ -63,7 +75,7 @@ class Method:
         if self.family == "kl":
             return KL(rho)
         if self.family == "kl_temperature":
-            return KLTemperature(self.c)
+            return KLTemperature(self.temperature(n))
         if self.family == "wasserstein":
             # The exact linear-world forms: type 2 for REBEL, type 1 for DPO.
             return Wasserstein(rho, p=2.0 if self.loss == "rebel" else 1.0)

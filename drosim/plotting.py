@@ -173,7 +173,8 @@ def slope_label(name: str, slope: float, low: float, high: float) -> str:
 
 
 def draw_methods(ax: object, frame: pd.DataFrame, x: str, y: str,
-                 slope_table: pd.DataFrame | None = None) -> None:
+                 slope_table: pd.DataFrame | None = None,
+                 colours: dict[str, str] | None = None) -> None:
     """Each method's median of y against x with its 10-90% band, on log-log axes.
 
     Args:
@@ -183,6 +184,8 @@ def draw_methods(ax: object, frame: pd.DataFrame, x: str, y: str,
         y: the error column (positive).
         slope_table: rows (method, schedule, slope, low, high); a method found there gets
             its slope and interval in the legend.
+        colours: method name -> colour, for methods that must not share their family's
+            colour (FAMILY_COLOURS) with another method of the same panel.
     """
     # Imported here, not at the top: this section is appended to the figures above, and
     # only the study figures need drosim.stats.
@@ -193,7 +196,7 @@ def draw_methods(ax: object, frame: pd.DataFrame, x: str, y: str,
     for (method, schedule), group in frame.groupby(["method", "schedule"], sort=False):
         band = quantile_band(group, [x], y)
         first = group.iloc[0]
-        colour = FAMILY_COLOURS[first["family"]]
+        colour = (colours or {}).get(method, FAMILY_COLOURS[first["family"]])
         fit = slope_rows.get((method, schedule))
         label = method if fit is None else slope_label(method, fit.slope, fit.low, fit.high)
         ax.plot(band[x], band["median"], _LOSS_STYLES[first["loss"]], color=colour,

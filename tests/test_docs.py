@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
-           "drosim.stats", "drosim.chunks", "drosim.llm.data",
+           "drosim.stats", "drosim.chunks", "drosim.studies.targets", "drosim.llm.data",
            "drosim.llm.demo_world", "drosim.llm.logprobs", "drosim.llm.losses",
            "drosim.llm.methods", "drosim.llm.objective", "drosim.llm.rewards",
            "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update",

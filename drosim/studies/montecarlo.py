@@ -17,8 +17,7 @@ less noisy), and the first T trials are the same whatever the total number of tr
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -35,6 +34,7 @@ __all__ = [
     "ALPHA_0",
     "SAMPLE_BLOCK",
     "SCHEDULES",
+    "TEMPERATURE_SCHEDULES",
     "UNSCHEDULED",
     "Setting",
     "resolve_preset",
@@ -48,21 +48,26 @@ __all__ = [
 ALPHA_0 = (0.9, 0.1, 0.0)  # the training mixture: mostly objective 1, a little of 2
 SAMPLE_BLOCK = 32  # trials drawn by one generator: the unit of randomness
 SCHEDULES = {1.0: "c/n", 0.5: "c/sqrt(n)", 0.0: "fixed"}  # gamma -> label of rho_n
+# gamma -> label of a growing temperature tau_n = c n^gamma (drosim.methods.Method)
+TEMPERATURE_SCHEDULES = {1.0: "tau = c n", 0.5: "tau = c sqrt(n)"}
 UNSCHEDULED = "none"  # plain means and fixed temperatures have no radius schedule
 
 
 def schedule_of(method: Method) -> str:
-    """The label of a method's radius schedule, "none" when it has no radius.
+    """The label of a method's radius (or temperature) schedule, "none" when it has none.
 
     Args:
         method: a method of :mod:`drosim.methods`.
 
     Returns:
         "c/n", "c/sqrt(n)", "fixed" (gamma = 1, 0.5, 0), "n^-<gamma>" for another gamma,
-        or "none" for the plain means and the fixed-temperature KL.
+        "tau = c sqrt(n)", "tau = c n", "tau = c n^<gamma>" for a temperature growing with
+        n (the tilt vanishes), or "none" for the plain means and a fixed temperature.
     """
-    if method.family in ("none", "kl_temperature"):
+    if method.family == "none" or (method.family == "kl_temperature" and method.gamma == 0):
         return UNSCHEDULED
+    if method.family == "kl_temperature":
+        return TEMPERATURE_SCHEDULES.get(method.gamma, f"tau = c n^{method.gamma:g}")
     return SCHEDULES.get(method.gamma, f"n^-{method.gamma:g}")
 
 
@@ -145,7 +150,9 @@ def sigma_error(estimate: Tensor, theta_star: Tensor, sigma: Tensor) -> Tensor:
 
 
 def run_settings(settings: Sequence[Setting], methods: Sequence[Method], trials: int, *,
-                 seed: int, memory_budget: int, progress: bool, desc: str) -> pd.DataFrame:
+                 seed: int, memory_budget: int, progress: bool, desc: str,
+                 targets: Callable[[Method, LinearWorld], Tensor] | None = None
+                 ) -> pd.DataFrame:
     """Fit every method on every setting's trials and score the estimates.
 
     Args:
@@ -156,10 +163,15 @@ def run_settings(settings: Sequence[Setting], methods: Sequence[Method], trials:
         memory_budget: bytes one chunk of trials may use (drosim.chunks).
         progress: show a progress bar over the (setting, method) cells.
         desc: the progress bar's label.
+        targets: optional (method, world) -> the method's own population target
+            (e.g. :func:`drosim.studies.targets.own_target`); with it, every estimate is
+            also scored against that target.
 
     Returns:
         One row per (setting, method, trial): the setting's labels, method, schedule,
-        loss, family, trial, error (||theta_hat - theta*||_Sigma^2) and signal (||theta*||_Sigma^2).
+        loss, family, trial, error (||theta_hat - theta*||_Sigma^2) and signal
+        (||theta*||_Sigma^2); with ``targets``, also own_error
+        (||theta_hat - theta_target||_Sigma^2) and bias (||theta_target - theta*||_Sigma^2).
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
@@ -167,28 +179,40 @@ def run_settings(settings: Sequence[Setting], methods: Sequence[Method], trials:
     if len(set(names)) != len(names):
         raise ValueError(f"two methods share a name and a schedule: {names}")
     frames = []
-    cells = itertools.product(settings, methods)
-    for setting, method in tqdm(cells, total=len(settings) * len(methods), desc=desc,
-                                unit="cell", disable=not progress):
+    bar = tqdm(total=len(settings) * len(methods), desc=desc, unit="cell",
+               disable=not progress)
+    for setting in settings:
         world = setting.world
         theta_star = world.reward_parameter(world.features.new_tensor(ALPHA_0))
         sigma = world.pair_covariance(world.features.new_zeros(world.dim))
         per_chunk = trials_per_chunk(setting.n, world.dim, memory_budget=memory_budget,
                                      itemsize=world.features.element_size())
-        errors = []
+        # Each chunk's pairs are drawn once and fitted by every method (sampling costs
+        # about as much as a plain fit).
+        estimates: list[list[Tensor]] = [[] for _ in methods]
         for chunk in chunk_slices(trials, per_chunk):
             pairs = sample_trials(world, setting.n, chunk, (seed, *setting.key))
-            errors.append(sigma_error(method.estimate(pairs), theta_star, sigma))
-        frames.append(pd.DataFrame({
-            **setting.labels,
-            "method": method.name,
-            "schedule": schedule_of(method),
-            "loss": method.loss,
-            "family": method.family,
-            "trial": np.arange(trials),
-            "error": torch.cat(errors).cpu().numpy(),
-            "signal": float(theta_star @ sigma @ theta_star),
-        }))
+            for fits, method in zip(estimates, methods, strict=True):
+                fits.append(method.estimate(pairs))
+        for fits, method in zip(estimates, methods, strict=True):
+            estimate = torch.cat(fits)
+            target = None if targets is None else targets(method, world)
+            scores = {} if target is None else {
+                "own_error": sigma_error(estimate, target, sigma).cpu().numpy(),
+                "bias": float(sigma_error(target[None], theta_star, sigma)[0])}
+            frames.append(pd.DataFrame({
+                **setting.labels,
+                "method": method.name,
+                "schedule": schedule_of(method),
+                "loss": method.loss,
+                "family": method.family,
+                "trial": np.arange(trials),
+                "error": sigma_error(estimate, theta_star, sigma).cpu().numpy(),
+                "signal": float(theta_star @ sigma @ theta_star),
+                **scores,
+            }))
+            bar.update()
+    bar.close()
     return pd.concat(frames, ignore_index=True)
 
 

@@ -30,28 +30,38 @@ iteration cap (about 20-60 times the cost of the others); the paper checks leave
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from drosim.chunks import DEFAULT_MEMORY_BUDGET
 from drosim.methods import Method
-from drosim.plotting import ERROR_LABEL, draw_methods, draw_power_law, save_figure
+from drosim.plotting import (
+    ERROR_LABEL,
+    FAMILY_COLOURS,
+    draw_methods,
+    draw_power_law,
+    save_figure,
+    slope_label,
+)
 from drosim.stats import loglog_slope
 from drosim.studies.montecarlo import (
     SCHEDULES,
+    TEMPERATURE_SCHEDULES,
     UNSCHEDULED,
     Setting,
     resolve_preset,
     run_settings,
     scheduled_methods,
 )
-from drosim.world import make_world
+from drosim.world import LinearWorld, make_world
 
-__all__ = ["COLUMNS", "PRESETS", "plot", "run", "slopes"]
+__all__ = ["COLUMNS", "PRESETS", "TARGET_COLUMNS", "plot", "run", "slopes"]
 
 _DOUBLINGS_N = tuple(2**k for k in range(7, 15))  # 128 .. 16384
 _DOUBLINGS_D = tuple(2**k for k in range(1, 7))  # 2 .. 64
@@ -72,14 +82,21 @@ PRESETS: dict[str, dict[str, object]] = {
 
 COLUMNS = ["study", "method", "schedule", "loss", "family", "n", "d", "trial", "error",
            "signal"]
+# Added by run(targets=...): the error to each method's own population target and that
+# target's squared distance to theta* (drosim.studies.targets).
+TARGET_COLUMNS = ["own_error", "bias"]
 _GRID = {"n": "n", "d": "d"}  # study -> the column it varies
 STATISTIC = {"n": "median", "d": "mean"}  # study -> the statistic its slope is fitted to
 _RADIUS_TITLES = {UNSCHEDULED: "no radius", "fixed": "fixed rho = c"}
+# Colours for further methods of a family already drawn in a panel (e.g. two temperatures).
+_SPARE_COLOURS = ("C9", "C6", "C8", "C5", "C7")
 
 
 def run(preset: str = "quick", *, methods: Sequence[Method] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", seed: int = 0,
-        progress: bool = True, **overrides: object) -> pd.DataFrame:
+        progress: bool = True,
+        targets: Callable[[Method, LinearWorld], Tensor] | None = None,
+        **overrides: object) -> pd.DataFrame:
     """Run both sweeps.
 
     Args:
@@ -89,12 +106,15 @@ def run(preset: str = "quick", *, methods: Sequence[Method] | None = None,
         device: where the worlds live and the fits run.
         seed: seeds the worlds and every random stream; the same seed gives the same frame.
         progress: show a progress bar over the (setting, method) cells.
+        targets: optional (method, world) -> the method's own population target
+            (:func:`drosim.studies.targets.own_target`); adds the TARGET_COLUMNS.
         **overrides: replace preset values: n_grid, dim, d_grid, samples, trials, noise,
             reward_scale, c. An empty n_grid or d_grid skips that study.
 
     Returns:
         One row per (study, method, schedule, n, d, trial), columns COLUMNS (signal is
-        ||theta*||_Sigma^2); ``attrs["config"]`` holds the configuration.
+        ||theta*||_Sigma^2), then TARGET_COLUMNS with ``targets``; ``attrs["config"]``
+        holds the configuration.
     """
     config = resolve_preset(PRESETS, preset, overrides)
     methods = list(methods) if methods is not None else scheduled_methods(config["c"])
@@ -109,18 +129,20 @@ def run(preset: str = "quick", *, methods: Sequence[Method] | None = None,
     settings = [setting("n", n, config["dim"]) for n in config["n_grid"]]
     settings += [setting("d", config["samples"], d) for d in config["d_grid"]]
     frame = run_settings(settings, methods, config["trials"], seed=seed,
-                         memory_budget=memory_budget, progress=progress, desc="rates")
-    frame = frame[COLUMNS]
+                         memory_budget=memory_budget, progress=progress, desc="rates",
+                         targets=targets)
+    frame = frame[COLUMNS + (TARGET_COLUMNS if targets is not None else [])]
     frame.attrs["config"] = config
     return frame
 
 
-def slopes(frame: pd.DataFrame) -> pd.DataFrame:
+def slopes(frame: pd.DataFrame, y: str = "error") -> pd.DataFrame:
     """The log-log slope of the median error in n (study "n") or of the mean error in d
     (study "d"; see the module note).
 
     Args:
         frame: the output of :func:`run`.
+        y: the error column: "error" (to theta*) or "own_error" (to the own target).
 
     Returns:
         One row per (method, schedule, study) with columns method, schedule, study, slope,
@@ -129,33 +151,39 @@ def slopes(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (study, method, schedule), group in frame.groupby(["study", "method", "schedule"],
                                                           sort=False):
-        fit = loglog_slope(group, _GRID[study], "error", statistic=STATISTIC[study])
+        fit = loglog_slope(group, _GRID[study], y, statistic=STATISTIC[study])
         rows.append({"method": method, "schedule": schedule, "study": study,
                      "slope": fit.slope, "low": fit.low, "high": fit.high})
     return pd.DataFrame(rows, columns=["method", "schedule", "study", "slope", "low", "high"])
 
 
 def plot(frame: pd.DataFrame, out_dir: Path | str, *, slope_table: pd.DataFrame | None = None,
-         prefix: str = "rate") -> list[Path]:
+         prefix: str = "rate", own_slopes: pd.DataFrame | None = None) -> list[Path]:
     """Draw ``<prefix>_n`` and ``<prefix>_d`` (PNG and PDF), one figure per study.
 
-    One panel per (loss, radius schedule): REBEL-type methods on the top row, DPO-type
-    below, and the plain methods (no radius) repeated in every panel of their row. Each
-    method shows its median error with a 10-90% band and its fitted slope in the legend;
-    the reference lines d/n and sqrt(d/n) pass through the median of the row's plain
-    baseline (REBEL or DPO) at the first grid point.
+    One panel per (loss, radius or temperature schedule): REBEL-type methods on the top
+    row, DPO-type below, and the plain methods (no radius, fixed temperatures) repeated in
+    every panel of their row. Each method shows its median error with the band of its
+    trials' 10% to 90% quantiles and its fitted slope in the legend; the reference lines d/n
+    and sqrt(d/n) pass through the median of the row's plain baseline (REBEL or DPO) at the
+    first grid point. With the TARGET_COLUMNS (``run(targets=...)``), a method whose own
+    target is not theta* also gets a dashed line at ||theta_target - theta*||_Sigma^2, the
+    level its error to theta* cannot fall below.
 
     Args:
         frame: the output of :func:`run`.
         out_dir: the folder for the figures (created if missing).
         slope_table: the output of :func:`slopes`, computed here if not given.
         prefix: the start of the file names.
+        own_slopes: ``slopes(frame, "own_error")``; a target line's legend entry then
+            gives the slope of the error to that target.
 
     Returns:
         The paths written.
     """
     slope_table = slopes(frame) if slope_table is None else slope_table
     config = frame.attrs.get("config", {})
+    colours = _colours(frame)
     paths = []
     for study, group in frame.groupby("study", sort=False):
         x = _GRID[study]
@@ -163,8 +191,9 @@ def plot(frame: pd.DataFrame, out_dir: Path | str, *, slope_table: pd.DataFrame 
         rows = [(loss, _schedules(group[group["loss"] == loss]))
                 for loss in ("rebel", "dpo") if loss in set(group["loss"])]
         columns = max(len(schedules) for _, schedules in rows)
-        # Wide enough for the title when there is a single panel.
-        fig = Figure(figsize=(max(5.6 * columns, 8.5), 4.8 * len(rows)), layout="constrained")
+        # Wide enough for the title when there is a single panel; the legends sit below
+        # the panels, so each row is taller than its axes.
+        fig = Figure(figsize=(max(5.6 * columns, 8.5), 6.6 * len(rows)), layout="constrained")
         axes = fig.subplots(len(rows), columns, squeeze=False)
         for row, (loss, schedules) in enumerate(rows):
             of_loss = group[group["loss"] == loss]
@@ -173,19 +202,62 @@ def plot(frame: pd.DataFrame, out_dir: Path | str, *, slope_table: pd.DataFrame 
                 ax.set_visible(False)
             for ax, schedule in zip(axes[row], schedules, strict=False):
                 shown = of_loss[of_loss["schedule"].isin([UNSCHEDULED, schedule])]
-                draw_methods(ax, shown, x, "error", slope_table[slope_table["study"] == study])
+                draw_methods(ax, shown, x, "error", slope_table[slope_table["study"] == study],
+                             colours)
+                if "bias" in shown:
+                    _draw_targets(ax, shown, x, colours, own_slopes, study)
                 if not baseline.empty:
                     _draw_references(ax, baseline, x)
-                radius = _RADIUS_TITLES.get(schedule, f"rho_n = {schedule}")
-                ax.set_title(f"{'REBEL' if loss == 'rebel' else 'DPO'} losses, {radius}")
+                ax.set_title(f"{'REBEL' if loss == 'rebel' else 'DPO'} losses, "
+                             f"{_panel_title(schedule)}")
                 ax.set_xlabel(f"{x}   ({fixed} = {group[fixed].iloc[0]})")
                 ax.set_ylabel(ERROR_LABEL)
-                ax.legend(fontsize=7, loc="lower left" if study == "n" else "upper left")
+                ax.text(0.99, 0.99, "bands: 10-90% of trials", transform=ax.transAxes,
+                        ha="right", va="top", fontsize=7, color="0.3")
+                ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+                          frameon=False)
         fig.suptitle(
             f"Squared parameter error against {x}\nmedian and 10-90% band over "
             f"{group['trial'].nunique()} trials{_settings_text(config)}")
         paths += save_figure(fig, out_dir, f"{prefix}_{study}")
     return paths
+
+
+def _panel_title(schedule: str) -> str:
+    """A panel's schedule in words: "no radius", "rho_n = c/n", "temperature tau = c n"."""
+    if schedule in TEMPERATURE_SCHEDULES.values():
+        return f"temperature {schedule}"
+    return _RADIUS_TITLES.get(schedule, f"rho_n = {schedule}")
+
+
+def _colours(frame: pd.DataFrame) -> dict[str, str]:
+    """Method -> colour: a family's first method keeps its colour, the others get spares.
+
+    Methods of one family and loss share a panel when their schedule is "none" or theirs
+    (two fixed temperatures and a growing one, say), so distinct names get distinct colours.
+    """
+    colours, spare = {}, itertools.cycle(_SPARE_COLOURS)
+    for (family, _), names in frame.groupby(["family", "loss"], sort=False)["method"]:
+        first, *others = names.unique()
+        colours[first] = FAMILY_COLOURS[family]
+        colours.update({name: next(spare) for name in others})
+    return colours
+
+
+def _draw_targets(ax: object, shown: pd.DataFrame, x: str, colours: dict[str, str],
+                  own_slopes: pd.DataFrame | None, study: str) -> None:
+    """A dashed line at ||theta_target - theta*||_Sigma^2 per method whose target is not
+    theta* (horizontal in n; in d the world, and so the target, changes with d)."""
+    for method, rows in shown[shown["bias"] > 0].groupby("method", sort=False):
+        level = rows.groupby(x)["bias"].first()
+        label = f"own target of {method}"
+        fit = None if own_slopes is None else own_slopes[
+            (own_slopes["method"] == method) & (own_slopes["study"] == study)]
+        if fit is not None and not fit.empty:
+            row = fit.iloc[0]
+            label += "; " + slope_label("error to it", row["slope"], row["low"], row["high"])
+        ax.plot(level.index, level.to_numpy(), ls=(0, (7, 3)), lw=1.1, color=colours[method],
+                label=label)
 
 
 def _settings_text(config: dict[str, object]) -> str:
@@ -197,9 +269,11 @@ def _settings_text(config: dict[str, object]) -> str:
 
 
 def _schedules(frame: pd.DataFrame) -> list[str]:
-    """The radius schedules present among frame's robust methods, in SCHEDULES order."""
+    """The schedules present among frame's robust methods: radii in SCHEDULES order, then
+    temperatures in TEMPERATURE_SCHEDULES order."""
     present = set(frame["schedule"])
-    return [s for s in SCHEDULES.values() if s in present] or [UNSCHEDULED]
+    known = (*SCHEDULES.values(), *TEMPERATURE_SCHEDULES.values())
+    return [s for s in known if s in present] or [UNSCHEDULED]
 
 
 def _draw_references(ax: object, baseline: pd.DataFrame, x: str) -> None:

@@ -1,0 +1,48 @@
+"""The committed results can be checked by a reader: figures/full/tables/*.csv hold the
+per-x statistics behind the figures, and a slope reported in figures/full/claims.md is
+refitted from them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drosim.paper_checks._framework import STATS_COLUMNS
+
+FULL = Path(__file__).resolve().parents[1] / "figures" / "full"
+
+
+def _claims_row(check: str) -> str:
+    claims = pd.read_csv(FULL / "claims.csv")
+    return claims.loc[claims["check"] == check, "measured"].iloc[0]
+
+
+def _reported(text: str, pattern: str) -> float:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in the reported text"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("table", sorted((FULL / "tables").glob("*.csv")) or [None])
+def test_every_committed_table_has_the_per_x_columns(table):
+    assert table is not None, "figures/full/tables/ holds no table"
+    frame = pd.read_csv(table)
+    assert set(STATS_COLUMNS) <= set(frame.columns)
+    assert (frame["trials"] > 0).all() and (frame["q10"] <= frame["q90"]).all()
+
+
+def test_rebels_reported_slopes_refit_from_the_committed_table():
+    """REBEL's slope in n from the medians and in d from the means, as the check fits them,
+    equals what claims.csv reports (to its two printed decimals)."""
+    stats = pd.read_csv(FULL / "tables" / "rates.csv")
+    text = _claims_row("rates")
+    rebel = stats[(stats["method"] == "REBEL")]
+    for study, column, label in (("n", "median", "in n"), ("d", "mean", "in d")):
+        rows = rebel[rebel["study"] == study].sort_values("x")
+        slope = np.polyfit(np.log(rows["x"]), np.log(rows[column]), 1)[0]
+        part = text.split(label, 1)[1]
+        assert slope == pytest.approx(_reported(part, r"REBEL (-?\d+\.\d+)"), abs=0.011)
