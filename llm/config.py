@@ -342,8 +342,9 @@ def validate_config(config: TrainConfig) -> None:
             range or not allowed (:func:`_check_lora`), an unknown ``rollout_engine`` or
             ``rollout_dtype``, a negative stop id, a ``vllm_gpu_memory_utilization``
             outside (0, 1), ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA, a
-            ``minority_fraction`` outside [0, 1), or a ``minority_mixture`` without a
-            fraction > 0 or the other way round (:func:`_check_minority`).
+            ``minority_fraction`` outside [0, 1) or too small for one pair per iteration,
+            or a ``minority_mixture`` without a fraction > 0 or the other way round
+            (:func:`_check_minority`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -519,7 +520,8 @@ def _check_lora(config: TrainConfig, method: Method) -> None:
 
 def _check_minority(config: TrainConfig) -> None:
     """A minority fraction in [0, 1) (a minority of the pairs; 1 would leave no training
-    mixture), a minority mixture exactly when the fraction is > 0, and a valid mixture.
+    mixture) that gives at least one pair, a minority mixture exactly when the fraction is
+    > 0, and a valid mixture.
     (Its objectives are checked against the reward model's with the training mixture's.)"""
     _require(config, "minority_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
     if (config.minority_mixture is None) != (config.minority_fraction == 0):
@@ -529,6 +531,11 @@ def _check_minority(config: TrainConfig) -> None:
                          f"{config.minority_fraction})")
     if config.minority_mixture is not None:
         _check_mixture("minority_mixture", config.minority_mixture)
+        # a minority that never scores a pair would pass silently for one that does
+        _require(config, "minority_fraction",
+                 lambda v: round(v * config.pairs_per_iteration) >= 1,
+                 f"large enough for at least one of the {config.pairs_per_iteration} pairs "
+                 "per iteration (round(minority_fraction * pairs_per_iteration) >= 1)")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

@@ -91,6 +91,7 @@ def test_the_minority_count_over_all_ranks_is_the_rounded_fraction(fraction, pai
     (["minority_fraction=0.2"], "go together"),
     (["minority_fraction=0.2", "minority_mixture={formal: -1}"], "minority_mixture"),
     (["minority_fraction=0.2", "minority_mixture={}"], "minority_mixture"),
+    (["minority_fraction=0.05", "minority_mixture={formal: 1}"], "at least one of the 8"),
 ])
 def test_bad_minority_keys_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
