@@ -82,6 +82,11 @@ class TrainConfig:
     attn_implementation: str | None = None
     train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
     eval_mixtures: list[dict[str, float]] = field(default_factory=list)
+    # heterogeneous annotators: each iteration round(minority_fraction * pairs_per_iteration)
+    # pairs, drawn at random (dealt over the ranks as evenly as integers allow), are scored
+    # under minority_mixture instead of train_mixture (None / 0: none)
+    minority_mixture: dict[str, float] | None = None
+    minority_fraction: float = 0.0
     # method
     method: str = "rebel"  # one of METHODS
     eta: float = 0.1  # REBEL step size
@@ -336,7 +341,10 @@ def validate_config(config: TrainConfig) -> None:
             [shift, scale] with a finite shift and a finite scale > 0, a LoRA key out of
             range or not allowed (:func:`_check_lora`), an unknown ``rollout_engine`` or
             ``rollout_dtype``, a negative stop id, a ``vllm_gpu_memory_utilization``
-            outside (0, 1), or ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA.
+            outside (0, 1), ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA, a
+            ``minority_fraction`` outside [0, 1) or too small for one pair per iteration,
+            or a ``minority_mixture`` without a fraction > 0 or the other way round
+            (:func:`_check_minority`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -389,6 +397,7 @@ def validate_config(config: TrainConfig) -> None:
     _check_model_keys(config)
     _check_lora(config, method)
     _check_mixture("train_mixture", config.train_mixture)
+    _check_minority(config)
     if not config.eval_mixtures:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
     for i, mixture in enumerate(config.eval_mixtures):
@@ -507,6 +516,26 @@ def _check_lora(config: TrainConfig, method: Method) -> None:
                          "model inside the PEFT wrapper, past the FSDP root's all-gather, and "
                          "final/ merges an unsharded copy. Use sharding=none (a LoRA "
                          "optimiser holds the adapters' state only) or lora_rank=null")
+
+
+def _check_minority(config: TrainConfig) -> None:
+    """A minority fraction in [0, 1) (a minority of the pairs; 1 would leave no training
+    mixture) that gives at least one pair, a minority mixture exactly when the fraction is
+    > 0, and a valid mixture.
+    (Its objectives are checked against the reward model's with the training mixture's.)"""
+    _require(config, "minority_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
+    if (config.minority_mixture is None) != (config.minority_fraction == 0):
+        raise ValueError("minority_mixture and minority_fraction go together: a mixture with "
+                         f"a fraction > 0, or neither (got minority_mixture="
+                         f"{config.minority_mixture}, minority_fraction="
+                         f"{config.minority_fraction})")
+    if config.minority_mixture is not None:
+        _check_mixture("minority_mixture", config.minority_mixture)
+        # a minority that never scores a pair would pass silently for one that does
+        _require(config, "minority_fraction",
+                 lambda v: round(v * config.pairs_per_iteration) >= 1,
+                 f"large enough for at least one of the {config.pairs_per_iteration} pairs "
+                 "per iteration (round(minority_fraction * pairs_per_iteration) >= 1)")
 
 
 def _check_mixture(name: str, mixture: dict[str, float]) -> None:

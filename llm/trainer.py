@@ -9,6 +9,8 @@
                            rollout engine syncs pi_t's weights and samples two responses
                            per prompt
         score_batch        rewards under every objective, mixed by the training mixture
+                           (a random minority_fraction of the pairs: by the minority
+                           mixture)
         update             `epochs` passes of minibatch updates (drosim.llm.update)
         evaluate           every `eval_every` iterations: held-out prompts (split over the
                            ranks), mixture grid, win rates against the initial policy
@@ -373,6 +375,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine  # samples the training pairs (evaluation samples with generate)
+    # (objectives,) weights of the minority's mixture; None: every pair uses alpha
+    minority_alpha: torch.Tensor | None = None
 
     @property
     def local_pairs(self) -> int:
@@ -429,6 +433,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     policy.train()
     reward_model = load_reward_model(config, device)
     alpha = mixture_weights(reward_model.objectives, config.train_mixture).to(device)
+    minority_alpha = None if config.minority_mixture is None else mixture_weights(
+        reward_model.objectives, config.minority_mixture).to(device)
     stream = PromptStream(load_prompts(config.prompts, field=config.prompt_field,
                                        split=config.prompt_split,
                                        demo_seed=DEMO_TRAIN_PROMPT_SEED), seed=config.seed)
@@ -444,7 +450,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     return Run(config, out_dir, world, device, method, policy,
                maybe_compile(causal_lm(policy), config.compile), tokenizer, reference,
                reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
-               optimizer, scheduler, make_rollout_engine(config, policy, tokenizer, device))
+               optimizer, scheduler, make_rollout_engine(config, policy, tokenizer, device),
+               minority_alpha)
 
 
 def resume_from(run: Run) -> TrainState | None:
@@ -485,11 +492,37 @@ def roll_out(run: Run, state: TrainState) -> tuple[list[str], SampledPairs, floa
     return [prompt_text(p) for p in prompts], pairs, seconds
 
 
+def local_minority_pairs(config: TrainConfig, world: Distributed) -> int:
+    """How many of this rank's pairs the minority scores each iteration.
+
+    Over all ranks they are ``round(minority_fraction * pairs_per_iteration)`` (Python's
+    round), dealt out as evenly as integers allow: every rank gets ``total // world_size``
+    and the first ``total % world_size`` ranks one more."""
+    total = round(config.minority_fraction * config.pairs_per_iteration)
+    return total // world.world_size + int(world.rank < total % world.world_size)
+
+
+def minority_rows(run: Run) -> torch.Tensor:
+    """``(local_pairs,)`` bool: this rank's pairs the minority scores, drawn from the
+    iteration's global torch RNG (seeded per run, rank and iteration, so a resumed run draws
+    the same rows)."""
+    rows = torch.zeros(run.local_pairs, dtype=torch.bool)
+    rows[torch.randperm(run.local_pairs)[:local_minority_pairs(run.config, run.world)]] = True
+    return rows.to(run.device)
+
+
 def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
     """The pairs as a training batch: mixed rewards, and the reference's log-probabilities
     for the DPO-type methods (pi_t's are recorded by :func:`update`); a LoRA policy's
-    reference is itself with its adapter disabled."""
-    rewards = score_pairs(run.reward_model, prompts, pairs).to(run.device) @ run.alpha
+    reference is itself with its adapter disabled.
+
+    Rewards mix the objectives by the training mixture, except on the minority's rows
+    (:func:`minority_rows`), mixed by the minority's: annotators who weigh the objectives
+    differently, the run's methods not told which pairs are theirs."""
+    scores = score_pairs(run.reward_model, prompts, pairs).to(run.device)
+    rewards = scores @ run.alpha
+    if run.minority_alpha is not None:  # drawn only then: a run without one is unchanged
+        rewards = torch.where(minority_rows(run)[:, None], scores @ run.minority_alpha, rewards)
     reference_logprobs = None
     if run.method.pointwise != "rebel":
         with torch.no_grad(), reference_model(run.policy, run.reference) as reference:
@@ -544,6 +577,8 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             # counts over all ranks
             "empty_responses": int(_global_sum(float(pairs.empty.sum()), run.device)),
             "truncated_prompts": int(_global_sum(float(pairs.truncated), run.device)),
+            "minority_pairs": int(_global_sum(float(local_minority_pairs(run.config, run.world)),
+                                              run.device)),
             "lr": run.scheduler.get_last_lr()[0],
             "generation_tokens_per_s": _global_sum(tokens / max(generation_seconds, 1e-9),
                                                    run.device),
