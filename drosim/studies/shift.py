@@ -61,8 +61,9 @@ from drosim.studies._common import random_stream
 from drosim.studies.montecarlo import ALPHA_0, resolve_preset
 from drosim.world import LinearWorld, make_world
 
-__all__ = ["PRESETS", "WORLDS", "frontier", "frontier_gain", "methods", "mixture_grid", "plot",
-           "preference_world", "prompt_distributions", "run", "statistics", "world_variant"]
+__all__ = ["PRESETS", "WORLDS", "frontier", "frontier_difference", "frontier_gain", "methods",
+           "mixture_grid", "plot", "preference_world", "prompt_distributions", "run", "statistics",
+           "world_variant"]
 
 DIM, PROMPTS, RESPONSES = 8, 32, 8
 NOISE = 0.5  # Gaussian noise on each observed relative reward
@@ -401,7 +402,7 @@ def plot(per_trial: pd.DataFrame, out_dir: Path | str) -> list[Path]:
         top.legend(handles=[*top.get_legend_handles_labels()[0], *bands], fontsize=7)
         bottom.set_xlabel("mean reward under the training mixture α0")
         bottom.set_ylabel("mean worst-case reward over the grid")
-        bottom.set_title(f"{world}: above black = beats a shorter step")
+        bottom.set_title(f"{world}: above black = beats a shorter step", fontsize=10)
         bottom.legend(fontsize=7)
         for ax in (top, bottom):
             ax.grid(True, alpha=0.3)
