@@ -38,6 +38,7 @@ class OnlineRun:
 def online_rebel(world: LinearWorld, theta0: Tensor, alpha: Tensor, *, n: int, rounds: int,
                  eta: float, spec: AmbiguitySet | None = None, method: str = "rebel",
                  beta: float = 1.0, eval_mixtures: Tensor | None = None,
+                 eval_prompt_probs: Tensor | None = None,
                  generator: torch.Generator | None = None) -> OnlineRun:
     """Run online (DRO-)REBEL (or DPO re-fitted on fresh on-policy pairs) for T trials.
 
@@ -53,6 +54,8 @@ def online_rebel(world: LinearWorld, theta0: Tensor, alpha: Tensor, *, n: int, r
             Bradley-Terry labels; w estimates theta_alpha when beta = 1).
         beta: DPO's inverse temperature.
         eval_mixtures: ``(A, m)`` mixtures to evaluate (default: alpha alone).
+        eval_prompt_probs: ``(P,)`` the prompt distribution the rewards are evaluated under
+            (default: the world's training one); another one measures covariate shift.
         generator: randomness for sampling.
 
     Returns:
@@ -84,7 +87,7 @@ def online_rebel(world: LinearWorld, theta0: Tensor, alpha: Tensor, *, n: int, r
         theta = theta + eta * fit.w
         thetas.append(theta)
     trajectory = torch.stack(thetas)
-    return OnlineRun(trajectory, world.expected_reward(trajectory, mixtures))
+    return OnlineRun(trajectory, world.expected_reward(trajectory, mixtures, eval_prompt_probs))
 
 
 def mirror_descent(theta0: Tensor, reward_parameter: Tensor, eta: float, rounds: int) -> Tensor:
