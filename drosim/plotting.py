@@ -241,7 +241,8 @@ __all__ += ["BAND_NOTE", "draw_ratios"]
 BAND_NOTE = "shaded: 10-90% of trials (their spread, not a confidence interval)"
 
 
-def draw_ratios(ax: object, frame: pd.DataFrame, x: str, y: str, baseline: str) -> None:
+def draw_ratios(ax: object, frame: pd.DataFrame, x: str, y: str, baseline: str,
+                colours: dict[str, str] | None = None) -> None:
     """Each method's y divided by the baseline method's on the same trial, against x.
 
     The methods of a setting are fitted on the same pairs, so the paired ratio shows where a
@@ -254,6 +255,7 @@ def draw_ratios(ax: object, frame: pd.DataFrame, x: str, y: str, baseline: str) 
         x: the grid column.
         y: the error column (positive).
         baseline: the method every other one is divided by.
+        colours: method name -> colour, as :func:`draw_methods`.
     """
     from drosim.stats import quantile_band
 
@@ -265,7 +267,7 @@ def draw_ratios(ax: object, frame: pd.DataFrame, x: str, y: str, baseline: str) 
         paired = group.set_index(keys)[y] / base.reindex(group.set_index(keys).index)
         band = quantile_band(paired.rename("ratio").reset_index(), [x], "ratio")
         first = group.iloc[0]
-        colour = FAMILY_COLOURS[first["family"]]
+        colour = (colours or {}).get(method, FAMILY_COLOURS[first["family"]])
         ax.plot(band[x], band["median"], _LOSS_STYLES[first["loss"]], color=colour,
                 marker="o", ms=3, lw=1.4, label=method)
         ax.fill_between(band[x], band["low"], band["high"], color=colour, alpha=0.12, lw=0)

@@ -46,6 +46,7 @@ from drosim.plotting import (
     FAMILY_COLOURS,
     draw_methods,
     draw_power_law,
+    draw_ratios,
     save_figure,
     slope_label,
 )
@@ -193,14 +194,23 @@ def plot(frame: pd.DataFrame, out_dir: Path | str, *, slope_table: pd.DataFrame 
         columns = max(len(schedules) for _, schedules in rows)
         # Wide enough for the title when there is a single panel; the legends sit below
         # the panels, so each row is taller than its axes.
-        fig = Figure(figsize=(max(5.6 * columns, 8.5), 6.6 * len(rows)), layout="constrained")
-        axes = fig.subplots(len(rows), columns, squeeze=False)
+        # Under each row of error panels, a row of paired ratios to the plain baseline:
+        # robust curves that sit on the baseline's are told apart there.
+        fig = Figure(figsize=(max(5.6 * columns, 8.5), 9.4 * len(rows)), layout="constrained")
+        grid = fig.subplots(2 * len(rows), columns, squeeze=False,
+                            gridspec_kw={"height_ratios": [2.4, 1] * len(rows)})
         for row, (loss, schedules) in enumerate(rows):
             of_loss = group[group["loss"] == loss]
             baseline = of_loss[of_loss["family"] == "none"]
-            for ax in axes[row, len(schedules):]:
+            for ax in [*grid[2 * row, len(schedules):], *grid[2 * row + 1, len(schedules):]]:
                 ax.set_visible(False)
-            for ax, schedule in zip(axes[row], schedules, strict=False):
+            for ratio_ax, schedule in zip(grid[2 * row + 1], schedules, strict=False):
+                shown = of_loss[of_loss["schedule"].isin([UNSCHEDULED, schedule])]
+                if not baseline.empty:
+                    draw_ratios(ratio_ax, shown, x, "error", baseline["method"].iloc[0],
+                                colours)
+                ratio_ax.set_xlabel(x)
+            for ax, schedule in zip(grid[2 * row], schedules, strict=False):
                 shown = of_loss[of_loss["schedule"].isin([UNSCHEDULED, schedule])]
                 draw_methods(ax, shown, x, "error", slope_table[slope_table["study"] == study],
                              colours)
