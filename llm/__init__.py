@@ -15,12 +15,15 @@ Components (small, pure, tested one by one):
 - :mod:`~drosim.llm.sharding`: FSDP2 sharding of the policy (gradients summed over ranks);
 - :mod:`~drosim.llm.rollout`, :mod:`~drosim.llm.rewards`, :mod:`~drosim.llm.evaluation`:
   sampling pairs, multi-objective rewards, evaluation under reward mixtures;
-- :mod:`~drosim.llm.batch`, :mod:`~drosim.llm.data`: the pair batch and the prompt stream.
+- :mod:`~drosim.llm.batch`, :mod:`~drosim.llm.data`: the pair batch and the prompt stream;
+- :mod:`~drosim.llm.rollout_engines`, :mod:`~drosim.llm.lora`, :mod:`~drosim.llm.report`:
+  the engines that sample rollouts, LoRA adapters through PEFT, and run reports.
 
 Recipes: :mod:`~drosim.llm.trainer` (the online loop, with :mod:`~drosim.llm.config` and
 :mod:`~drosim.llm.checkpoint`), :mod:`~drosim.llm.export` (a run as a Hugging Face folder),
 :mod:`~drosim.llm.demo` (the offline demo on :mod:`~drosim.llm.demo_world`), the stage-0
 recipes on ``transformers``' Trainer (:mod:`~drosim.llm.sft`, the starting policy;
-:mod:`~drosim.llm.reward_training`, a classifier reward; shared: :mod:`~drosim.llm.recipes`)
-and the ``drosim-llm`` command (:mod:`~drosim.llm.cli`).
+:mod:`~drosim.llm.reward_training`, a classifier reward; shared: :mod:`~drosim.llm.recipes`),
+:mod:`~drosim.llm.minority_study` (heterogeneous annotators on the demo) and the
+``drosim-llm`` command (:mod:`~drosim.llm.cli`).
 """

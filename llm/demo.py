@@ -91,7 +91,7 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
             config = load_config(config_path, [f"model={base}", f"method={method}",
                                                f"seed={seed}", f"out_dir={run_dir}",
                                                f"progress={str(progress).lower()}"])
-            _check_same_configuration(run_dir, config)
+            check_same_configuration(run_dir, config)
             if not (run_dir / "final" / "config.json").exists():
                 train(config, resume=True)
             table = read_eval_metrics(run_dir)
@@ -106,7 +106,7 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
     return rewards
 
 
-def _check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
+def check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to reuse (or resume) a run made with another configuration, e.g. a --smoke
     demo's runs for the full demo."""
     saved = run_dir / "config.yaml"

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from drosim.llm.config import TrainConfig, bundled_config_path, load_config
-from drosim.llm.demo import _check_same_configuration, build_demo_base
+from drosim.llm.demo import check_same_configuration, build_demo_base
 from drosim.llm.report import read_eval_metrics
 from drosim.llm.rewards import mixture_name
 
@@ -107,7 +107,7 @@ def train_runs(out: Path, *, methods: Sequence[str], seeds: Sequence[int], fract
             run_dir = out / f"minority-runs{suffix}" / f"{method}-seed{seed}"
             config = study_config(base, run_dir, method=method, seed=seed, fraction=fraction,
                                   rho=rho, smoke=smoke, progress=progress)
-            _check_same_configuration(run_dir, config)
+            check_same_configuration(run_dir, config)
             if not (run_dir / "final" / "config.json").exists():
                 train(config, resume=True)
             rows.append({"method": method, "seed": seed, **final_rewards(run_dir, config)})

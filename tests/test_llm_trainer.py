@@ -152,16 +152,16 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
 
 def test_a_run_of_another_configuration_is_never_reused(tmp_path):
     from drosim.llm.config import bundled_config_path, load_config, save_config
-    from drosim.llm.demo import _check_same_configuration
+    from drosim.llm.demo import check_same_configuration
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     smoke = load_config(bundled_config_path("smoke"), [f"out_dir={run_dir}"])
     save_config(smoke, run_dir / "config.yaml")
-    _check_same_configuration(run_dir, smoke)  # the same: reused
+    check_same_configuration(run_dir, smoke)  # the same: reused
     full = load_config(bundled_config_path("demo"), [f"out_dir={run_dir}"])
     with pytest.raises(ValueError, match=r"holds a run of another configuration .*iterations"):
-        _check_same_configuration(run_dir, full)
+        check_same_configuration(run_dir, full)
 
 
 def test_a_finished_run_is_never_overwritten_silently(base, uninterrupted, tmp_path):
