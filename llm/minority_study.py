@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from drosim.llm.config import TrainConfig, bundled_config_path, load_config
-from drosim.llm.demo import check_same_configuration, build_demo_base
+from drosim.llm.demo import build_demo_base, check_same_configuration
 from drosim.llm.report import read_eval_metrics
 from drosim.llm.rewards import mixture_name
 
