@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = _InterruptFlag()
     try:
         with interrupted, staged(args.out, last=("claims.csv", "claims.md")) as stage:
-            claims = _run_checks(args.only or list(CHECKS), args.preset, stage)
+            claims = _run_checks(args.only or list(CHECKS), args.preset, stage,
+                                 previous=args.out / "claims.csv" if args.only else None)
             interrupted.raise_if_set()
     except KeyboardInterrupt:
         print(f"\ninterrupted: nothing written, {args.out} holds the previous results",
@@ -69,16 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if (claims["verdict"] == "crashed").any() else 0
 
 
-def _run_checks(names: Sequence[str], preset: str, out: Path) -> pd.DataFrame:
+def _run_checks(names: Sequence[str], preset: str, out: Path,
+                previous: Path | None = None) -> pd.DataFrame:
     """Run the checks, print their reports and write every result file into ``out``.
 
     Args:
         names: the checks to run, in order.
         preset: "quick" or "full".
         out: the (staging) folder the files are written to.
+        previous: an earlier claims.csv of the same folder (``--only``): its rows of the
+            checks not run now are kept, so rerunning one check updates its row alone.
 
     Returns:
-        The claims table, one row per check.
+        The claims of the checks run now, one row each.
     """
     (out / "checks").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -103,8 +107,15 @@ def _run_checks(names: Sequence[str], preset: str, out: Path) -> pd.DataFrame:
                      "verdict": result.verdict, "seconds": round(seconds, 1)})
 
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
-    claims.to_csv(out / "claims.csv", index=False)
-    (out / "claims.md").write_text(markdown_table(claims))
+    table = claims
+    if previous is not None and previous.is_file():
+        earlier = pd.read_csv(previous)
+        order = {name: i for i, name in enumerate(CHECKS)}
+        table = pd.concat([earlier[~earlier["check"].isin(names)], claims], ignore_index=True)
+        table = table.sort_values("check", key=lambda c: c.map(order).fillna(len(order)),
+                                  kind="stable", ignore_index=True)
+    table.to_csv(out / "claims.csv", index=False)
+    (out / "claims.md").write_text(markdown_table(table))
     return claims
 
 

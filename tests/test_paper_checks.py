@@ -128,3 +128,21 @@ def test_a_crashing_check_fails_the_run_but_is_recorded(tmp_path: Path,
     claims = pd.read_csv(tmp_path / "claims.csv")
     assert list(claims["verdict"]) == ["crashed"]
     assert "RuntimeError: boom" in claims.loc[0, "measured"]
+
+
+def test_rerunning_one_check_updates_its_row_and_keeps_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def result(verdict: str):
+        def run(preset: str, out: Path) -> CheckResult:
+            return CheckResult("C0", "t", "p", f"measured {verdict}", verdict, pd.DataFrame())
+        return SimpleNamespace(run=run)
+
+    monkeypatch.setattr(cli, "load_check", lambda name: result("reproduced"))
+    assert cli.main(["--out", str(tmp_path), "--only", "rates", "duality"]) == 0
+    monkeypatch.setattr(cli, "load_check", lambda name: result("not reproduced"))
+    assert cli.main(["--out", str(tmp_path), "--only", "rates"]) == 0
+    claims = pd.read_csv(tmp_path / "claims.csv")
+    # CHECKS order, the rerun row replaced, the other kept
+    assert list(claims["check"]) == ["duality", "rates"]
+    assert list(claims["verdict"]) == ["reproduced", "not reproduced"]
+    assert "| rates |" in (tmp_path / "claims.md").read_text()
