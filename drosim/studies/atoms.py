@@ -356,8 +356,9 @@ def robust_fit(atoms: Tensor, probs: Tensor, rho: Tensor, loss: str, family: str
     Damped Newton on :func:`robust_objective` in x = (w, a), with the exact gradient and
     Hessian of :func:`_newton_system`; the Hessian's eigenvalues are replaced by their
     absolute values (floored), so every step is a descent direction, and the step length
-    is the best of 0, 1, 1/4, ..., 4^-10 (monotone by construction). It stops when no
-    problem gains more than 1e-14 of its objective (or every gradient is below 1e-12).
+    is the best of 0, 1, 1/4, ..., 4^-10 (monotone by construction). A problem stops when
+    its step gains less than 1e-14 of its objective (from the same point the next step
+    would be the same); all stop when every gradient is below 1e-12.
 
     Args:
         atoms: ``(S, d + 1)`` the support.
@@ -369,30 +370,47 @@ def robust_fit(atoms: Tensor, probs: Tensor, rho: Tensor, loss: str, family: str
     Returns:
         ``(B, d)`` the minimisers w.
     """
-    steps = _LINE_SEARCH.to(probs)
     x = _start(atoms, probs, rho, loss, family)
-    rows = torch.arange(x.shape[0], device=x.device)
-    dphi_t = atoms[:, :-1].T
+    # A problem whose step is 0 would repeat the same step forever: it leaves the batch.
+    active = torch.arange(x.shape[0], device=x.device)
     for _ in range(_NEWTON_STEPS):
-        g, h = _newton_system(x, probs, rho, atoms, loss, family)
-        if float(g.abs().amax()) < _GRADIENT_TOLERANCE:
+        moved = _newton_step(x[active], probs[active], rho[active], atoms, loss, family)
+        if moved is None:
             break
-        eigenvalues, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
-        floor = 1e-12 * eigenvalues.abs().amax(-1, keepdim=True) + 1e-300
-        inverse = 1 / torch.maximum(eigenvalues.abs(), floor)
-        direction = -torch.einsum("bij,bj,bkj,bk->bi", vectors, inverse, vectors, g)
-        trial = x[:, None, :] + steps[None, :, None] * direction[:, None, :]
-        # The scores are linear in w: two products instead of one per step length.
-        score = ((x[:, :-1] @ dphi_t)[:, None, :]
-                 + steps[None, :, None] * (direction[:, :-1] @ dphi_t)[:, None, :])
-        values = _objective(score, trial[..., :-1].norm(dim=-1), trial[..., -1], probs, rho,
-                            atoms, loss, family)
-        values = values.nan_to_num(math.inf)
-        best = values.argmin(-1)
-        # Gains at the rounding level of the objective are noise, not progress.
-        gain = values[:, 0] - values[rows, best]
-        best = torch.where(gain > _RELATIVE_GAIN * (1 + values[:, 0].abs()), best, 0)
-        x = trial[rows, best]
-        if not bool((best > 0).any()):
+        keep, x_new = moved
+        x[active] = x_new
+        active = active[keep]
+        if active.numel() == 0:
             break
     return x[:, :-1]
+
+
+def _newton_step(x: Tensor, probs: Tensor, rho: Tensor, atoms: Tensor, loss: str, family: str
+                 ) -> tuple[Tensor, Tensor] | None:
+    """One damped Newton step of :func:`robust_fit` for a batch of problems.
+
+    Returns:
+        None when every gradient is below 1e-12; else (which problems moved ``(B,)`` bool,
+        the new points ``(B, d + 1)``).
+    """
+    g, h = _newton_system(x, probs, rho, atoms, loss, family)
+    if float(g.abs().amax()) < _GRADIENT_TOLERANCE:
+        return None
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
+    floor = 1e-12 * eigenvalues.abs().amax(-1, keepdim=True) + 1e-300
+    inverse = 1 / torch.maximum(eigenvalues.abs(), floor)
+    direction = -torch.einsum("bij,bj,bkj,bk->bi", vectors, inverse, vectors, g)
+    steps = _LINE_SEARCH.to(probs)
+    trial = x[:, None, :] + steps[None, :, None] * direction[:, None, :]
+    # The scores are linear in w: two products instead of one per step length.
+    dphi_t = atoms[:, :-1].T
+    score = ((x[:, :-1] @ dphi_t)[:, None, :]
+             + steps[None, :, None] * (direction[:, :-1] @ dphi_t)[:, None, :])
+    values = _objective(score, trial[..., :-1].norm(dim=-1), trial[..., -1], probs, rho, atoms,
+                        loss, family).nan_to_num(math.inf)
+    rows = torch.arange(x.shape[0], device=x.device)
+    best = values.argmin(-1)
+    # Gains at the rounding level of the objective are noise, not progress.
+    gain = values[:, 0] - values[rows, best]
+    best = torch.where(gain > _RELATIVE_GAIN * (1 + values[:, 0].abs()), best, 0)
+    return best > 0, trial[rows, best]
