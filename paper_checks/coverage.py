@@ -9,7 +9,8 @@ Each schedule's n range is cut where its coverage crosses 50% and a slope is fit
 each side (90% bootstrap intervals); the last regime (the one holding the largest n) is
 judged:
 
-* lost: coverage at its largest n at most 0.5; covered: at least 0.8;
+* lost: coverage at its largest n at most 0.5; covered: at least 0.8 there and at least
+  0.5 at its smallest n (else coverage is unsettled: it crossed 50% at the largest n only);
 * parametric: the slope's interval reaches -0.9 or below; slower: the interval lies above
   -0.9;
 * bias-dominated: the bias level ||theta^rho - theta*||^2 at the largest n is at least the
@@ -107,7 +108,10 @@ def _readings(frame: pd.DataFrame, table: pd.DataFrame) -> list[str]:
         if row.family == "none":
             readings.append("no ball (rho = 0)")
             continue
-        cover = ("covered" if row.coverage_n_max >= KEPT else
+        # A range that starts uncovered and ends covered crossed 50% at its largest n only
+        # (too late for a regime of its own): its slope mixes both regimes.
+        kept = row.coverage_n_max >= KEPT and row.coverage_n_min >= coverage.COVERED
+        cover = ("covered" if kept else
                  "lost" if row.coverage_n_max <= LOST else "coverage unsettled")
         rate = "parametric" if row.low <= PARAMETRIC_EDGE else "slower"
         dominated = row.bias >= last_error[(row.world, row.method, row.schedule)]
