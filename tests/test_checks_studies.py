@@ -10,8 +10,9 @@ from drosim.paper_checks import VERDICTS, CheckResult, load_check
 
 # check name -> (claim, tiny overrides of its study, figure stem)
 TINY: dict[str, tuple[str, dict[str, object], str]] = {
-    "coverage": ("C5", {"sizes": (64, 256), "gammas": (0.5, 1.5), "trials": 6,
-                        "calibration_trials": 8}, "coverage"),
+    "coverage": ("C5", {"worlds": ("skewed",), "sizes": (128, 512), "gammas": (0.5, 1.0),
+                        "cs": (1.0,), "trials": 4, "supports": ((3, 3),),
+                        "support_trials": 10}, "coverage"),
     "preference_shift": ("C7 (linear world)", {"radii": (0.1, 1.0), "trials": 3}, "shift"),
     "updates": ("C6 (online)", {"rounds": 3, "noises": (0.0, 0.5), "trials": 2}, "updates"),
 }

@@ -1,57 +1,48 @@
-"""Claim C5: the radius-coverage trade-off, with coverage computed exactly.
+"""Claim C5: the radius-coverage trade-off, with coverage and robust targets computed exactly.
 
 The paper says radii that shrink faster than the empirical divergence concentrates give the
 parametric rate but lose coverage (the data distribution P falls outside the ball around
-the empirical P_n), while radii that guarantee coverage give n^(-1/2) on the squared error.
-This study measures both sides on the same samples: for radius schedules
-rho_n = c n^(-gamma) over a grid of gamma and n, and for each trial,
+P_n), while radii that guarantee coverage give n^(-1/2) on the squared error. This study
+measures both sides on the same samples, for radius schedules rho_n = c n^(-gamma) and for
+the REBEL and DPO losses with chi-square, KL and (REBEL) Wasserstein balls.
 
-* the squared error ||theta_hat - theta*||_Sigma^2 of robust REBEL (Sigma = E[dphi dphi^T]
-  under the sampling policy, as in the rates study), and
-* whether P lies in the ball {Q : D(Q || P_n) <= rho_n}.
+Worlds (3 prompts, 3 responses, d = 3, one objective, uniform sampling policy, two-point
+noise of scale 0.5; :mod:`drosim.studies.atoms`):
 
-The world is finitely supported so that D(P || P_n) is exact, not estimated: 3 prompts, 3
-responses, d = 3, one reward objective, the uniform sampling policy, and a two-point noise
-on the relative reward, sigma * (-sqrt(3) w.p. 1/4, +1/sqrt(3) w.p. 3/4) (mean 0, variance
-sigma^2). The estimator sees z = (dphi, dr), so the support of P is the set of distinct z:
-one atom per (prompt, y != y', noise value), with P(z) = (1/P) pi(y|x) pi(y'|x) p(noise), and
-one atom per noise value for y = y' (then dphi = 0 whatever the prompt). P_n is the empirical
-distribution of the n sampled atoms.
+* "well-specified": linear reward, noise independent of the pair. There the squared
+  residual at theta* is the noise alone, so a chi-square or KL reweighting by the loss keeps
+  E_Q[noise * dphi] = 0: theta* minimises the robust REBEL objective at every radius and a
+  ball costs REBEL nothing (the trade-off is not testable for chi2-/KL-REBEL). DPO's logistic
+  loss at theta* does depend on (dphi, label), so its balls act even here;
+* "skewed": the noise's sign follows sign<u, dphi> (world.py's ``noise_kind="skewed"``), so the
+  large losses sit on one side of each dphi and reweighting them moves the target;
+* "misspecified": a quadratic reward term the features cannot express (weight 2): the
+  residuals at the least-squares target depend on dphi.
 
-Why not Rademacher noise (world.py's ``noise_kind="rademacher"``)? Then the loss at theta*
-is the same, sigma^2, on every sample: every Q in the ball is a worst case there, the robust
-objective has a kink at theta*, and chi-square/KL-REBEL recover theta* to rounding error as
-soon as rho_n >> 1/n. Two noise magnitudes remove that degeneracy (the worst case is unique
-as long as it does not sit entirely on the rare large-noise atoms, i.e. for chi-square
-radii below 3/2 and KL radii below log 4, which every radius here is).
+Targets: theta* is each loss's rho = 0 population minimiser (the reward parameter in the
+first two worlds, its least-squares / logistic projection in the misspecified one), and
+theta^rho the population robust minimiser at radius rho, both exact (the weighted fit of
+:func:`drosim.studies.atoms.robust_fit` fed P). Errors are ||theta_hat - theta||_Sigma^2,
+Sigma = E[dphi dphi^T] under the sampling policy. The bias level is ||theta^rho - theta*||^2.
 
-Divergences, in drosim.dro's conventions (both +inf when some atom of P is unobserved, since
-then P is not absolutely continuous with respect to P_n and lies in no ball around it):
+Sampling: a sample of n pairs is its vector of outcome counts, Multinomial(n, P) (the
+robust fits depend on the sample only through the atom frequencies P_n; see atoms.py), so n
+costs nothing and reaches 2^16.
 
-* chi-square: D(P || P_n) = 1/2 sum_z (P(z) - P_n(z))^2 / P_n(z);
-* KL: D(P || P_n) = sum_z P(z) log(P(z) / P_n(z)).
-
-n D(P || P_n) converges in law to chi^2_{S-1} / 2 for both (S atoms), so the balls cover P
-for good once rho_n >> 1/n (gamma < 1) and lose it when gamma > 1.
-
-Wasserstein: W-REBEL's ball moves only the inputs dphi (cost ||dphi - dphi'||^2, dr held
-fixed). Under that cost P is at infinite distance from P_n unless every dr value carries the
-same mass in both, so its coverage is almost surely 0 and not informative. Reported instead
-is W_2(P, P_n) with the joint cost ||z - z'||^2 on z = (dphi, dr), an exact transport LP
-(HiGHS) per trial. It is a LOWER bound on the inputs-only distance, so "covered" for the
-Wasserstein family is an UPPER bound on the coverage of W-REBEL's ball. For a finitely
-supported P, W_2(P, P_n) ~ n^(-1/4) (moving mass TV ~ n^(-1/2) over distances of order 1),
-so its coverage boundary is gamma = 1/4.
-
-The radius constants are calibrated, separately for each family, on independent samples at
-n = 1024: c = q * 1024^gamma with q the 90% quantile of D(P || P_n) there. Every schedule
-thus covers P in about 90% of trials at n = 1024, and the gammas fan out from that pivot.
+Coverage, exact: P lies in {Q : D(Q || P_n) <= rho_n} iff D(P || P_n) <= rho_n, with D the
+chi-square or KL divergence on the atoms the estimator sees ((dphi, dr) for REBEL, (dphi,
+label) for DPO; +inf while an atom is unobserved). n D(P || P_n) -> chi^2_{S-1} / 2, so the
+coverage radius shrinks like S / n (S atoms): swept in :func:`support_sweep`. For the
+Wasserstein family the joint-cost W_2(P, P_n) on z = (dphi, dr) (an exact LP) is a LOWER
+bound on the inputs-only distance of W-REBEL's ball, so its "covered" is an UPPER bound;
+W_2(P, P_n) ~ n^(-1/4).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,154 +52,91 @@ import scipy.sparse as sp
 import torch
 from matplotlib.figure import Figure
 from scipy.optimize import linprog
+from scipy.stats import chi2 as chi2_law
 from torch import Tensor
 
-from drosim.chunks import DEFAULT_MEMORY_BUDGET, chunk_slices, trials_per_chunk
-from drosim.methods import Method
-from drosim.plotting import save_figure, slope_label
-from drosim.stats import loglog_slope, quantile_band
-from drosim.studies._common import random_stream
-from drosim.studies.montecarlo import SAMPLE_BLOCK, resolve_preset, sigma_error
-from drosim.world import LinearWorld, PairBatch, make_world
+from drosim.chunks import DEFAULT_MEMORY_BUDGET
+from drosim.plotting import FAMILY_COLOURS, save_figure
+from drosim.stats import loglog_slope, per_x_statistics, quantile_band
+from drosim.studies.atoms import FiniteSupport, Outcomes, outcomes, robust_fit
+from drosim.studies.montecarlo import resolve_preset, sigma_error
+from drosim.world import LinearWorld, make_world
 
 __all__ = [
-    "FAMILIES",
+    "LOSS_FAMILIES",
     "PRESETS",
-    "FiniteSupport",
-    "coverage_boundary",
+    "WORLDS",
     "coverage_world",
-    "divergence_quantiles",
     "divergences",
-    "empirical",
-    "finite_support",
     "plot",
+    "regimes",
     "run",
-    "sample",
-    "study_support",
+    "statistics",
     "summarise",
+    "support_sweep",
+    "targets",
     "transport_cost",
     "wasserstein2",
+    "world_outcomes",
 ]
 
-FAMILIES = ("chi2", "kl", "wasserstein")
-NAMES = {"none": "REBEL", "chi2": "chi2-REBEL", "kl": "KL-REBEL", "wasserstein": "W-REBEL"}
-LABELS = {"chi2": "chi-square", "kl": "KL", "wasserstein": "Wasserstein (joint-cost W₂)",
-          "none": "REBEL (rho = 0)"}
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"sizes": tuple(2**k for k in range(7, 13)), "gammas": (0.25, 0.5, 1.0, 1.5),
-              "trials": 48, "calibration_trials": 200, "seed": 0},
-    "full": {"sizes": tuple(2**k for k in range(7, 15)),
-             "gammas": (0.125, 0.25, 0.5, 0.75, 1.0, 1.5), "trials": 400,
-             "calibration_trials": 2000, "seed": 0},
+WORLDS: dict[str, dict[str, Any]] = {
+    "well-specified": {},
+    "skewed": {"noise_kind": "skewed"},
+    "misspecified": {"misspecification": 2.0},
 }
-
+LOSS_FAMILIES = {"rebel": ("chi2", "kl", "wasserstein"), "dpo": ("chi2", "kl")}
+LOSS_NAMES = {"rebel": "REBEL", "dpo": "DPO"}
+FAMILY_NAMES = {"none": "", "chi2": "chi2-", "kl": "KL-", "wasserstein": "W-"}
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"sizes": tuple(2**k for k in range(7, 17, 2)), "gammas": (0, 0.25, 0.5, 0.75, 1),
+              "cs": (0.1, 1.0), "trials": 40, "worlds": tuple(WORLDS),
+              "supports": ((3, 3), (6, 5), (12, 8)), "support_trials": 100, "seed": 0},
+    "full": {"sizes": tuple(2**k for k in range(7, 17)), "gammas": (0, 0.25, 0.5, 0.75, 1),
+             "cs": (0.1, 1.0), "trials": 200, "worlds": tuple(WORLDS),
+             "supports": ((3, 3), (6, 5), (12, 8), (24, 15)), "support_trials": 400,
+             "seed": 0},
+}
 PROMPTS, RESPONSES, DIM = 3, 3, 3
-NOISE_VALUES = (-math.sqrt(3.0), 1 / math.sqrt(3.0))  # times NOISE_SCALE: mean 0, variance 1
-NOISE_PROBS = (0.25, 0.75)
 NOISE_SCALE = 0.5
 WORLD_SEED = 0
-REFERENCE_N = 1024  # where every schedule is calibrated to cover P in REFERENCE_LEVEL of trials
-REFERENCE_LEVEL = 0.9
-_ALPHA = (1.0,)  # one objective: theta* is its parameter
+SWEEP_SIZES = (2**20, 2**22)  # n of the support sweep: every atom seen, even with 10^4 atoms
+IDLE_BIAS = 1e-10  # ||theta^rho - theta*||_Sigma^2 below this: the ball does not act
+COVERED = 0.5  # the coverage level whose crossing separates two regimes
+_ALPHA = (1.0,)
+# Bytes per fit and atom in a batch: 12 step lengths, a few float64 temporaries each.
+_LINE_SEARCH_BYTES = 12 * 8 * 8
 
 
-def coverage_world(device: str | torch.device = "cpu") -> LinearWorld:
-    """The noiseless finite world (the two-point noise is added by :func:`sample`)."""
-    return make_world(DIM, PROMPTS, RESPONSES, objectives=1, noise=0.0, seed=WORLD_SEED,
-                      device=device)
+def coverage_world(name: str, prompts: int = PROMPTS, responses: int = RESPONSES
+                   ) -> LinearWorld:
+    """The finite world ``name`` (a key of :data:`WORLDS`); only the skewed one carries its
+    own noise (its sign depends on dphi), the others get the independent two-point noise
+    from :func:`drosim.studies.atoms.outcomes`."""
+    options = WORLDS[name]
+    return make_world(DIM, prompts, responses, objectives=1,
+                      noise=NOISE_SCALE if options.get("noise_kind") else 0.0,
+                      seed=WORLD_SEED, **options)
 
 
-@dataclass(frozen=True)
-class FiniteSupport:
-    """The finitely supported law P of z = (dphi, dr).
-
-    Attributes:
-        atoms: ``(S, d + 1)`` the distinct values of z.
-        probs: ``(S,)`` P(z) of each atom.
-        index: ``(P * K * K * L,)`` the atom of each (prompt, y, y', noise value), in that
-            row-major order (L noise values).
-    """
-
-    atoms: Tensor
-    probs: Tensor
-    index: Tensor
-
-    @property
-    def size(self) -> int:
-        return self.atoms.shape[0]
+def world_outcomes(name: str, prompts: int = PROMPTS, responses: int = RESPONSES
+                   ) -> tuple[LinearWorld, Outcomes]:
+    """The world and its enumerated outcomes under the uniform policy."""
+    world = coverage_world(name, prompts, responses)
+    return world, outcomes(world, NOISE_SCALE, world.features.new_tensor(_ALPHA))
 
 
-def _noise(world: LinearWorld) -> tuple[Tensor, Tensor]:
-    """The noise values (scaled) and their probabilities, on the world's device."""
-    like = world.features
-    return (NOISE_SCALE * torch.tensor(NOISE_VALUES, dtype=like.dtype, device=like.device),
-            torch.tensor(NOISE_PROBS, dtype=like.dtype, device=like.device))
+def targets(support: FiniteSupport, loss: str, family: str, rhos: Tensor) -> Tensor:
+    """theta^rho, the population robust minimisers at the radii ``rhos (R,)``: ``(R, d)``;
+    family "none" gives theta* (rho ignored)."""
+    probs = support.probs.expand(rhos.shape[0], -1)
+    return robust_fit(support.atoms, probs, rhos, loss, family)
 
 
-def finite_support(world: LinearWorld, theta: Tensor, alpha: Tensor) -> FiniteSupport:
-    """Enumerate P: every (prompt, y, y', noise value), merged where z coincides.
-
-    Args:
-        world: a finite world (its own noise is not used).
-        theta: ``(d,)`` the sampling policy.
-        alpha: ``(m,)`` the mixture that scores the pairs.
-
-    Returns:
-        The atoms, their probabilities (summing to 1) and the merge index.
-    """
-    prompts, k, _ = world.features.shape
-    values, probs = _noise(world)
-    x, y, y2, level = torch.meshgrid(*(torch.arange(s, device=values.device)
-                                       for s in (prompts, k, k, values.numel())), indexing="ij")
-    x, y, y2, level = x.flatten(), y.flatten(), y2.flatten(), level.flatten()
-    pi = world.policy(theta)
-    mass = pi[x, y] * pi[x, y2] * probs[level] / prompts
-    dphi = world.features[x, y] - world.features[x, y2]
-    dr = dphi @ world.reward_parameter(alpha) + values[level]
-    # y = y' gives dphi = 0 exactly for every prompt: unique() merges those rows.
-    atoms, index = torch.unique(torch.cat([dphi, dr.unsqueeze(-1)], -1), dim=0,
-                                return_inverse=True)
-    atom_probs = torch.zeros(atoms.shape[0], dtype=mass.dtype, device=mass.device)
-    return FiniteSupport(atoms, atom_probs.index_add_(0, index, mass), index)
-
-
-def study_support(device: str | torch.device = "cpu") -> FiniteSupport:
-    """P of the study: :func:`coverage_world` sampled by the uniform policy (theta = 0)."""
-    world = coverage_world(device)
-    origin = world.features.new_zeros(DIM)
-    return finite_support(world, origin, world.features.new_tensor(_ALPHA))
-
-
-def sample(world: LinearWorld, support: FiniteSupport, theta: Tensor, n: int, alpha: Tensor,
-           generator: torch.Generator | None = None) -> tuple[PairBatch, Tensor]:
-    """n pairs per trial with the two-point noise added, and the atom of each pair.
-
-    Args:
-        world: the noiseless finite world.
-        support: its :func:`finite_support` for the same policy and mixture.
-        theta: ``(T, d)`` the sampling policy, repeated per trial.
-        n: pairs per trial.
-        alpha: ``(m,)`` the scoring mixture.
-        generator: the randomness.
-
-    Returns:
-        The pairs (dr includes the noise) and ``(T, n)`` atom indices.
-    """
-    pairs = world.sample_pairs(theta, n, alpha, generator)
-    values, probs = _noise(world)
-    level = torch.multinomial(probs, pairs.dr.numel(), replacement=True,
-                              generator=generator).reshape(pairs.dr.shape)
-    k, levels = world.features.shape[1], values.numel()
-    key = ((pairs.prompts * k + pairs.responses[..., 0]) * k + pairs.responses[..., 1]) * levels
-    noisy = replace(pairs, dr=pairs.dr + values[level])
-    return noisy, support.index[key + level]
-
-
-def empirical(atoms: Tensor, size: int) -> Tensor:
-    """P_n on the S atoms: ``(T, n)`` atom indices -> ``(T, S)`` frequencies."""
-    counts = torch.zeros(atoms.shape[0], size, dtype=torch.float64, device=atoms.device)
-    counts.scatter_add_(1, atoms, torch.ones_like(atoms, dtype=torch.float64))
-    return counts / atoms.shape[1]
+def _counts(probs: np.ndarray, n: int, trials: int, keys: tuple[int, ...]) -> np.ndarray:
+    """``(trials, J)`` Multinomial(n, probs) counts from the stream of ``keys``."""
+    rng = np.random.default_rng(np.random.SeedSequence(list(keys)))
+    return rng.multinomial(n, probs / probs.sum(), size=trials).astype(np.float64)
 
 
 def divergences(probs: Tensor, freq: Tensor) -> dict[str, Tensor]:
@@ -289,219 +217,292 @@ def wasserstein2(support: FiniteSupport, freq: Tensor) -> np.ndarray:
     return np.sqrt(np.maximum(costs, 0.0))  # HiGHS may return -1e-17 for a zero cost
 
 
-def _all_divergences(support: FiniteSupport, atoms: Tensor) -> dict[str, np.ndarray]:
-    """D(P || P_n) of every family for ``(T, n)`` sampled atoms."""
-    freq = empirical(atoms, support.size)
-    found = {name: value.cpu().numpy() for name, value in divergences(support.probs,
-                                                                      freq).items()}
-    return found | {"wasserstein": wasserstein2(support, freq)}
-
-
-def coverage_boundary(family: str) -> float:
-    """The gamma at which rho_n = c n^(-gamma) shrinks like D(P || P_n) itself."""
-    return 0.25 if family == "wasserstein" else 1.0
+def _schedule(gamma: float, c: float) -> str:
+    """A schedule's label, e.g. "1 n^-0.5"; "rho = 0" for the plain estimator."""
+    return "rho = 0" if c == 0 else f"{c:g} n^-{gamma:g}"
 
 
 def run(preset: str = "quick", *, device: str | torch.device = "cpu",
         memory_budget: int = DEFAULT_MEMORY_BUDGET, **settings: Any) -> pd.DataFrame:
-    """Errors and exact coverage for every (family, gamma, n, trial).
+    """Errors, targets and exact coverage for every (world, loss, family, schedule, n, trial).
 
     Args:
         preset: "quick" or "full" (see PRESETS).
-        device: where the tensors live.
-        memory_budget: bytes per chunk of trials (sampled and fitted together).
-        **settings: override entries of the preset (sizes, gammas, trials,
-            calibration_trials, seed).
+        device: where the robust fits run (the sampling and the LPs stay on the CPU).
+        memory_budget: bytes per batch of fits (the line search holds 12 x S losses each).
+        **settings: override entries of the preset (sizes, gammas, cs, trials, worlds,
+            supports, support_trials, seed).
 
     Returns:
-        One row per (family, gamma, n, trial), with columns method, family, gamma, c, n,
-        trial, rho, error, divergence, covered. Family "none" is plain REBEL (rho = 0, gamma and
-        divergence NaN, never covered); for "wasserstein", divergence is the joint-cost
-        W_2 and covered is an upper bound on W-REBEL's coverage.
+        One row per (world, loss, family, gamma, c, n, trial) with columns world, loss,
+        family, method, schedule, gamma, c, n, trial, rho, error (to theta*), error_target
+        (to theta^rho), bias (||theta^rho - theta*||_Sigma^2), divergence, covered. The plain
+        estimator is family "none" (rho = 0, gamma and c 0, divergence NaN, never covered).
     """
     config = resolve_preset(PRESETS, preset, settings)
-    world = coverage_world(device)
-    alpha = world.features.new_tensor(_ALPHA)
-    theta_star = world.reward_parameter(alpha)
-    sigma = world.pair_covariance(world.features.new_zeros(DIM))
-    support = study_support(device)
-
-    # Calibrate each family's constant on independent samples (purpose 1) at REFERENCE_N.
-    calibration = slice(0, config["calibration_trials"])
-    reference = _all_divergences(support, _sample_trials(world, support, REFERENCE_N,
-                                                         calibration, (config["seed"], 1))[1])
-    radius = {f: float(np.quantile(reference[f], REFERENCE_LEVEL)) for f in FAMILIES}
-    methods = [Method(NAMES["none"])] + [
-        Method(NAMES[f], "rebel", f, radius[f] * REFERENCE_N**g, g)
-        for f in FAMILIES for g in config["gammas"]]
-
     blocks = []
-    trials = config["trials"]
-    for n in config["sizes"]:
-        found: dict[str, list[np.ndarray]] = {f: [] for f in FAMILIES}
-        errors: list[list[np.ndarray]] = [[] for _ in methods]
-        per_chunk = trials_per_chunk(n, DIM, memory_budget=memory_budget)
-        for chunk in chunk_slices(trials, per_chunk):
-            pairs, atoms = _sample_trials(world, support, n, chunk, (config["seed"], 0))
-            for family, values in _all_divergences(support, atoms).items():
-                found[family].append(values)
-            for method, sink in zip(methods, errors, strict=True):
-                estimate = method.estimate(pairs)
-                sink.append(sigma_error(estimate, theta_star, sigma).cpu().numpy())
-        divergences_n = {f: np.concatenate(v) for f, v in found.items()}
-        for method, sink in zip(methods, errors, strict=True):
-            rho = method.radius(n)
-            divergence = divergences_n.get(method.family, np.full(trials, np.nan))
-            blocks.append(pd.DataFrame({
-                "method": method.name, "family": method.family,
-                "gamma": method.gamma if method.family != "none" else np.nan,
-                "c": method.c, "n": n, "trial": np.arange(trials), "rho": rho,
-                "error": np.concatenate(sink), "divergence": divergence,
-                "covered": (divergence <= rho) & (method.family != "none")}))
+    for index, name in enumerate(config["worlds"]):
+        world, laws = world_outcomes(name)
+        sigma = world.pair_covariance(world.features.new_zeros(DIM))
+        samples = {n: torch.from_numpy(_counts(laws.probs.numpy(), n, config["trials"],
+                                               (config["seed"], index, n)))
+                   for n in config["sizes"]}
+        for loss, families in LOSS_FAMILIES.items():
+            support = laws.support(loss)
+            freq = {n: support.weights(counts) / n for n, counts in samples.items()}
+            found = {n: divergences(support.probs, f) for n, f in freq.items()}
+            if "wasserstein" in families:
+                for n, f in freq.items():
+                    found[n]["wasserstein"] = torch.from_numpy(wasserstein2(support, f))
+            for family in ("none", *families):
+                fit = _Fit(support, loss, family, torch.device(device), memory_budget)
+                blocks.append(_fit_family(name, fit, freq, found, sigma, config))
     return pd.concat(blocks, ignore_index=True)
 
 
-def _sample_trials(world: LinearWorld, support: FiniteSupport, n: int, trials: slice,
-                   stream: tuple[int, ...]) -> tuple[PairBatch, Tensor]:
-    """The pairs and atoms of trials ``trials.start .. trials.stop - 1`` of a stream.
+@dataclass(frozen=True)
+class _Fit:
+    """Where and how one (loss, family)'s fits run."""
 
-    Draws the whole blocks of SAMPLE_BLOCK trials that cover the slice, block b with the
-    generator of (*stream, n, b), and cuts the slice out: trial t's sample depends neither
-    on the chunking (the memory budget) nor on the number of trials.
+    support: FiniteSupport
+    loss: str
+    family: str
+    device: torch.device
+    memory_budget: int
 
-    Args:
-        world: the noiseless finite world.
-        support: its finite support.
-        n: pairs per trial.
-        trials: a slice with explicit start and stop.
-        stream: (seed, purpose).
+    def __call__(self, probs: Tensor, rho: Tensor) -> Tensor:
+        """robust_fit in batches that fit the memory budget, results on the CPU.
+
+        On the CPU the fits run on one thread: their tensors, (B, 12, S) with S of tens of
+        atoms, are too small for intra-op threads to pay (measured: 8x slower on two cores).
+        """
+        atoms = self.support.atoms.to(self.device)
+        rows = max(1, self.memory_budget // (_LINE_SEARCH_BYTES * self.support.size))
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            return torch.cat([robust_fit(atoms, probs[i:i + rows].to(self.device),
+                                         rho[i:i + rows].to(self.device), self.loss,
+                                         self.family).cpu()
+                              for i in range(0, probs.shape[0], rows)])
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _fit_family(world: str, fit: _Fit, freq: dict[int, Tensor],
+                found: dict[int, dict[str, Tensor]], sigma: Tensor, config: dict[str, Any]
+                ) -> pd.DataFrame:
+    """Every schedule and n of one (world, loss, family), fitted together."""
+    support, loss, family = fit.support, fit.loss, fit.family
+    schedules = ([(0.0, 0.0)] if family == "none"
+                 else list(itertools.product(config["gammas"], config["cs"])))
+    trials, sizes = config["trials"], config["sizes"]
+    grid = [(n, g, c) for n in sizes for g, c in schedules]
+    rhos = torch.tensor([c * n ** (-g) for n, g, c in grid], dtype=torch.float64)
+    probs = torch.cat([freq[n].repeat(len(schedules), 1) for n in sizes])
+    rho = rhos.repeat_interleave(trials)
+    estimates = fit(probs, rho)
+    theta_star = targets(support, loss, "none", rhos[:1])[0]
+    theta_rho = (theta_star.expand(len(grid), -1) if family == "none"
+                 else targets(support, loss, family, rhos))
+    bias = sigma_error(theta_rho, theta_star, sigma)
+    nan = torch.full((trials,), math.nan, dtype=torch.float64)
+    divergence = torch.cat([found[n].get(family, nan) for n, _, _ in grid])
+    return pd.DataFrame({
+        "world": world, "loss": loss, "family": family,
+        "method": f"{FAMILY_NAMES[family]}{LOSS_NAMES[loss]}",
+        "schedule": np.repeat([_schedule(g, c) for _, g, c in grid], trials),
+        "gamma": np.repeat([g for _, g, _ in grid], trials),
+        "c": np.repeat([c for _, _, c in grid], trials),
+        "n": np.repeat([n for n, _, _ in grid], trials),
+        "trial": np.tile(np.arange(trials), len(grid)),
+        "rho": rho.numpy(),
+        "error": sigma_error(estimates, theta_star, sigma).numpy(),
+        "error_target": sigma_error(estimates, theta_rho.repeat_interleave(trials, 0),
+                                    sigma).numpy(),
+        "bias": bias.repeat_interleave(trials).numpy(),
+        "divergence": divergence.numpy(),
+        "covered": (divergence <= rho).numpy() & (family != "none")})
+
+
+def support_sweep(preset: str = "quick", **settings: Any) -> pd.DataFrame:
+    """The 90% quantile of D(P || P_n) as the support grows (well-specified world, REBEL's
+    atoms), at the fixed n of :data:`SWEEP_SIZES`.
+
+    n D(P || P_n) -> chi^2_{S-1} / 2, so n q_90 / S -> 1/2 + O(S^(-1/2)): the coverage radius
+    of the f-divergence balls is S / n, not 1 / n.
 
     Returns:
-        The pairs and their ``(T, n)`` atom indices.
+        Columns prompts, responses, atoms, n, family, quantile, scaled (n * quantile / S),
+        limit (the chi^2_{S-1} / 2 quantile divided by S), trials.
     """
-    first, last = trials.start // SAMPLE_BLOCK, -(-trials.stop // SAMPLE_BLOCK)
-    theta = world.features.new_zeros(SAMPLE_BLOCK, DIM)
-    alpha = world.features.new_tensor(_ALPHA)
-    device = world.features.device
-    drawn = [sample(world, support, theta, n, alpha,
-                    random_stream(*stream, n, block, device=device))
-             for block in range(first, last)]
-    keep = slice(trials.start - first * SAMPLE_BLOCK, trials.stop - first * SAMPLE_BLOCK)
-    pairs = PairBatch(*(torch.cat([getattr(p, f.name) for p, _ in drawn])[keep]
-                        for f in fields(PairBatch)))
-    return pairs, torch.cat([a for _, a in drawn])[keep]
-
-
-def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (family, gamma): coverage at the smallest and largest n and the error's slope.
-
-    Args:
-        frame: the output of :func:`run`.
-
-    Returns:
-        One row per (method, gamma) with columns method, family, gamma, boundary (the
-        family's :func:`coverage_boundary`), n_min, n_max, coverage_n_min, coverage_n_max, slope,
-        low, high (the log-log slope of the median error against n and its 90% bootstrap
-        interval).
-    """
+    config = resolve_preset(PRESETS, preset, settings)
     rows = []
-    for (method, family, gamma), group in frame.groupby(["method", "family", "gamma"],
-                                                        dropna=False, sort=False):
-        slope = loglog_slope(group, "n", "error")
-        sizes = group["n"]
-        rows.append({
-            "method": method, "family": family, "gamma": gamma,
-            "boundary": coverage_boundary(family) if family != "none" else np.nan,
-            "n_min": sizes.min(), "n_max": sizes.max(),
-            "coverage_n_min": group.loc[sizes == sizes.min(), "covered"].mean(),
-            "coverage_n_max": group.loc[sizes == sizes.max(), "covered"].mean(),
-            "slope": slope.slope, "low": slope.low, "high": slope.high})
+    for prompts, responses in config["supports"]:
+        _, laws = world_outcomes("well-specified", prompts, responses)
+        support = laws.rebel
+        for n in SWEEP_SIZES:
+            counts = _counts(support.probs.numpy(), n, config["support_trials"],
+                             (config["seed"], prompts, responses, n))
+            found = divergences(support.probs, torch.from_numpy(counts) / n)
+            for family, values in found.items():
+                q = float(np.quantile(values.numpy(), 0.9, method="higher"))
+                rows.append({"prompts": prompts, "responses": responses,
+                             "atoms": support.size, "n": n, "family": family, "quantile": q,
+                             "scaled": n * q / support.size,
+                             "limit": chi2_law.ppf(0.9, support.size - 1) / 2 / support.size,
+                             "trials": config["support_trials"]})
     return pd.DataFrame(rows)
 
 
-def divergence_quantiles(frame: pd.DataFrame, level: float) -> pd.DataFrame:
-    """The level-quantile of D(P || P_n) per (family, n); +inf while it is infinite.
+def regimes(group: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Split one schedule's rows where its coverage crosses :data:`COVERED`.
 
-    Args:
-        frame: the output of :func:`run`.
-        level: e.g. 0.9.
+    The first n whose coverage is on the other side of COVERED from the smallest n's starts
+    the second regime; each regime needs two sizes for a slope, else the whole range is
+    one regime.
 
     Returns:
-        Columns family, n, quantile.
+        [(label, rows)], label "n = a..b" with the sizes the rows cover.
     """
-    # One gamma per family: the divergence does not depend on the radius.
-    first = frame[frame["gamma"] == frame["gamma"].min()]
-    # "higher": no interpolation, so an infinite divergence gives an infinite quantile.
-    grouped = first.groupby(["family", "n"])["divergence"]
-    return grouped.quantile(level, interpolation="higher").rename("quantile").reset_index()
+    coverage = group.groupby("n")["covered"].mean().sort_index()
+    side = coverage >= COVERED
+    changed = side.to_numpy() != side.to_numpy()[0]
+    sizes = coverage.index.to_numpy()
+    parts = [group]
+    if changed.any():
+        cut = sizes[np.argmax(changed)]
+        before, after = group[group["n"] < cut], group[group["n"] >= cut]
+        if before["n"].nunique() >= 2 and after["n"].nunique() >= 2:
+            parts = [before, after]
+    return [(f"n = {p['n'].min()}..{p['n'].max()}", p) for p in parts]
 
 
-def plot(frame: pd.DataFrame, out_dir: Path | str, *,
-         summary: pd.DataFrame | None = None) -> list[Path]:
-    """figures/coverage.{png,pdf}: one row per family, three panels each.
+def summarise(frame: pd.DataFrame, boots: int = 200) -> pd.DataFrame:
+    """Slopes per regime of every (world, loss, family, schedule).
 
-    Left: how often P lies in the ball against n, per gamma. Middle: the median squared
-    error against n (log-log, 10-90% band) with the fitted slope and its 90% interval in
-    the legend; plain REBEL dashed. Right: the schedules rho_n against n next to the 50%
-    and 90% quantiles of D(P || P_n) (an infinite quantile, some atom unseen, is not drawn):
-    a schedule covers P in 90% of trials where it runs above the 90% quantile.
+    Returns:
+        One row per (world, loss, family, method, schedule, regime) with gamma, c, n_min,
+        n_max, coverage_n_min and coverage_n_max (of the regime), bias (at the regime's largest
+        n), slope, low, high (log-log slope of the median error to theta* and its 90%
+        bootstrap interval) and target_slope, target_low, target_high (error to theta^rho),
+        last (True for the regime that holds the largest n).
+    """
+    rows = []
+    keys = ["world", "loss", "family", "method", "schedule"]
+    for key, group in frame.groupby(keys, sort=False):
+        parts = regimes(group)
+        for position, (label, part) in enumerate(parts):
+            sizes = part["n"]
+            fit = loglog_slope(part, "n", "error", boots=boots)
+            target = loglog_slope(part, "n", "error_target", boots=boots)
+            rows.append({
+                **dict(zip(keys, key, strict=True)), "regime": label,
+                "gamma": part["gamma"].iloc[0], "c": part["c"].iloc[0],
+                "n_min": sizes.min(), "n_max": sizes.max(),
+                "coverage_n_min": part.loc[sizes == sizes.min(), "covered"].mean(),
+                "coverage_n_max": part.loc[sizes == sizes.max(), "covered"].mean(),
+                "bias": part.loc[sizes == sizes.max(), "bias"].iloc[0],
+                "slope": fit.slope, "low": fit.low, "high": fit.high,
+                "target_slope": target.slope, "target_low": target.low,
+                "target_high": target.high, "last": position == len(parts) - 1})
+    return pd.DataFrame(rows)
 
-    Args:
-        frame: the output of :func:`run`.
-        out_dir: the folder to write to (created if missing).
-        summary: :func:`summarise` of the frame, if already computed (its bootstrap is
-            the slow part).
+
+def statistics(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-n statistics of the error to theta* and to theta^rho and of the coverage
+    indicator (its mean is the coverage), long format, with a ``target`` column."""
+    by = ("method", "world", "loss", "family", "schedule", "gamma", "c")
+    parts = [per_x_statistics(frame.assign(covered=frame["covered"].astype(float)), "n", y,
+                              study="coverage", by=by).assign(target=target)
+             for y, target in (("error", "theta*"), ("error_target", "theta^rho"),
+                               ("covered", "coverage"))]
+    return pd.concat(parts, ignore_index=True)
+
+
+_PANELS = (("rebel", "chi2"), ("rebel", "kl"), ("rebel", "wasserstein"), ("dpo", "chi2"),
+           ("dpo", "kl"))
+
+
+def plot(frame: pd.DataFrame, out_dir: Path | str, sweep: pd.DataFrame | None = None
+         ) -> list[Path]:
+    """figures/coverage.{png,pdf}: one row per world, c = 1 schedules.
+
+    Column 1: coverage of P against n for chi2-REBEL (solid) and chi2-DPO (dashed), per
+    gamma. Columns 2-6: median ||theta_hat - theta*||_Sigma^2 per gamma for each (loss,
+    family), with its 10-90% band and, dotted in the same colour, the bias level
+    ||theta^rho - theta*||_Sigma^2 of the same schedule; the plain estimator in black. Last
+    row: the support sweep, n q_90 / S against S next to the chi^2_{S-1} / (2 S) limit.
 
     Returns:
         The paths written.
     """
-    families = [f for f in FAMILIES if f in set(frame["family"])]
-    gammas = sorted(frame["gamma"].dropna().unique())
+    worlds = list(dict.fromkeys(frame["world"]))
+    gammas = sorted(frame.loc[frame["family"] != "none", "gamma"].unique())
     colours = {g: f"C{i}" for i, g in enumerate(gammas)}
-    fits = (summarise(frame) if summary is None else summary).set_index(["family", "gamma"])
-    quantiles = {level: divergence_quantiles(frame, level) for level in (0.5, 0.9)}
-    fig = Figure(figsize=(16, 4.2 * len(families)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(families), 3))
-    baseline = quantile_band(frame[frame["family"] == "none"], ["n"], "error")
-    for row, family in zip(axes, families, strict=True):
-        rows = frame[frame["family"] == family]
-        for gamma, group in rows.groupby("gamma"):
-            cover = group.groupby("n")["covered"].mean()
-            row[0].plot(cover.index, cover.values, "o-", color=colours[gamma],
-                        label=f"γ = {gamma:g}")
-            band = quantile_band(group, ["n"], "error")
-            fit = fits.loc[(family, gamma)]
-            row[1].plot(band["n"], band["median"], "o-", color=colours[gamma],
-                        label=slope_label(f"γ = {gamma:g}", fit["slope"], fit["low"],
-                                          fit["high"]))
-            row[1].fill_between(band["n"], band["low"], band["high"], color=colours[gamma],
-                                alpha=0.08)
-            radii = group.groupby("n")["rho"].first()
-            row[2].plot(radii.index, radii.values, "-", color=colours[gamma],
-                        label=f"ρ_n, γ = {gamma:g}")
-        row[1].plot(baseline["n"], baseline["median"], "k--", label=LABELS["none"])
-        for (level, table), style in zip(quantiles.items(), (":", "--"), strict=True):
-            q = table[(table["family"] == family) & np.isfinite(table["quantile"])]
-            row[2].plot(q["n"], q["quantile"], "k" + style, lw=2,
-                        label=f"{level:.0%} quantile of D(P || P_n)")
+    panel_rows = len(worlds) + (sweep is not None)
+    fig = Figure(figsize=(26, 4.4 * panel_rows), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(panel_rows, 1 + len(_PANELS)))
+    for row, world in zip(axes, worlds, strict=False):
+        rows = frame[(frame["world"] == world) & (frame["c"] != 0.1)]
+        for loss, style in (("rebel", "-"), ("dpo", "--")):
+            cells = rows[(rows["loss"] == loss) & (rows["family"] == "chi2")]
+            for gamma, group in cells.groupby("gamma"):
+                cover = group.groupby("n")["covered"].mean()
+                row[0].plot(cover.index, cover.values, "o" + style, color=colours[gamma],
+                            ms=3, label=f"chi2-{LOSS_NAMES[loss]}, γ = {gamma:g}")
         row[0].set_ylim(-0.03, 1.03)
-        row[0].set_ylabel("fraction of trials with P inside the ball")
-        row[0].set_title(f"{LABELS[family]}: coverage"
-                         + (" (upper bound)" if family == "wasserstein" else ""))
-        row[1].set_title(f"{LABELS[family]}: squared error, slope [90% CI]")
-        row[2].set_title(f"{LABELS[family]}: radii against D(P || P_n)")
-        row[1].set_ylabel("median ‖θ̂ − θ*‖²_Σ")
-        row[2].set_ylabel("radius, divergence")
+        row[0].set_ylabel(f"{world}\nfraction of trials with P in the ball")
+        row[0].set_title(f"{world}: coverage, ρ = n^-γ")
+        for ax, (loss, family) in zip(row[1:], _PANELS, strict=True):
+            cells = rows[(rows["loss"] == loss) & (rows["family"] == family)]
+            for gamma, group in cells.groupby("gamma"):
+                band = quantile_band(group, ["n"], "error")
+                ax.plot(band["n"], band["median"], "o-", ms=3, color=colours[gamma],
+                        label=f"γ = {gamma:g} (band: 10-90% of trials)")
+                ax.fill_between(band["n"], band["low"], band["high"], color=colours[gamma],
+                                alpha=0.1, lw=0)
+                bias = group.groupby("n")["bias"].first()
+                if bias.max() > IDLE_BIAS:  # else theta^rho = theta*: nothing to draw
+                    ax.plot(bias.index, bias.values, ":", color=colours[gamma], lw=1.8,
+                            label=f"bias ‖θ^ρ − θ*‖², γ = {gamma:g}")
+            if cells["bias"].max() <= IDLE_BIAS:
+                ax.text(0.03, 0.03, "θ^ρ = θ* at every radius: no bias", fontsize=8,
+                        transform=ax.transAxes)
+            plain = quantile_band(rows[(rows["loss"] == loss) & (rows["family"] == "none")],
+                                  ["n"], "error")
+            ax.plot(plain["n"], plain["median"], "k--", label=f"{LOSS_NAMES[loss]} (ρ = 0)")
+            ax.set_yscale("log")
+            ax.set_title(f"{world}: {FAMILY_NAMES[family]}{LOSS_NAMES[loss]}, "
+                         "median ‖θ̂ − θ*‖²_Σ")
         for ax in row:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("n")
             ax.grid(True, alpha=0.3)
-        for ax in row[1:]:
-            ax.set_yscale("log")
-        for ax in row:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"C5, radius-coverage trade-off: rho_n = c n^-γ, c calibrated so that P is "
-                 f"inside the ball in {REFERENCE_LEVEL:.0%} of trials at n = {REFERENCE_N}.\n"
-                 "Wasserstein row: W_2 with the joint cost on z = (dphi, dr) is a lower bound on "
-                 "W-REBEL's inputs-only W_2, so its coverage is an UPPER bound on W-REBEL's.")
+        row[1].legend(fontsize=6.5, ncol=2)
+        row[0].legend(fontsize=6.5, ncol=2)
+    if sweep is not None:
+        _plot_sweep(axes[-1], sweep)
+    fig.suptitle("C5, radius-coverage trade-off: ρ_n = c n^-γ (c = 1 shown; c = 0.1 in the "
+                 "table). Dotted: the bias level ‖θ^ρ − θ*‖²_Σ each schedule keeps; "
+                 "W coverage (joint-cost W₂) is an upper bound on W-REBEL's.")
     return save_figure(fig, out_dir, "coverage")
+
+
+def _plot_sweep(row: np.ndarray, sweep: pd.DataFrame) -> None:
+    """The support sweep's panel: n q_90 / S against S, next to its chi-square limit."""
+    for (family, n), group in sweep.groupby(["family", "n"]):
+        row[0].plot(group["atoms"], group["scaled"], "o-", color=FAMILY_COLOURS[family],
+                    alpha=1.0 if n == max(SWEEP_SIZES) else 0.5,
+                    label=f"{family}, n = 2^{int(math.log2(n))}")
+    limit = sweep.drop_duplicates("atoms")
+    row[0].plot(limit["atoms"], limit["limit"], "k:", label="χ²_{S-1} 90% quantile / (2S)")
+    row[0].set_xscale("log")
+    row[0].set_xlabel("atoms S")
+    row[0].set_ylabel("n × 90% quantile of D(P ‖ P_n) / S")
+    row[0].set_title("support sweep: the f-divergence coverage radius is S / n")
+    row[0].legend(fontsize=7)
+    row[0].grid(True, alpha=0.3)
+    for ax in row[1:]:
+        ax.set_axis_off()
