@@ -17,13 +17,8 @@ if [ -d wheelhouse ]; then
   python3 -m pip install -q --no-index --find-links wheelhouse datasets accelerate peft \
     > "$out/logs/wheelhouse.txt" 2>&1 || tail -5 "$out/logs/wheelhouse.txt"
 fi
-step() {  # step NAME SECONDS COMMAND...: run one part, log it, report its exit status and time
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$out/logs/$name.txt" 2>&1
-  echo "$name: exit $?, $((SECONDS - start)) s" | tee -a "$out/logs/steps.txt"
-  tail -30 "$out/logs/$name.txt"
-}
+export STEP_TAIL=30
+source "$(dirname "$0")/session_steps.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/logs/gpu.txt"
 python3 -c "import importlib.util as u; print({m: bool(u.find_spec(m)) for m in
 ('datasets', 'accelerate', 'peft', 'vllm')})" | tee -a "$out/logs/gpu.txt"

@@ -10,13 +10,7 @@ set -uo pipefail
 out="${OUT:-gpu_out}"; mkdir -p "$out/logs"
 source "$(dirname "$0")/install_tree.sh"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-step() {  # step NAME SECONDS COMMAND...: run one part, log it, report its exit status and time
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  timeout "$limit" "$@" > "$out/logs/$name.txt" 2>&1
-  echo "$name: exit $?, $((SECONDS - start)) s" | tee -a "$out/logs/steps.txt"
-  tail -40 "$out/logs/$name.txt"
-}
+source "$(dirname "$0")/session_steps.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/logs/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__)" | tee -a "$out/logs/gpu.txt"

@@ -356,12 +356,8 @@ def validate_config(config: TrainConfig) -> None:
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; valid methods: "
                          f"{', '.join(METHODS)}")
-    if config.w_gradient not in W_GRADIENTS:
-        raise ValueError(f"w_gradient must be one of {', '.join(W_GRADIENTS)}, got "
-                         f"{config.w_gradient!r}")
-    if config.sharding not in SHARDINGS:
-        raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}, got "
-                         f"{config.sharding!r}")
+    _require_choice(config, "w_gradient", W_GRADIENTS)
+    _require_choice(config, "sharding", SHARDINGS)
     if config.device not in DEVICES:
         raise ValueError(f"unknown device {config.device!r}; valid devices: "
                          f"{', '.join(DEVICES)}")
@@ -404,6 +400,11 @@ def validate_config(config: TrainConfig) -> None:
         _check_mixture(f"eval_mixtures[{i}]", mixture)
 
 
+def _require_choice(config: TrainConfig, name: str, choices: Sequence[str]) -> None:
+    """Refuse a value of ``name`` that is not one of ``choices``."""
+    _require(config, name, lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
 def _require(config: TrainConfig, name: str, ok: Callable[[Any], bool], requirement: str) -> None:
     value = getattr(config, name)
     if not ok(value):
@@ -428,12 +429,8 @@ def _check_prompt_keys(config: TrainConfig) -> None:
 def _check_rollout_keys(config: TrainConfig) -> None:
     """A known engine and dtype, token ids >= 0, a memory fraction in (0, 1), and no vLLM
     engine over a sharded policy (whose state_dict holds shards, not the weights)."""
-    if config.rollout_engine not in ENGINES:
-        raise ValueError(f"rollout_engine must be one of {', '.join(ENGINES)}, got "
-                         f"{config.rollout_engine!r}")
-    if config.rollout_dtype not in ROLLOUT_DTYPES:
-        raise ValueError(f"rollout_dtype must be one of {', '.join(ROLLOUT_DTYPES)}, got "
-                         f"{config.rollout_dtype!r}")
+    _require_choice(config, "rollout_engine", ENGINES)
+    _require_choice(config, "rollout_dtype", ROLLOUT_DTYPES)
     if config.stop_token_ids is not None and any(i < 0 for i in config.stop_token_ids):
         raise ValueError(f"stop_token_ids must be token ids >= 0, got {config.stop_token_ids}")
     _require(config, "vllm_gpu_memory_utilization", lambda v: 0 < v < 1, "in (0, 1)")
@@ -470,11 +467,8 @@ def _check_reward_heads(config: TrainConfig) -> None:
 def _check_model_keys(config: TrainConfig) -> None:
     """Known weight dtypes, a named attention kernel, and affine reward maps that keep every
     score finite and its order (scale > 0)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
-    if config.reward_dtype not in ("auto", *DTYPES):
-        raise ValueError(f"reward_dtype must be one of auto, {', '.join(DTYPES)}, got "
-                         f"{config.reward_dtype!r}")
+    _require_choice(config, "dtype", DTYPES)
+    _require_choice(config, "reward_dtype", ("auto", *DTYPES))
     if config.attn_implementation is not None and not config.attn_implementation:
         raise ValueError("attn_implementation is empty; name a kernel such as 'sdpa', or null "
                          "for transformers' default")
