@@ -108,8 +108,8 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
 
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     table = claims
-    if previous is not None and previous.is_file():
-        earlier = pd.read_csv(previous)
+    earlier = _earlier_claims(previous) if previous is not None else None
+    if earlier is not None:
         order = {name: i for i, name in enumerate(CHECKS)}
         table = pd.concat([earlier[~earlier["check"].isin(names)], claims], ignore_index=True)
         table = table.sort_values("check", key=lambda c: c.map(order).fillna(len(order)),
@@ -117,6 +117,24 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
     table.to_csv(out / "claims.csv", index=False)
     (out / "claims.md").write_text(markdown_table(table))
     return claims
+
+
+def _earlier_claims(path: Path) -> pd.DataFrame | None:
+    """The claims table at ``path``, or None when there is none or it is not one (a
+    warning says so: its rows are then not kept)."""
+    if not path.is_file():
+        return None
+    try:
+        earlier = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        earlier, reason = None, str(err)
+    else:
+        reason = "it lacks the claims columns"
+    if earlier is None or not set(CLAIM_COLUMNS) <= set(earlier.columns):
+        tqdm.write(f"{PROG}: warning: {path} is not a claims table ({reason}); only the "
+                   "checks run now are written")
+        return None
+    return earlier
 
 
 class _InterruptFlag:

@@ -146,3 +146,14 @@ def test_rerunning_one_check_updates_its_row_and_keeps_the_others(
     assert list(claims["check"]) == ["duality", "rates"]
     assert list(claims["verdict"]) == ["reproduced", "not reproduced"]
     assert "| rates |" in (tmp_path / "claims.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["old\n", "", "\x00\xff garbage"])
+def test_a_claims_file_that_is_not_a_table_is_replaced_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, text: str) -> None:
+    (tmp_path / "claims.csv").write_text(text, errors="surrogateescape")
+    done = CheckResult("C0", "t", "p", "m", "reproduced", pd.DataFrame())
+    monkeypatch.setattr(cli, "load_check", lambda name: SimpleNamespace(run=lambda p, out: done))
+    assert cli.main(["--out", str(tmp_path), "--only", "rates"]) == 0
+    assert "is not a claims table" in capsys.readouterr().out
+    assert list(pd.read_csv(tmp_path / "claims.csv")["check"]) == ["rates"]
