@@ -42,11 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_KINDS", "LinearWorld", "PairBatch", "make_world"]
+__all__ = ["NOISE_KINDS", "SKEW_PROBS", "SKEW_VALUES", "LinearWorld", "PairBatch",
+           "make_world"]
 
 NOISE_KINDS = ("gaussian", "rademacher", "student_t3", "skewed")
-# The skewed noise's two values and probabilities: mean 0, variance 1.
-_SKEW_VALUES, _SKEW_RARE = (-math.sqrt(3.0), 1 / math.sqrt(3.0)), 0.25
+# The skewed noise's two values and their probabilities: mean 0, variance 1.
+SKEW_VALUES = (-math.sqrt(3.0), 1 / math.sqrt(3.0))
+SKEW_PROBS = (0.25, 0.75)
 _CONTAMINATION_FACTOR = -3.0  # a contaminated pair reports this times its true reward gap
 
 
@@ -287,6 +289,13 @@ class LinearWorld:
         rewards = table[prompts.unsqueeze(-1), responses]  # (T, n, 2)
         return rewards[..., 0] - rewards[..., 1]
 
+    def noise_sign(self, dphi: Tensor) -> Tensor:
+        """``(...)`` the sign the skewed noise is multiplied by, -1 where <u, dphi> < 0 and
+        +1 elsewhere (and everywhere for the other noise kinds), for ``dphi (..., d)``."""
+        if self.noise_kind != "skewed":
+            return torch.ones_like(dphi[..., 0])
+        return torch.where(dphi @ self._direction() < 0, -1.0, 1.0).to(dphi)
+
     def _direction(self) -> Tensor:
         """The unit vector u the noise's skew and scale depend on."""
         u = self.noise_direction if self.noise_direction is not None else self.objectives[0]
@@ -302,9 +311,9 @@ class LinearWorld:
             noise = normal / torch.sqrt(chi2 / 3) / math.sqrt(3.0)  # t_3 has variance 3
         elif self.noise_kind == "skewed":
             rare = torch.rand(shape, generator=generator, device=device,
-                              dtype=dtype) < _SKEW_RARE
-            noise = torch.where(rare, _SKEW_VALUES[0], _SKEW_VALUES[1]).to(dtype)
-            noise = noise * torch.where(dphi @ self._direction() < 0, -1.0, 1.0).to(dtype)
+                              dtype=dtype) < SKEW_PROBS[0]
+            noise = torch.where(rare, SKEW_VALUES[0], SKEW_VALUES[1]).to(dtype)
+            noise = noise * self.noise_sign(dphi)
         else:
             noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
             if self.noise_kind == "rademacher":

@@ -567,21 +567,22 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
     ``generation_tokens_per_s`` is the response tokens sampled per second of sampling, summed
     over the ranks (they sample at once: the job's rate); ``generation_seconds`` is this
     rank's (rank 0's) sampling time."""
-    tokens = float(pairs.response_mask.sum())
+    # one all-reduce and one host sync for every count of the line, over all ranks
+    reward_sum, pair_count, empty, truncated, minority, rate = _global_sums([
+        batch.rewards.sum(), batch.rewards.numel(), pairs.empty.sum(), pairs.truncated,
+        local_minority_pairs(run.config, run.world),
+        pairs.response_mask.sum() / max(generation_seconds, 1e-9)], run.device)
     return {"iteration": iteration, "kind": "train",
-            "train_reward": _global_mean(batch.rewards),
+            "train_reward": reward_sum / pair_count,
             "objective": sum(s.objective for s in steps) / len(steps),
             "loss": sum(s.mean_loss for s in steps) / len(steps),
             "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
             "max_weight": max(s.max_weight for s in steps),
-            # counts over all ranks
-            "empty_responses": int(_global_sum(float(pairs.empty.sum()), run.device)),
-            "truncated_prompts": int(_global_sum(float(pairs.truncated), run.device)),
-            "minority_pairs": int(_global_sum(float(local_minority_pairs(run.config, run.world)),
-                                              run.device)),
+            "empty_responses": int(empty),
+            "truncated_prompts": int(truncated),
+            "minority_pairs": int(minority),
             "lr": run.scheduler.get_last_lr()[0],
-            "generation_tokens_per_s": _global_sum(tokens / max(generation_seconds, 1e-9),
-                                                   run.device),
+            "generation_tokens_per_s": rate,
             "generation_seconds": generation_seconds,
             "seconds": seconds}
 
@@ -725,16 +726,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     return run.out_dir
 
 
-def _global_sum(value: float, device: str) -> float:
-    """``value`` summed over the ranks (itself on one process)."""
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+def _global_sums(values: list[float | torch.Tensor], device: str) -> list[float]:
+    """Each value summed over the ranks (itself on one process), in one all-reduce."""
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                          for v in values])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return float(total)
-
-
-def _global_mean(values: torch.Tensor) -> float:
-    total = torch.stack([values.sum(), values.new_tensor(float(values.numel()))])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
+        dist.all_reduce(totals)
+    return totals.tolist()

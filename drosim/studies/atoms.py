@@ -30,13 +30,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from drosim.world import LinearWorld, PairBatch
+from drosim.world import SKEW_PROBS, SKEW_VALUES, LinearWorld, PairBatch
 
-__all__ = ["NOISE_PROBS", "NOISE_VALUES", "FiniteSupport", "Outcomes", "noise_sign",
+__all__ = ["NOISE_PROBS", "NOISE_VALUES", "FiniteSupport", "Outcomes",
            "outcome_index", "outcomes", "robust_fit", "robust_objective", "sample"]
 
-NOISE_VALUES = (-math.sqrt(3.0), 1 / math.sqrt(3.0))  # times the world's noise scale
-NOISE_PROBS = (0.25, 0.75)
+# The two-point noise is the skewed world's, times the noise scale (signs: world.noise_sign).
+NOISE_VALUES, NOISE_PROBS = SKEW_VALUES, SKEW_PROBS
 _NEWTON_STEPS = 60
 # 0 first: on a tie argmin keeps x, so a problem that cannot improve stops moving.
 _LINE_SEARCH = torch.tensor([0.0] + [4.0**-k for k in range(11)], dtype=torch.float64)
@@ -98,14 +98,6 @@ def _merge(values: Tensor, mass: Tensor) -> FiniteSupport:
     return FiniteSupport(atoms, probs, index)
 
 
-def noise_sign(world: LinearWorld, dphi: Tensor) -> Tensor:
-    """-1 where the skewed noise flips (<u, dphi> < 0), else +1; always +1 otherwise."""
-    if world.noise_kind != "skewed":
-        return torch.ones_like(dphi[..., 0])
-    u = world.noise_direction if world.noise_direction is not None else world.objectives[0]
-    return torch.where(dphi @ (u / u.norm()) < 0, -1.0, 1.0).to(dphi)
-
-
 def outcomes(world: LinearWorld, noise_scale: float, alpha: Tensor) -> Outcomes:
     """Enumerate the outcomes of ``world`` under the uniform sampling policy.
 
@@ -134,7 +126,7 @@ def outcomes(world: LinearWorld, noise_scale: float, alpha: Tensor) -> Outcomes:
     won = torch.sigmoid(gap)
     mass = (world.prompt_weights()[x] * pi[x, y] * pi[x, y2]
             * features.new_tensor(NOISE_PROBS)[level] * torch.where(label == 1, won, 1 - won))
-    dr = gap + noise_sign(world, dphi) * values[level]
+    dr = gap + world.noise_sign(dphi) * values[level]
     rebel = _merge(torch.cat([dphi, dr.unsqueeze(-1)], -1), mass)
     dpo = _merge(torch.cat([dphi, label.unsqueeze(-1).to(dphi)], -1), mass)
     return Outcomes(mass, rebel, dpo, noise_scale)
