@@ -840,6 +840,37 @@ class _Ball(AmbiguitySet):
     def is_minimax(self) -> bool:
         return math.isinf(self.rho)
 
+    @classmethod
+    def protecting(cls, fraction: float) -> _Ball:
+        """The smallest ball that holds every reweighting of P onto a subpopulation of mass
+        ``fraction`` (dQ/dP = 1/f on it, 0 elsewhere), so that its worst case is at least
+        the mean of the worst f-fraction of the losses (CVaR_f).
+
+        chi-square: rho = (1/f - 1) / 2 in this module's convention; KL: rho = log(1/f).
+        f = 1 is P itself (rho = 0).
+
+        Raises:
+            TypeError: f is not a real number.
+            ValueError: f is NaN or outside (0, 1].
+
+        Example:
+            >>> from drosim.dro import Chi2, KL
+            >>> Chi2.protecting(0.2).rho, round(KL.protecting(0.5).rho, 6)
+            (2.0, 0.693147)
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise TypeError(f"{cls.__name__}.protecting: the fraction f must be a real number, "
+                            f"got {type(fraction).__name__}")
+        f = float(fraction)
+        if not 0 < f <= 1:
+            raise ValueError(f"{cls.__name__}.protecting: the fraction f must be in (0, 1], "
+                             f"got {fraction}")
+        return cls(cls._protecting_radius(f))
+
+    @staticmethod
+    def _protecting_radius(f: float) -> float:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Chi2(_Ball):
@@ -849,6 +880,11 @@ class Chi2(_Ball):
     """
 
     dual_is_strictly_convex: ClassVar[bool] = False
+
+    @staticmethod
+    def _protecting_radius(f: float) -> float:
+        # 1/2 E_P[(dQ/dP - 1)^2] with dQ/dP = 1/f on mass f: (1/f - 1) / 2
+        return 0.5 * (1.0 / f - 1.0)
 
     def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
         return chi2_worst_case(losses, self.rho)
@@ -935,6 +971,11 @@ class KL(_Ball):
 
     Dual: A(l, tau) = tau rho + tau log E_{P_n}[exp(l / tau)], tau > 0.
     """
+
+    @staticmethod
+    def _protecting_radius(f: float) -> float:
+        # E_Q[log dQ/dP] with dQ/dP = 1/f on mass f: log(1/f)
+        return -math.log(f)
 
     def worst_case(self, losses: Tensor, grad_sq_norms: Tensor | None = None) -> DROResult:
         return kl_worst_case(losses, self.rho)
