@@ -48,6 +48,16 @@ ESTIMATORS = {
     "KL-DPO (temperature)": ("dpo", KLTemperature(1.0)),
     "WDPO": ("dpo", Wasserstein(0.05, p=1)),
 }
+# Radii where the optimum's worst case is a tie among the largest losses or a point mass
+# (n = 512): the estimators' smoothing path and tie polish. Reported beside cvxpy, with the
+# objectives checked; the >= 100x target is for the table above.
+LARGE_RADII = {
+    "chi2-REBEL (rho 60)": ("rebel", Chi2(60.0)),
+    "KL-REBEL (rho 5)": ("rebel", KL(5.0)),
+    "Chebyshev REBEL (KL, rho inf)": ("rebel", KL(math.inf)),
+    "chi2-DPO (rho 300)": ("dpo", Chi2(300.0)),
+    "KL-DPO (temperature 1e-3)": ("dpo", KLTemperature(1e-3)),
+}
 
 
 def problems(trials: int, n: int, d: int, device: str, seed: int = 0):
@@ -103,10 +113,11 @@ def objective_gap(loss: str, spec, dphi, target, ours: float, ref) -> float:
     return (ours - best) / abs(best)
 
 
-def speed(device: str, trials: int, n: int, d: int, cvxpy_fits: int) -> pd.DataFrame:
+def speed(device: str, trials: int, n: int, d: int, cvxpy_fits: int,
+          estimators: dict = ESTIMATORS) -> pd.DataFrame:
     dphi, dr, pref = problems(trials, n, d, device)
     rows = []
-    for name, (loss, spec) in ESTIMATORS.items():
+    for name, (loss, spec) in estimators.items():
         fit(loss, spec, dphi[:2], dr[:2], pref[:2])  # warm-up
         result = None
 
@@ -123,7 +134,7 @@ def speed(device: str, trials: int, n: int, d: int, cvxpy_fits: int) -> pd.DataF
             start = time.perf_counter()
             ref = solve(dphi[i].cpu().numpy(), target[i].cpu().numpy(), spec)
             cvx_seconds.append(time.perf_counter() - start)
-            if ref.status == "optimal":
+            if ref.status in ("optimal", "optimal_inaccurate"):
                 gaps.append(objective_gap(loss, spec, dphi[i].cpu(), target[i].cpu(),
                                           float(result.objective[i]), ref))
         cvx = statistics.median(cvx_seconds)
@@ -157,6 +168,7 @@ def main() -> None:
     grid = ([(32, 256, 8), (32, 1024, 8)] if args.quick else
             [(64, 512, 16), (256, 512, 16), (1024, 512, 16), (256, 2048, 16),
              (256, 8192, 16), (256, 512, 4), (256, 512, 64)])
+    large = speed(args.device, trials // 4, 512, 16, 2 if args.quick else 4, LARGE_RADII)
     growth = scaling(args.device, grid)
     lines = [f"# Estimator benchmark ({args.device}, torch {torch.__version__})", "",
              f"`python bench/bench_estimators.py{' --quick' if args.quick else ''}`; per-fit "
@@ -164,8 +176,11 @@ def main() -> None:
              "single solves." + (" A smoke run: its 32 fits do not amortise the per-call costs, "
                                  "and the >= 100x target is for the full run's 256." if
                                  args.quick else ""), "",
-             table.to_markdown(index=False, floatfmt=".3g"), "", growth.to_markdown(
-                 index=False, floatfmt=".3g")]
+             table.to_markdown(index=False, floatfmt=".3g"), "",
+             "Large radii (the optimum's worst case on ties of the largest losses, or a point "
+             "mass): the smoothing path; no speed target.", "",
+             large.to_markdown(index=False, floatfmt=".3g"), "",
+             growth.to_markdown(index=False, floatfmt=".3g")]
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)

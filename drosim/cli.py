@@ -31,7 +31,7 @@ from drosim.chunks import DEFAULT_MEMORY_BUDGET
 from drosim.dro import chi2_worst_case, kl_tilted, kl_worst_case
 from drosim.output import ensure_writable
 
-STUDIES = ("rates", "constants", "coverage", "shift", "updates")
+STUDIES = ("rates", "constants", "coverage", "shift", "updates", "minibatch")
 _WORST_CASES = {"chi2": chi2_worst_case, "kl": kl_worst_case, "kl-temperature": kl_tilted}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from drosim.llm.methods import METHODS, Method, make_method
+from drosim.llm.objective import ROBUST_SCOPES
 from drosim.llm.rollout_engines import DTYPES as ROLLOUT_DTYPES
 from drosim.llm.rollout_engines import ENGINES
 from drosim.llm.sharding import SHARDINGS
@@ -91,8 +92,18 @@ class TrainConfig:
     method: str = "rebel"  # one of METHODS
     eta: float = 0.1  # REBEL step size
     beta: float = 0.1  # DPO / IPO
-    chi2_rho: float = 0.01
-    kl_rho: float = 0.01
+    # the radii of the chi2-* and kl-rebel balls; null: 0.01 (DEFAULT_RADIUS), or the ball
+    # protect_fraction sets
+    chi2_rho: float | None = None
+    kl_rho: float | None = None
+    # f in (0, 1]: the ball's radius is the smallest that holds every reweighting onto a
+    # subpopulation of mass f (Chi2.protecting(f): rho = (1/f - 1) / 2; KL.protecting(f):
+    # rho = log(1/f)); chi2-* and kl-rebel only, not with their own chi2_rho / kl_rho
+    protect_fraction: float | None = None
+    # the ambiguity set's support: "minibatch" (each optimiser step's pairs) or "iteration"
+    # (all of the iteration's pairs, each step weighting its pairs by that worst case; the
+    # methods with pair weights only: chi2-*, kl-rebel, kltemp-rebel, kl-dpo)
+    robust_scope: str = "minibatch"
     kl_tau: float = 0.1
     w_rho: float = 0.01
     w_p: float = 2.0
@@ -304,7 +315,8 @@ def _type_error(key: str, value: Any, expected: str) -> ValueError:
 # --------------------------------------------------------------------------------- validation
 
 # Fields with a lower bound alone; the rest are checked one by one in validate_config.
-# The radii (chi2_rho, kl_rho, kl_tau, w_rho, w_p) are validated by their drosim.dro sets.
+# The radii (chi2_rho, kl_rho, kl_tau, w_rho, w_p) and protect_fraction are validated by
+# make_method and their drosim.dro sets.
 _REQUIRED = ("model", "prompts", "eval_prompts", "reward")
 _POSITIVE = ("eta", "beta", "lr", "max_grad_norm", "temperature")
 _NON_NEGATIVE = ("weight_decay", "warmup_iterations")
@@ -344,7 +356,10 @@ def validate_config(config: TrainConfig) -> None:
             outside (0, 1), ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA, a
             ``minority_fraction`` outside [0, 1) or too small for one pair per iteration,
             or a ``minority_mixture`` without a fraction > 0 or the other way round
-            (:func:`_check_minority`).
+            (:func:`_check_minority`), an unknown ``robust_scope`` or
+            ``robust_scope=iteration`` for a method without pair weights, a
+            ``protect_fraction`` outside (0, 1] (NaN included), or given to a method without a
+            ball or together with its ball's radius (:func:`config_method`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -367,8 +382,8 @@ def validate_config(config: TrainConfig) -> None:
         _require(config, name, lambda v: v >= 0, ">= 0")
     for name in _AT_LEAST_ONE:
         _require(config, name, lambda v: v >= 1, ">= 1")
-    method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
-                         kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
+    method = config_method(config)
+    _check_robust_scope(config, method)
     wasserstein = method.spec is not None and method.spec.needs_input_gradients
     if config.compile and wasserstein:
         raise ValueError(f"compile=true cannot run {config.method} yet: its input-embedding "
@@ -398,6 +413,31 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
     for i, mixture in enumerate(config.eval_mixtures):
         _check_mixture(f"eval_mixtures[{i}]", mixture)
+
+
+def config_method(config: TrainConfig) -> Method:
+    """The config's method, its radii resolved by :func:`drosim.llm.methods.make_method`.
+
+    A radius left null is not given: ``protect_fraction`` may then set the method's ball,
+    else it is ``DEFAULT_RADIUS``; a given one is exclusive with ``protect_fraction``.
+
+    Raises:
+        ValueError: as :func:`make_method` (a bad radius, a ``protect_fraction`` out of
+            range, for a method without a ball, or with that ball's own radius).
+    """
+    return make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
+                       kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p,
+                       protect_fraction=config.protect_fraction)
+
+
+def _check_robust_scope(config: TrainConfig, method: Method) -> None:
+    """A known scope; ``iteration`` only for a method whose set weighs the pairs."""
+    _require_choice(config, "robust_scope", ROBUST_SCOPES)
+    if config.robust_scope == "iteration" and not method.reweights:
+        raise ValueError(f"robust_scope=iteration shares worst-case pair weights over an "
+                         f"iteration, and {config.method} has none (the mean, or a "
+                         "Wasserstein penalty on gradient norms): use chi2-*, kl-rebel, "
+                         "kltemp-rebel or kl-dpo, or robust_scope=minibatch")
 
 
 def _require_choice(config: TrainConfig, name: str, choices: Sequence[str]) -> None:

@@ -14,10 +14,15 @@ wdpo           DPO         Wasserstein(w_rho, w_p) on embeddings
 kl-dpo         DPO         KLTemperature(kl_tau) (Xu et al. 2025)
 chi2-dpo       DPO         Chi2(chi2_rho)
 =============  ==========  =====================================
+
+A ball (chi2-*, kl-rebel) takes its radius from ``chi2_rho`` / ``kl_rho``, or from
+``protect_fraction``, the mass of the smallest subpopulation it must protect
+(:func:`make_method`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,9 +33,28 @@ from drosim.llm.batch import PairBatch
 from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
 
 Pointwise = Literal["rebel", "dpo", "ipo"]
+# The family of a method's ambiguity set; None: the plain mean.
+Family = Literal["chi2", "kl", "kltemp", "w"]
 
-METHODS: tuple[str, ...] = ("rebel", "chi2-rebel", "kl-rebel", "kltemp-rebel", "w-rebel",
-                            "dpo", "ipo", "wdpo", "kl-dpo", "chi2-dpo")
+# method -> (its pointwise loss, its set's family), in the order of the table above
+_METHOD_SETS: dict[str, tuple[Pointwise, Family | None]] = {
+    "rebel": ("rebel", None),
+    "chi2-rebel": ("rebel", "chi2"),
+    "kl-rebel": ("rebel", "kl"),
+    "kltemp-rebel": ("rebel", "kltemp"),
+    "w-rebel": ("rebel", "w"),
+    "dpo": ("dpo", None),
+    "ipo": ("ipo", None),
+    "wdpo": ("dpo", "w"),
+    "kl-dpo": ("dpo", "kltemp"),
+    "chi2-dpo": ("dpo", "chi2"),
+}
+METHODS: tuple[str, ...] = tuple(_METHOD_SETS)
+# The families that are divergence balls: the keyword of their radius and their set.
+_BALLS: dict[Family, tuple[str, type[Chi2] | type[KL]]] = {
+    "chi2": ("chi2_rho", Chi2), "kl": ("kl_rho", KL)}
+# chi2_rho and kl_rho when neither they nor protect_fraction are given.
+DEFAULT_RADIUS = 0.01
 
 
 @dataclass(frozen=True)
@@ -61,45 +85,63 @@ class Method:
         loss = dpo_losses if self.pointwise == "dpo" else ipo_losses
         return loss(logprobs, batch.reference_logprobs, preferences, beta)
 
+    @property
+    def reweights(self) -> bool:
+        """True when the set weighs the pairs (a chi-square or KL ball, a KL temperature):
+        it has worst-case weights q_i, which ``robust_scope=iteration`` shares over an
+        iteration. False for the mean and for a Wasserstein set (a penalty on input-gradient
+        norms, its pair weights uniform)."""
+        return self.spec is not None and not self.spec.needs_input_gradients
 
-def make_method(name: str, *, chi2_rho: float = 0.01, kl_rho: float = 0.01,
-                kl_tau: float = 0.1, w_rho: float = 0.01, w_p: float = 2.0) -> Method:
+
+def make_method(name: str, *, chi2_rho: float | None = None, kl_rho: float | None = None,
+                kl_tau: float = 0.1, w_rho: float = 0.01, w_p: float = 2.0,
+                protect_fraction: float | None = None) -> Method:
     """The :class:`Method` called ``name`` with the given radii.
 
     Every radius is validated by its ``drosim.dro`` set, whichever method uses it, so a bad
-    value in a config fails even when the method at hand ignores it.
+    value in a config fails even when the method at hand ignores it. A ball's radius
+    (``chi2_rho`` for chi2-*, ``kl_rho`` for kl-rebel) is given directly, or by
+    ``protect_fraction`` f: the smallest ball holding every reweighting onto a subpopulation
+    of mass f (``Chi2.protecting(f)``, rho = (1/f - 1) / 2; ``KL.protecting(f)``,
+    rho = log(1/f)); neither gives :data:`DEFAULT_RADIUS`.
 
     Raises:
-        ValueError: an unknown name, or a radius its set refuses (the message names the
-            keyword, e.g. ``chi2_rho: Chi2.rho must be non-negative, got -1.0``).
+        ValueError: an unknown name, a radius its set refuses (the message names the
+            keyword, e.g. ``chi2_rho: Chi2.rho must be non-negative, got -1.0``), a
+            ``protect_fraction`` outside (0, 1] or NaN, or given to a method without a ball,
+            or given together with that ball's radius.
 
     Example:
         >>> make_method("chi2-rebel", chi2_rho=0.05)
         Method(name='chi2-rebel', pointwise='rebel', spec=Chi2(rho=0.05))
+        >>> make_method("kl-rebel", protect_fraction=0.25).spec.rho == KL.protecting(0.25).rho
+        True
     """
-    chi2 = _build("chi2_rho", Chi2, chi2_rho)
-    kl = _build("kl_rho", KL, kl_rho)
-    temperature = _build("kl_tau", KLTemperature, kl_tau)
-    wasserstein = _build("w_rho, w_p", Wasserstein, w_rho, w_p)
-    specs: dict[str, tuple[Pointwise, AmbiguitySet | None]] = {
-        "rebel": ("rebel", None),
-        "chi2-rebel": ("rebel", chi2),
-        "kl-rebel": ("rebel", kl),
-        "kltemp-rebel": ("rebel", temperature),
-        "w-rebel": ("rebel", wasserstein),
-        "dpo": ("dpo", None),
-        "ipo": ("ipo", None),
-        "wdpo": ("dpo", wasserstein),
-        "kl-dpo": ("dpo", temperature),
-        "chi2-dpo": ("dpo", chi2),
-    }
-    if name not in specs:
+    if name not in _METHOD_SETS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")
-    pointwise, spec = specs[name]
-    return Method(name, pointwise, spec)
+    pointwise, family = _METHOD_SETS[name]
+    sets: dict[Family, AmbiguitySet] = {
+        "chi2": _build("chi2_rho", Chi2, DEFAULT_RADIUS if chi2_rho is None else chi2_rho),
+        "kl": _build("kl_rho", KL, DEFAULT_RADIUS if kl_rho is None else kl_rho),
+        "kltemp": _build("kl_tau", KLTemperature, kl_tau),
+        "w": _build("w_rho, w_p", Wasserstein, w_rho, w_p),
+    }
+    if protect_fraction is not None:
+        if family not in _BALLS:
+            raise ValueError(f"protect_fraction sets the radius of a chi-square or KL ball, "
+                             f"and {name} has none: use chi2-rebel, chi2-dpo or kl-rebel, or "
+                             "leave protect_fraction unset")
+        key, ball = _BALLS[family]
+        if {"chi2_rho": chi2_rho, "kl_rho": kl_rho}[key] is not None:
+            raise ValueError(f"protect_fraction and {key} both set {name}'s radius: give one "
+                             "of them (the other null)")
+        sets[family] = _build("protect_fraction", ball.protecting, protect_fraction)
+    return Method(name, pointwise, None if family is None else sets[family])
 
 
-def _build(keys: str, ambiguity_set: type[AmbiguitySet], *parameters: float) -> AmbiguitySet:
+def _build(keys: str, ambiguity_set: Callable[..., AmbiguitySet], *parameters: float
+           ) -> AmbiguitySet:
     """The set, or its own validation error prefixed with the keyword(s) that set it."""
     try:
         return ambiguity_set(*parameters)

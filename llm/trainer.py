@@ -11,7 +11,9 @@
         score_batch        rewards under every objective, mixed by the training mixture
                            (a random minority_fraction of the pairs: by the minority
                            mixture)
-        update             `epochs` passes of minibatch updates (drosim.llm.update)
+        update             `epochs` passes of minibatch updates (drosim.llm.update), the
+                           ambiguity set around each minibatch or, with
+                           robust_scope=iteration, around all of the iteration's pairs
         evaluate           every `eval_every` iterations: held-out prompts (split over the
                            ranks), mixture grid, win rates against the initial policy
         save_checkpoint    every `checkpoint_every` iterations, and on SIGTERM / SIGINT
@@ -42,6 +44,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +63,14 @@ from drosim.llm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from drosim.llm.config import TrainConfig, save_config
+from drosim.llm.config import TrainConfig, config_method, save_config
 from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, sample_scores
 from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.lora import apply_lora, causal_lm, reference_model
-from drosim.llm.methods import Method, make_method
+from drosim.llm.methods import Method
+from drosim.llm.objective import IterationLosses
 from drosim.llm.rewards import (
     NormalizedReward,
     RewardModel,
@@ -404,8 +408,7 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
                          f"{world.world_size} ranks")
-    method = make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
-                         kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p)
+    method = config_method(config)
     seed_everything(config.seed)
     policy, tokenizer = load_policy(config, out_dir, world)
     policy.to(device)
@@ -536,27 +539,69 @@ def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
 def update(run: Run, batch: PairBatch) -> list[StepStats]:
     """``epochs`` passes over the batch in random minibatches, one optimiser step each.
 
-    A REBEL-type method first records log pi_t with the first epoch's permutation, through
-    the update's own forward (:func:`drosim.llm.update.record_sampling_logprobs`), so that
-    the first step's policy term log pi_theta - log pi_t is exactly 0.
+    Before the first step (:func:`start_iteration`) a REBEL-type method records log pi_t, and
+    ``robust_scope=iteration`` fills its loss cache; each step of that scope then weighs its
+    minibatch by the worst case over the whole cache (:class:`IterationLosses`), which lives
+    for this iteration's epochs only (nothing of it is checkpointed: checkpoints fall
+    between iterations).
     """
     config = run.config
     autocast_dtype = torch.bfloat16 if config.bf16 else None
     steps = []
+    iteration_losses = None
     for epoch in range(config.epochs):
         order = torch.randperm(run.local_pairs).to(run.device)
-        if epoch == 0 and run.method.pointwise == "rebel":
-            batch = replace(batch, sampling_logprobs=record_sampling_logprobs(
-                run.update_policy, batch, order, run.local_minibatch, method=run.method,
-                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient))
+        if epoch == 0:
+            batch, iteration_losses = start_iteration(run, batch, order, autocast_dtype)
         for start in range(0, run.local_pairs, run.local_minibatch):
-            minibatch = batch.select(order[start:start + run.local_minibatch])
+            rows = order[start:start + run.local_minibatch]
+            aggregate = (None if iteration_losses is None
+                         else partial(iteration_losses.objective, rows=rows))
             steps.append(update_step(
-                run.update_policy, run.optimizer, minibatch, run.method, eta=config.eta,
-                beta=config.beta, max_grad_norm=config.max_grad_norm,
-                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient))
+                run.update_policy, run.optimizer, batch.select(rows), run.method,
+                eta=config.eta, beta=config.beta, max_grad_norm=config.max_grad_norm,
+                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient,
+                aggregate=aggregate))
     run.scheduler.step()
     return steps
+
+
+def start_iteration(run: Run, batch: PairBatch, order: torch.Tensor,
+                    autocast_dtype: torch.dtype | None
+                    ) -> tuple[PairBatch, IterationLosses | None]:
+    """What the iteration's first step needs from pi_t = pi_theta_t, from one no-grad
+    forward of every pair, minibatch by minibatch in the first epoch's ``order``
+    (:func:`drosim.llm.update.record_sampling_logprobs`):
+
+    * a REBEL-type method's log pi_t, so that the first step's policy term
+      log pi_theta - log pi_t is exactly 0;
+    * with ``robust_scope=iteration``, every pair's loss at theta_t, the
+      :class:`IterationLosses` cache (for REBEL the policy term is then 0; the DPO-type
+      methods pay this forward for it).
+
+    Args:
+        run: the run (its policy at theta_t).
+        batch: this rank's ``(local_pairs,)`` pairs.
+        order: ``(local_pairs,)`` the first epoch's permutation.
+        autocast_dtype: the update's autocast dtype, or None.
+
+    Returns:
+        The batch (with ``sampling_logprobs`` for REBEL) and the loss cache (None for
+        ``robust_scope=minibatch``).
+    """
+    rebel = run.method.pointwise == "rebel"
+    iteration = run.config.robust_scope == "iteration"
+    if not (rebel or iteration):
+        return batch, None
+    logprobs = record_sampling_logprobs(
+        run.update_policy, batch, order, run.local_minibatch, method=run.method,
+        autocast_dtype=autocast_dtype, w_gradient=run.config.w_gradient)
+    if rebel:
+        batch = replace(batch, sampling_logprobs=logprobs)
+    if not iteration:
+        return batch, None
+    losses = run.method.losses(logprobs, batch, eta=run.config.eta, beta=run.config.beta)
+    return batch, IterationLosses(losses, run.method.spec)
 
 
 def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs,
@@ -566,7 +611,13 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
 
     ``generation_tokens_per_s`` is the response tokens sampled per second of sampling, summed
     over the ranks (they sample at once: the job's rate); ``generation_seconds`` is this
-    rank's (rank 0's) sampling time."""
+    rank's (rank 0's) sampling time. ``max_weight`` is the largest weight of rank 0's pairs
+    over the steps. The ``robust/`` keys describe each step's worst case over its scope (the
+    global minibatch, or all of the iteration's pairs), averaged over the iteration's steps:
+    ``robust/dual`` (eta* or tau*; omitted for a set that solves no dual: the mean, a fixed
+    temperature, a Wasserstein penalty), ``robust/max_weight`` (the largest weight q_i) and
+    ``robust/effective_pairs`` (1 / sum_i q_i^2).
+    """
     # one all-reduce and one host sync for every count of the line, over all ranks
     reward_sum, pair_count, empty, truncated, minority, rate = _global_sums([
         batch.rewards.sum(), batch.rewards.numel(), pairs.empty.sum(), pairs.truncated,
@@ -578,6 +629,7 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             "loss": sum(s.mean_loss for s in steps) / len(steps),
             "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
             "max_weight": max(s.max_weight for s in steps),
+            **robust_record(steps),
             "empty_responses": int(empty),
             "truncated_prompts": int(truncated),
             "minority_pairs": int(minority),
@@ -585,6 +637,19 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             "generation_tokens_per_s": rate,
             "generation_seconds": generation_seconds,
             "seconds": seconds}
+
+
+def robust_record(steps: list[StepStats]) -> dict[str, float]:
+    """The ``robust/`` keys of a metrics line: each diagnostic's mean over the steps
+    (:class:`drosim.llm.objective.RobustDiagnostics`), ``robust/dual`` only where the set
+    solves one."""
+    record = {}
+    if steps[0].robust.dual is not None:
+        record["robust/dual"] = sum(s.robust.dual for s in steps) / len(steps)
+    record["robust/max_weight"] = sum(s.robust.max_weight for s in steps) / len(steps)
+    record["robust/effective_pairs"] = (sum(s.robust.effective_pairs for s in steps)
+                                        / len(steps))
+    return record
 
 
 def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:

@@ -5,6 +5,10 @@
     objective  = robust_objective(losses, method.spec, embeddings)  drosim.dro, global
     objective.loss.backward(); all-reduce(sum) the gradients; clip; step
 
+With ``robust_scope=iteration`` the trainer passes an ``aggregate`` instead
+(:class:`drosim.llm.objective.IterationLosses`): the same step, its weights those of the
+iteration's worst case.
+
 A Wasserstein method's penalty needs the gradient of ||grad_z l_i||^2: by default a forward
 difference of two first-order gradients (:func:`finite_difference_backward`), or the exact
 double backward (``w_gradient="exact"``, for verification).
@@ -39,6 +43,8 @@ from drosim.llm.batch import PairBatch
 from drosim.llm.logprobs import sequence_logprobs
 from drosim.llm.methods import Method
 from drosim.llm.objective import (
+    Aggregate,
+    RobustDiagnostics,
     RobustObjective,
     check_local_losses,
     robust_coefficients,
@@ -52,12 +58,14 @@ W_GRADIENTS: tuple[str, ...] = ("finite-difference", "exact")
 
 class StepStats(NamedTuple):
     """Scalars of one update: the global objective, mean pointwise loss and gradient norm,
-    and this rank's largest sample weight."""
+    this rank's largest sample weight, and the worst case's diagnostics over its scope (the
+    global minibatch, or the iteration's pairs)."""
 
     objective: float
     mean_loss: float
     grad_norm: float
     max_weight: float
+    robust: RobustDiagnostics
 
 
 def pair_logprobs(policy: nn.Module, batch: PairBatch, *, embeddings: Tensor | None = None
@@ -121,15 +129,19 @@ def input_embeddings(policy: nn.Module, *, shift: Tensor | None = None
 
 
 def method_objective(policy: nn.Module, batch: PairBatch, method: Method, *, eta: float,
-                     beta: float) -> tuple[RobustObjective, Tensor]:
+                     beta: float, aggregate: Aggregate | None = None
+                     ) -> tuple[RobustObjective, Tensor]:
     """The method's robust objective on ``batch`` and the ``(n,)`` pointwise losses.
 
     The Wasserstein sets differentiate through the input embeddings, which are captured from
-    the forward (:func:`input_embeddings`).
+    the forward (:func:`input_embeddings`). ``aggregate`` replaces the minibatch's own worst
+    case (:func:`robust_objective`) for a set with pair weights (``update_step`` checks).
     """
     if method.spec is None or not method.spec.needs_input_gradients:
         logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
+        if aggregate is not None:
+            return aggregate(losses), losses
         return robust_objective(losses, method.spec), losses
     with attention_kernels(method), input_embeddings(policy) as embeddings:
         logprobs = pair_logprobs(policy, batch)
@@ -264,8 +276,8 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
     v = (embeddings.grad * total).detach()
     per_sample = v.reshape(len(batch), -1)
     grad_sq_norms = per_sample.square().sum(-1)
-    value, (weights, slopes) = robust_coefficients([losses.detach(), grad_sq_norms],
-                                                   method.spec)
+    value, (weights, slopes), diagnostics = robust_coefficients(
+        [losses.detach(), grad_sq_norms], method.spec)
     # kappa from global statistics, the same on every rank: a run on R ranks then computes
     # what one process computes on the whole batch.
     largest = _all_reduce((slopes * per_sample.square().mean(-1).sqrt()).max(),
@@ -284,7 +296,7 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
         with autocast, input_embeddings(policy, shift=step * v):
             moved = method.losses(pair_logprobs(policy, batch), batch, eta=eta, beta=beta)
         (moved.sum() * (2 / kappa)).backward()
-    return RobustObjective(losses.new_zeros(()), value, weights), losses
+    return RobustObjective(losses.new_zeros(()), value, weights, diagnostics), losses
 
 
 def _global_count(losses: Tensor) -> int:
@@ -315,7 +327,8 @@ def sum_gradients_over_ranks(parameters: list[nn.Parameter]) -> None:
 def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PairBatch,
                 method: Method, *, eta: float, beta: float, max_grad_norm: float | None,
                 autocast_dtype: torch.dtype | None = None,
-                w_gradient: WGradient = "finite-difference") -> StepStats:
+                w_gradient: WGradient = "finite-difference",
+                aggregate: Aggregate | None = None) -> StepStats:
     """One AdamW (or any optimiser) step of ``method`` on the minibatch ``batch``.
 
     Args:
@@ -332,9 +345,14 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
         w_gradient: how a Wasserstein method differentiates its penalty: "exact" (a double
             backward, the math attention kernel), "finite-difference" (first derivatives
             only, any kernel, the default; see :func:`finite_difference_backward`).
+        aggregate: the robust objective of the minibatch's ``(n,)`` losses; None: the
+            worst case over the global minibatch (``robust_scope=minibatch``). The trainer
+            passes ``partial(IterationLosses.objective, rows=...)`` for
+            ``robust_scope=iteration``.
 
     Raises:
-        ValueError: an unknown ``w_gradient``, or a Wasserstein method on a compiled policy.
+        ValueError: an unknown ``w_gradient``, a Wasserstein method on a compiled policy,
+            or an ``aggregate`` for a method without pair weights.
 
     Returns:
         :class:`StepStats`.
@@ -346,6 +364,8 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     wasserstein = method.spec is not None and method.spec.needs_input_gradients
     if wasserstein and hasattr(policy, "_orig_mod"):  # a torch.compile wrapper
         raise ValueError(f"a torch.compile'd policy cannot run {method.name}: see maybe_compile")
+    if aggregate is not None and not method.reweights:
+        raise ValueError(f"{method.name} has no pair weights for an aggregate to share")
     if wasserstein and w_gradient == "finite-difference":
         objective, losses = finite_difference_backward(policy, batch, method, eta=eta,
                                                        beta=beta, autocast=autocast,
@@ -353,7 +373,8 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     else:
         with attention_kernels(method, w_gradient):
             with autocast:
-                objective, losses = method_objective(policy, batch, method, eta=eta, beta=beta)
+                objective, losses = method_objective(policy, batch, method, eta=eta, beta=beta,
+                                                     aggregate=aggregate)
             objective.loss.backward()
     parameters = [p for p in policy.parameters() if p.requires_grad]
     if not is_sharded(policy):
@@ -367,4 +388,4 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return StepStats(float(objective.value), float(total[0] / total[1]), float(norm),
-                     float(objective.weights.max()))
+                     float(objective.weights.max()), objective.diagnostics)

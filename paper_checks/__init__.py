@@ -15,8 +15,9 @@ The claim labels, in our words:
 * C4: WDPO and KL-DPO reach the parametric rate too.
 * C5: a radius large enough to cover the data distribution costs rate: a trade-off between
   coverage and the error rate.
-* C6: every robust step is a weighted or regularised regression, and online REBEL with exact
-  rewards is mirror descent.
+* C6: every robust step is a weighted or regularised regression, online REBEL with exact
+  rewards is mirror descent, and every DRO-REBEL variant is SGD-compatible (trained with
+  minibatch stochastic gradients).
 * C7: DRO-REBEL improves the worst-case reward under preference mixtures unseen in training.
 * anchors: not a claim of the paper but a finding about the authors' public chi-square code
   (see ``published_chi2``).
@@ -43,6 +44,7 @@ CHECKS: tuple[str, ...] = (
     "coverage",  # C5: exact coverage of P by the ball against the error rate, per radius decay
     "preference_shift",  # C7 (linear world): worst-case reward over unseen preference mixtures
     "updates",  # C6 (online): online REBEL against the exact mirror-descent step
+    "minibatch",  # C6 (SGD): the minibatch robust gradient's bias against the full batch's
 )
 
 __all__ = [

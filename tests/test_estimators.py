@@ -25,7 +25,7 @@ def regression(draw, logistic: bool = False):
     """One problem: n pairs in d dimensions, possibly ill-conditioned or with tiny n.
 
     n >= 4 (d + 1) keeps the worst case at the minimiser off the max for the radii used here
-    (the minimax regime, where the estimators warn that Newton is not exact).
+    (tests/test_estimators_exact.py covers the radii where it sits on the max).
     """
     d = draw(st.integers(1, 5))
     n = draw(st.integers(4 * (d + 1), 40))
@@ -128,7 +128,10 @@ def test_large_wasserstein_radius_gives_the_exact_zero_solution():
         (lambda d, r, p: rebel(d, r[:, :-1]), "must have shape"),
         (lambda d, r, p: rebel(d[:, :0], r[:, :0]), "empty batch"),
         (lambda d, r, p: rebel(d, r * float("nan")), "NaN or infinite"),
-        (lambda d, r, p: rebel(d, r, Chi2(math.inf)), "minimax"),
+        (lambda d, r, p: rebel(d, r, weights=-r.abs()), "non-negative"),
+        (lambda d, r, p: rebel(d, r, weights=r * float("nan")), "finite"),
+        (lambda d, r, p: rebel(d, r, weights=0 * r), r"all zero in trials \[0, 1"),
+        (lambda d, r, p: rebel(d, r, weights=r[:, :-1].abs()), "weights must have shape"),
         (lambda d, r, p: rebel(d, r, Wasserstein(0.1, p=1)), "exact for p = 2"),
         (lambda d, r, p: dpo(d, p, 0.0), "beta must be a finite number > 0"),
         (lambda d, r, p: dpo(d, p + 0.5, 1.0), "labels 0 or 1"),
@@ -230,6 +233,8 @@ def test_dpo_refuses_invalid_arguments_naming_them(kwargs, error, match):
     lambda d, r: rebel(d.float(), r),
     lambda d, r: rebel(d.numpy(), r),
     lambda d, r: rebel(d, r, "chi2"),
+    lambda d, r: rebel(d, r, weights=r.abs().float()),
+    lambda d, r: rebel(d, r, weights=[1.0] * r.shape[1]),
 ])
 def test_integer_mixed_and_non_tensor_inputs_get_a_type_error(call):
     dphi, dr, _, _ = _batch(trials=2)
@@ -238,12 +243,21 @@ def test_integer_mixed_and_non_tensor_inputs_get_a_type_error(call):
 
 
 @pytest.mark.parametrize("spec", [Chi2(math.inf), KL(math.inf), KLTemperature(0.0)], ids=str)
-def test_minimax_sets_are_refused_by_the_estimators(spec):
-    dphi, dr, pref, _ = _batch(trials=2)
-    with pytest.raises(ValueError, match="minimax"):
-        rebel(dphi, dr, spec)
-    with pytest.raises(ValueError, match="minimax"):
-        dpo(dphi, pref, 1.0, spec)
+def test_minimax_sets_give_the_chebyshev_fit(spec):
+    # Every distribution on the samples: min_w max_i (<w, dphi_i> - dr_i)^2, whose square root
+    # is the L-infinity regression's optimum (an LP, here scipy's).
+    from scipy.optimize import linprog
+
+    dphi, dr, _, _ = _batch(trials=2, n=30)
+    fit = rebel(dphi, dr, spec)
+    for i in range(2):
+        a, b = dphi[i].numpy(), dr[i].numpy()
+        n, d = a.shape
+        # min t subject to -t <= a w - b <= t, over (w, t)
+        ones = np.ones((n, 1))
+        lp = linprog(np.r_[np.zeros(d), 1.0], A_ub=np.block([[a, -ones], [-a, -ones]]),
+                     b_ub=np.r_[b, -b], bounds=[(None, None)] * d + [(0, None)])
+        assert float(fit.objective[i]) == pytest.approx(lp.fun**2, rel=1e-7)
 
 
 @pytest.mark.parametrize("spec", [Chi2(0.05), KL(0.05), Wasserstein(0.05, p=1)], ids=str)
@@ -262,10 +276,3 @@ def test_robust_dpo_minimisers_near_the_kink_at_zero_are_found(spec):
         ref = reference.dpo_fit(dphi[i].numpy(), pref[i].numpy(), 1.0, spec)
         if ref.status == "optimal":
             assert float(fit.objective[i]) <= ref.objective * (1 + 1e-6), i
-
-
-def test_fits_in_the_minimax_regime_warn_once_for_the_whole_batch():
-    dphi, dr, _, _ = _batch(trials=4, n=8)
-    with pytest.warns(RuntimeWarning, match=r"4 fit\(s\) sit in the minimax regime") as record:
-        rebel(dphi, dr, Chi2(50.0))  # rho >= (n - 1) / 2: every worst case is the max
-    assert len([w for w in record if "minimax" in str(w.message)]) == 1

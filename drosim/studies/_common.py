@@ -1,11 +1,27 @@
-"""Independent random streams for the study modules that draw their own samples."""
+"""What the study modules share: independent random streams, and one thread for small solves."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["random_stream"]
+__all__ = ["one_thread", "random_stream"]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run with one intra-op thread: the batched solves of a study are small (trials x pairs x
+    8), and on busy shared cores torch's threads made them up to ten times slower, not
+    faster. Restores the previous thread count on leaving."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def random_stream(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from drosim.chunks import DEFAULT_MEMORY_BUDGET
 from drosim.plotting import FAMILY_COLOURS, save_figure
-from drosim.stats import loglog_slope, per_x_statistics, quantile_band
+from drosim.stats import Slope, loglog_slope, per_x_statistics, quantile_band
 from drosim.studies.atoms import FiniteSupport, Outcomes, outcomes, robust_fit
 from drosim.studies.montecarlo import resolve_preset, sigma_error
 from drosim.world import LinearWorld, make_world
@@ -396,7 +396,7 @@ def summarise(frame: pd.DataFrame, boots: int = 200) -> pd.DataFrame:
         for position, (label, part) in enumerate(parts):
             sizes = part["n"]
             fit = loglog_slope(part, "n", "error", boots=boots)
-            target = loglog_slope(part, "n", "error_target", boots=boots)
+            target = _target_slope(part, boots)
             rows.append({
                 **dict(zip(keys, key, strict=True)), "regime": label,
                 "gamma": part["gamma"].iloc[0], "c": part["c"].iloc[0],
@@ -408,6 +408,15 @@ def summarise(frame: pd.DataFrame, boots: int = 200) -> pd.DataFrame:
                 "target_slope": target.slope, "target_low": target.low,
                 "target_high": target.high, "last": position == len(parts) - 1})
     return pd.DataFrame(rows)
+
+
+def _target_slope(part: pd.DataFrame, boots: int) -> Slope:
+    """The log-log slope of the error to theta^rho, NaN where some fit equals its target
+    exactly (a ball so large that the fit is w = 0 in the sample and the population: the
+    exact fits put it there, and there is no rate to measure)."""
+    if bool((part["error_target"] <= 0).any()):
+        return Slope(math.nan, math.nan, math.nan)
+    return loglog_slope(part, "n", "error_target", boots=boots)
 
 
 def statistics(frame: pd.DataFrame) -> pd.DataFrame:

@@ -38,8 +38,6 @@ Rows of :func:`run`: one per (world, method, rho, step, unit).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +55,7 @@ from drosim.methods import Method
 from drosim.online import online_rebel
 from drosim.plotting import FAMILY_COLOURS, save_figure
 from drosim.stats import per_x_statistics
-from drosim.studies._common import random_stream
+from drosim.studies._common import one_thread, random_stream
 from drosim.studies.montecarlo import ALPHA_0, resolve_preset
 from drosim.world import LinearWorld, make_world
 
@@ -186,24 +184,12 @@ def run(preset: str = "quick", *, device: str | torch.device = "cpu",
     chunks = chunk_slices(config["trials"], trials_per_chunk(config["pairs"], DIM,
                                                              memory_budget=memory_budget))
     blocks = []
-    with _one_thread():
+    with one_thread():
         for name in config["worlds"]:
             for world_seed in range(config["world_seeds"]):
                 world, evaluation = world_variant(name, world_seed, device)
                 blocks += _world_blocks(world, evaluation, name, world_seed, config, chunks)
     return pd.concat(blocks, ignore_index=True)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run with one intra-op thread: the batched solves are tiny (trials x pairs x 8), and on
-    busy shared cores torch's threads made the study ten times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _world_blocks(world: LinearWorld, evaluation: Tensor | None, name: str, world_seed: int,
