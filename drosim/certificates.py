@@ -44,7 +44,7 @@ from drosim.newton import (
 from drosim.smoothing import smoothed
 
 __all__ = ["certified_fit", "certify", "in_set", "lower_bound", "penalty_lower_bound",
-           "polish_ties", "require_certified", "worst_case_weights"]
+           "polish_ties", "require_certified", "tolerance", "worst_case_weights"]
 
 # A fit is certified when its duality gap is at most this fraction of its objective plus
 # the absolute floor (normalised units: losses of order 1): cvxpy's own accuracy.
@@ -53,6 +53,7 @@ _GAP_RELATIVE, _GAP_ABSOLUTE = 1e-8, 1e-13
 _SMOOTHING = [10.0**-k for k in range(1, 17)]
 _TIED = 1e-6  # smoothed weights below this fraction of the largest are not on the ties
 _POLISH_STEPS = 6  # Newton steps on the ties' KKT system (quadratic from the path's point)
+_TIGHT_DECREMENT = 1e-15  # Newton's stop when a certificate asks for more than its default
 _MANY_TIES = 4  # supports beyond this many times d + 1 samples are polished only if exact
 # A logistic fit's Newton decrement (relative) above which Newton steps on h come first:
 # h(w) - lambda^2 loses lambda^2 / 2 of the bound, which must stay below the tolerance.
@@ -328,12 +329,13 @@ def _kl_divergence(q: Tensor, weights: Tensor | None) -> Tensor:
     return torch.where(q > 0, q * torch.log(q / p), 0.0).sum(-1)
 
 
-def _tolerance(objective: Tensor) -> Tensor:
+def tolerance(objective: Tensor) -> Tensor:
+    """The largest gap a fit of this objective (normalised units) is returned with."""
     return _GAP_RELATIVE * objective.abs() + _GAP_ABSOLUTE
 
 
 def certified_fit(problem: Problem, w0: Tensor, kink_at_zero: bool) -> Fit:
-    """The exact minimiser with its duality gap (to be below :func:`_tolerance`).
+    """The exact minimiser with its duality gap (to be below :func:`tolerance`).
 
     Newton on the set's own dual first (exact wherever the robust objective is smooth at
     the minimiser: its worst case there certifies it). Trials it leaves uncertified, and
@@ -347,7 +349,18 @@ def certified_fit(problem: Problem, w0: Tensor, kink_at_zero: bool) -> Fit:
         fit = problem.best_of([w0])
     else:
         fit = certify(problem, problem.fit(w0, kink_at_zero))
-    pending = ~(fit.gap <= _tolerance(fit.objective))
+    pending = ~(fit.gap <= tolerance(fit.objective))
+    if bool(pending.any()) and not spec.is_minimax:
+        # Newton's own stop leaves ill-conditioned fits a little short of a tight
+        # certificate: more steps, to a decrement at rounding level, where that suffices.
+        sub = problem.subset(pending)
+        w, a = sub.minimise(fit.w[pending], kink_at_zero=kink_at_zero,
+                            final_decrement=_TIGHT_DECREMENT)
+        retry = certify(sub, sub.best_of([w, fit.w[pending]], a))
+        fit = put_trials(fit, pending, Fit(*(torch.where(
+            (retry.gap < fit.gap[pending]).reshape(-1, *([1] * (x.ndim - 1))), x, y)
+            for x, y in zip(retry, Fit(*(f[pending] for f in fit)), strict=True))))
+        pending = ~(fit.gap <= tolerance(fit.objective))
     if bool(pending.any()) and not spec.needs_input_gradients and not spec.is_empirical:
         sub = problem.subset(pending)
         fit = put_trials(fit, pending, _smoothing_path(sub, fit.w[pending], [
@@ -356,12 +369,12 @@ def certified_fit(problem: Problem, w0: Tensor, kink_at_zero: bool) -> Fit:
 
 
 def require_certified(fit: Fit, spec: AmbiguitySet) -> Fit:
-    """``fit``, once every trial's gap is within :func:`_tolerance` (normalised units).
+    """``fit``, once every trial's gap is within :func:`tolerance` (normalised units).
 
     Raises:
         ValueError: naming the trials that are not, with their gaps.
     """
-    pending = ~(fit.gap <= _tolerance(fit.objective))
+    pending = ~(fit.gap <= tolerance(fit.objective))
     if bool(pending.any()):
         trials = pending.nonzero().flatten()[:5].tolist()
         gaps = [f"{g:.2e}" for g in fit.gap[pending][:5].tolist()]
@@ -374,8 +387,14 @@ def require_certified(fit: Fit, spec: AmbiguitySet) -> Fit:
 def _smoothing_path(problem: Problem, w: Tensor, start: list[Tensor]) -> Fit:
     """Certified fits of ``problem``'s trials along the smoothing path (see
     :func:`certified_fit`), from w ``(T, d)`` and its worst case ``start`` (``[(T, n)]``),
-    whose ties are tried first; trials never certified keep their smallest gap."""
+    whose ties are tried first.
+
+    Every candidate w gives an upper bound on the optimum (its objective) and every
+    candidate distribution a lower bound (its objective less its gap): each trial keeps the
+    lowest objective and the highest bound found so far, and leaves the path once they are
+    within tolerance (uncertified trials end with that gap)."""
     best = Fit(w, *(torch.full_like(w[:, 0], math.inf) for _ in range(3)))
+    bound = torch.full_like(w[:, 0], -math.inf)
     index = torch.arange(w.shape[0], device=w.device)
     for mu in [None, *_SMOOTHING]:
         if mu is None:
@@ -388,7 +407,8 @@ def _smoothing_path(problem: Problem, w: Tensor, start: list[Tensor]) -> Fit:
         # Two certificates of w_mu, the smoothed worst case and the set's own at w_mu
         # (right where the worst case is not the max), and the exact fit on the samples the
         # smoothed worst case sits on (right where it is the max).
-        fit = certify(problem, problem.best_of([w]), [q, worst_case_weights(problem, w)])
+        candidates = [certify(problem, problem.best_of([w]),
+                              [q, worst_case_weights(problem, w)])]
         # The ties: where q is not negligible, or its d + 1 largest (a Chebyshev point's
         # count, found long before the smoothed weights off the ties vanish).
         chebyshev = torch.zeros_like(q, dtype=torch.bool).scatter(
@@ -399,11 +419,14 @@ def _smoothing_path(problem: Problem, w: Tensor, start: list[Tensor]) -> Fit:
             attempts.append((torch.zeros_like(w), q >= 0))
         for start_w, support in attempts:
             w_ties, *multipliers = polish_ties(problem, start_w, support, q)
-            ties = certify(problem, problem.best_of([w_ties]), multipliers)
-            fit = put_trials(fit, ties.gap < fit.gap, Fit(*(x[ties.gap < fit.gap] for x in ties)))
-        better = fit.gap < best.gap[index]
-        best = put_trials(best, index[better], Fit(*(x[better] for x in fit)))
-        live = ~(fit.gap <= _tolerance(fit.objective))
+            candidates.append(certify(problem, problem.best_of([w_ties]), multipliers))
+        for fit in candidates:
+            lower = (fit.objective - fit.gap).nan_to_num(-math.inf)
+            bound = bound.index_put((index,), torch.maximum(bound[index], lower))
+            better = fit.objective < best.objective[index]
+            best = put_trials(best, index[better], Fit(*(x[better] for x in fit)))
+        best = best._replace(gap=(best.objective - bound).clamp_min(0))
+        live = ~(best.gap[index] <= tolerance(best.objective[index]))
         if not bool(live.any()):
             break
         index, w, problem = index[live], w[live], problem.subset(live)

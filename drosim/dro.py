@@ -1229,8 +1229,9 @@ class _Ball(AmbiguitySet):
         return cls(cls._protecting_radius(f))
 
     @staticmethod
+    @abstractmethod
     def _protecting_radius(f: float) -> float:
-        raise NotImplementedError
+        """The divergence from P of P restricted to a subpopulation of mass f."""
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from drosim.certificates import certified_fit, certify, require_certified
+from drosim.certificates import certified_fit, certify, require_certified, tolerance
 from drosim.dro import AmbiguitySet, Empirical, as_ambiguity_set
-from drosim.newton import Fit, PointwiseLoss, Problem, least_squares
+from drosim.newton import Fit, PointwiseLoss, Problem, least_squares, put_trials
 
 __all__ = ["Fit", "dpo", "rebel"]
 
@@ -80,12 +80,21 @@ def _square_root_lasso(gram: Tensor, moment: Tensor, dr: Tensor, rho: Tensor) ->
     log_budget = torch.log((rho * math.sqrt(n)).clamp_min(tiny))
     scale = evals.amax(-1)
     scale = torch.where(scale > 0, scale, 1.0)  # an all-zero dphi: b = 0 and w = 0 anyway
+    # ||r(lambda)||^2 = ||dr_perp||^2 + sum_j b_j^2 lambda^2 / (e_j (e_j + lambda)^2), the part
+    # of dr outside dphi's columns plus positive terms: no cancellation when dr is (almost)
+    # in the column space (noiseless data), where yy - sum_j b_j^2 (e_j + 2 lambda) /
+    # (e_j + lambda)^2 would lose every digit.
+    spanned = evals > eps * scale.unsqueeze(-1)
+    safe_evals = torch.where(spanned, evals, 1.0)
+    perp = (yy - torch.where(spanned, b2 / safe_evals, 0.0).sum(-1)).clamp_min(0)
+
     def secular(t: Tensor) -> tuple[Tensor, Tensor]:
         """h(t) and dh/dt."""
         lam = t.exp().unsqueeze(-1)
         inv = 1 / (evals + lam)
         w2 = (b2 * inv.square()).sum(-1).clamp_min(tiny)
-        r2 = (yy - (b2 * (evals + 2 * lam) * inv.square()).sum(-1)).clamp_min(tiny)
+        r2 = (perp + torch.where(spanned, b2 * (lam * inv).square() / safe_evals, 0.0).sum(-1)
+              ).clamp_min(tiny)
         s3 = (b2 * inv.pow(3)).sum(-1)
         lam = lam.squeeze(-1)
         h = log_budget + 0.5 * torch.log(r2) - t - 0.5 * torch.log(w2)
@@ -114,42 +123,61 @@ def _square_root_lasso(gram: Tensor, moment: Tensor, dr: Tensor, rho: Tensor) ->
     return (evecs @ coef.unsqueeze(-1)).squeeze(-1)
 
 
-def _square_root_lasso_newton(gram: Tensor, moment: Tensor, yy: Tensor, n: int, rho: Tensor,
-                              w: Tensor) -> Tensor:
-    """Damped Newton steps from w ``(T, d)`` on f(w) = sqrt(E r^2) + rho ||w||, with
-    E r^2 = (w^T G w - 2 b^T w + |dr|^2) / n written through the Gram matrix G, the
-    moment b and |dr|^2 ``(T,)`` (so each step costs O(d^3), nothing of order n). f is
+def _out_of_zero(gram: Tensor, moment: Tensor, dr: Tensor, rho: Tensor) -> Tensor:
+    """``(T, d)`` the minimiser of f(w) = sqrt(E r^2) + rho ||w||'s quadratic model at w = 0
+    along u = -g / ||g||, g = -E[dr dphi] / sqrt(E dr^2) (the smooth part's gradient there):
+    t u with t = (||g|| - rho)_+ / u^T H u, H = (E[dphi dphi^T] - g g^T) / sqrt(E dr^2)."""
+    n = dr.shape[-1]
+    tiny = torch.finfo(dr.dtype).tiny
+    rms = dr.square().mean(-1).sqrt().clamp_min(tiny)
+    g = -moment / (n * rms.unsqueeze(-1))
+    u = -g / g.norm(dim=-1, keepdim=True).clamp_min(tiny)
+    curvature = ((u.unsqueeze(-2) @ gram @ u.unsqueeze(-1)).reshape(-1) / n
+                 - (g * u).sum(-1).square()) / rms
+    return u * ((g.norm(dim=-1) - rho).clamp_min(0) / curvature.clamp_min(tiny)).unsqueeze(-1)
+
+
+def _square_root_lasso_newton(dphi: Tensor, dr: Tensor, gram: Tensor, rho: Tensor, w: Tensor
+                              ) -> Tensor:
+    """Damped Newton steps from w ``(T, d)`` on f(w) = sqrt(E r^2) + rho ||w||, r = dphi w - dr
+    (``(T, n, d)``, ``(T, n)``, rows of equal weight), with the residuals computed from the
+    data (accurate where the fit is close) and the Hessian's Gram part from ``gram``. f is
     smooth away from w = 0 and r = 0, the kinks :func:`_rebel_normalised` compares as
     candidates; steps halve until f decreases (a trial that cannot improve stays)."""
+    n = dr.shape[-1]
     eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
     tiny = torch.finfo(w.dtype).tiny
 
+    def residuals(w: Tensor) -> Tensor:
+        return (dphi @ w.unsqueeze(-1)).squeeze(-1) - dr
+
     def value(w: Tensor) -> Tensor:
-        quad = (w.unsqueeze(-2) @ gram @ w.unsqueeze(-1)).reshape(-1)
-        sq = (quad - 2 * (moment * w).sum(-1) + yy).clamp_min(0) / n
-        return sq.sqrt() + rho * w.norm(dim=-1)
+        return residuals(w).square().mean(-1).sqrt() + rho * w.norm(dim=-1)
 
     for _ in range(_SECULAR_ITERATIONS // 4):
-        residual_grad = (gram @ w.unsqueeze(-1)).squeeze(-1) - moment  # sum r dphi
-        quad = (w.unsqueeze(-2) @ gram @ w.unsqueeze(-1)).reshape(-1)
-        rms = ((quad - 2 * (moment * w).sum(-1) + yy).clamp_min(0) / n).sqrt().clamp_min(tiny)
+        r = residuals(w)
+        rms = r.square().mean(-1).sqrt().clamp_min(tiny)
+        pull = (r.unsqueeze(-2) @ dphi).squeeze(-2) / n  # E[r dphi]
         norm = w.norm(dim=-1).clamp_min(tiny)
         unit = w / norm.unsqueeze(-1)
-        grad = residual_grad / (n * rms.unsqueeze(-1)) + rho.unsqueeze(-1) * unit
+        grad = pull / rms.unsqueeze(-1) + rho.unsqueeze(-1) * unit
         hess = (gram / (n * rms.reshape(-1, 1, 1))
-                - residual_grad.unsqueeze(-1) * residual_grad.unsqueeze(-2)
-                / (n * n * rms.pow(3).reshape(-1, 1, 1))
+                - pull.unsqueeze(-1) * pull.unsqueeze(-2) / rms.pow(3).reshape(-1, 1, 1)
                 + (rho / norm).reshape(-1, 1, 1) * (eye - unit.unsqueeze(-1) * unit.unsqueeze(-2)))
         scale = hess.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(tiny).reshape(-1, 1, 1)
         step = -torch.linalg.solve(hess + 1e-12 * scale * eye, grad.unsqueeze(-1)).squeeze(-1)
+        # Within rounding of the minimum f cannot show a decrease, but a full Newton step
+        # still gains its quadratic convergence in w (the certificate needs w, not f, exact).
+        close = -(grad * step).sum(-1) <= 1e-12 * value(w)
         current, t = value(w), torch.ones_like(rho)
         for _ in range(40):
-            worse = ~(value(w + t.unsqueeze(-1) * step) < current)
+            worse = ~(value(w + t.unsqueeze(-1) * step) < current) & ~close
             if not bool(worse.any()):
                 break
             t = torch.where(worse, t / 2, t)
-        moved = value(w + t.unsqueeze(-1) * step) < current
-        if not bool(moved.any()):
+        moved = (value(w + t.unsqueeze(-1) * step) < current) | close
+        if not bool(moved.any()) or bool(close.all()):
+            w = torch.where(moved.unsqueeze(-1), w + t.unsqueeze(-1) * step, w)
             break
         w = torch.where(moved.unsqueeze(-1), w + t.unsqueeze(-1) * step, w)
     return w
@@ -339,10 +367,24 @@ def _rebel_normalised(dphi: Tensor, dr: Tensor, spec: AmbiguitySet, p: Tensor | 
         # The exact ridge-path solution, or one of the kinks it cannot reach (see there),
         # polished by Newton steps on the objective itself where the path's root is off.
         path = _square_root_lasso(gram, moment, dr, penalty)
-        start = problem.best_of([path, w_ls]).w
-        polished = _square_root_lasso_newton(gram, moment, dr.square().sum(-1), dr.shape[-1],
-                                             penalty, start)
-        fit = certify(problem, problem.best_of([polished, path, w_ls, torch.zeros_like(w_ls)]))
+        fit = certify(problem, problem.best_of([path, w_ls, torch.zeros_like(w_ls)]))
+        pending = ~(fit.gap <= tolerance(fit.objective))
+        if bool(pending.any()):
+            # Where the path's root is off: Newton steps on the objective itself, started
+            # off both kinks: the path's point, half the least-squares fit (whose residual
+            # is 0 on noiseless data, a kink of sqrt(E r^2) Newton cannot leave) and the
+            # quadratic model's minimiser along the steepest descent out of w = 0 (for
+            # minimisers close to that kink of ||w||).
+            sub = problem.subset(pending)
+            starts = (path[pending], 0.5 * w_ls[pending],
+                      _out_of_zero(gram[pending], moment[pending], dr[pending],
+                                   penalty[pending]))
+            polished = [_square_root_lasso_newton(dphi[pending], dr[pending], gram[pending],
+                                                  penalty[pending], start) for start in starts]
+            retry = certify(sub, sub.best_of(polished))
+            better = retry.gap < fit.gap[pending]
+            fit = put_trials(fit, pending.nonzero().squeeze(-1)[better],
+                             Fit(*(x[better] for x in retry)))
     else:
         fit = certified_fit(problem, w_ls, kink_at_zero=False)
     return _finish(require_certified(fit, spec), target_scale / input_scale, unit)

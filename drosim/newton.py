@@ -208,7 +208,8 @@ class Problem:
                 other.__dict__[cached] = self.__dict__[cached]
         return other
 
-    def minimise(self, w: Tensor, *, kink_at_zero: bool = False) -> tuple[Tensor, Tensor]:
+    def minimise(self, w: Tensor, *, kink_at_zero: bool = False,
+                 final_decrement: float = _FINAL_DECREMENT) -> tuple[Tensor, Tensor]:
         """Damped Newton from w ``(T, d)``, batched; returns the minimiser and its dual
         variable ``(T, dual_size)``. With ``kink_at_zero``, a trial whose iterates have
         collapsed towards w = 0 (||w|| below ``_COLLAPSE`` times its start's) stops there:
@@ -242,7 +243,7 @@ class Problem:
                 a = problem.solve_dual(s, a)
             # Newton converges quadratically: a full step from a decrement below 1e-9 leaves
             # one at rounding level (about its square), so that trial is done.
-            done = (alpha == 1) & (-slope <= _FINAL_DECREMENT * (1 + current.abs()))
+            done = (alpha == 1) & (-slope <= final_decrement * (1 + current.abs()))
             live = (alpha > 0) & ~done & (w.norm(dim=-1) > floor)
             if not bool(live.any()):
                 break
