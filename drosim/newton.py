@@ -128,8 +128,11 @@ class Problem:
         return torch.empty_like(self.dphi_t)
 
     def scores(self, w: Tensor) -> Tensor:
-        """``(T, n)`` s_i = <w, dphi_i> for w ``(T, d)``."""
-        return (w.unsqueeze(-2) @ self.dphi_t).squeeze(-2)
+        """``(T, n)`` s_i = <w, dphi_i> for w ``(T, d)``, through the transposed copy where
+        Newton steps have made it (a single product does not pay for making it)."""
+        if "dphi_t" in self.__dict__:
+            return (w.unsqueeze(-2) @ self.dphi_t).squeeze(-2)
+        return (self.dphi @ w.unsqueeze(-1)).squeeze(-1)
 
     def _rows(self, x: Tensor | None, rows: Tensor | None) -> Tensor | None:
         return x if x is None or rows is None else x[rows]
