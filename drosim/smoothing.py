@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from drosim.dro import KL, Chi2, DualDerivatives, KLTemperature, kl_tilted
+from drosim.newton import probabilities
 
 __all__ = ["BarrierKL", "ProximalChi2", "SmoothedTemperature", "smoothed"]
 
@@ -53,20 +54,25 @@ def _expectation(x: Tensor, weights: Tensor | None) -> Tensor:
     return x.mean(-1) if weights is None else (x * weights).sum(-1)
 
 
-def _probabilities(like: Tensor, weights: Tensor | None) -> Tensor:
-    return torch.full_like(like, 1.0 / like.shape[-1]) if weights is None else weights
+class _Smoothed:
+    """What the estimators' Newton method reads of a set besides its dual: a smoothed set
+    is never the plain mean, has no input gradients, and one dual variable unless it says
+    otherwise."""
+
+    dual_size: ClassVar[int] = 1
+    dual_is_strictly_convex: ClassVar[bool] = True
+    needs_input_gradients: ClassVar[bool] = False
+    is_empirical: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class ProximalChi2:
+class ProximalChi2(_Smoothed):
     """sup_{q in Chi2(rho)} <q, l> - mu D(q || P): see the module docstring."""
 
     rho: float
     mu: float
-    dual_size: ClassVar[int] = 1
+    # flat above the largest loss: the dual is re-solved after every Newton step
     dual_is_strictly_convex: ClassVar[bool] = False
-    needs_input_gradients: ClassVar[bool] = False
-    is_empirical: ClassVar[bool] = False
 
     def _psi(self, e2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """psi_mu(E) and its first two derivatives."""
@@ -90,7 +96,7 @@ class ProximalChi2:
                          weights: Tensor | None = None) -> DualDerivatives:
         """With e = (l - eta)_+ and E = E_P e^2: dE/dl = 2 p e, dE/deta = -2 E_P e, so the
         Hessian in l is psi' 2 diag(p 1{e > 0}) + psi'' (2 p e)(2 p e)^T."""
-        p = _probabilities(losses, weights)
+        p = probabilities(weights, losses)
         eta = dual[..., 0]
         e = (losses - eta.unsqueeze(-1)).clamp_min(0)
         active = (e > 0).to(losses.dtype)
@@ -116,7 +122,7 @@ class ProximalChi2:
         (a water-filling level, found by sorting); where that level leaves E_P[(l - eta)_+^2]
         above c^2 mu^2 the minimiser is on the square-root piece, where it is the ball's own
         eta* (:meth:`drosim.dro.Chi2.solve_dual`)."""
-        p = _probabilities(losses, weights)
+        p = probabilities(weights, losses)
         level = _water_level(losses, p, self.mu)
         e2 = (p * (losses - level.unsqueeze(-1)).clamp_min(0).square()).sum(-1)
         quadratic = e2 <= (1 + 2 * self.rho) * self.mu**2
@@ -128,7 +134,7 @@ class ProximalChi2:
     def weights_at(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0,
                    weights: Tensor | None = None) -> Tensor:
         """The maximising q = p (l - eta)_+ / E_P[(l - eta)_+], in the ball."""
-        pe = _probabilities(losses, weights) * (losses - dual).clamp_min(0)
+        pe = probabilities(weights, losses) * (losses - dual).clamp_min(0)
         return pe / pe.sum(-1, keepdim=True)
 
 
@@ -149,15 +155,11 @@ def _water_level(losses: Tensor, p: Tensor, mass: float) -> Tensor:
 
 
 @dataclass(frozen=True)
-class BarrierKL:
+class BarrierKL(_Smoothed):
     """The KL ball's dual with a barrier on its temperature: A(l, tau) - mu log tau."""
 
     rho: float
     mu: float
-    dual_size: ClassVar[int] = 1
-    dual_is_strictly_convex: ClassVar[bool] = True
-    needs_input_gradients: ClassVar[bool] = False
-    is_empirical: ClassVar[bool] = False
 
     @property
     def ball(self) -> KL:
@@ -216,16 +218,13 @@ class BarrierKL:
 
 
 @dataclass(frozen=True)
-class SmoothedTemperature:
+class SmoothedTemperature(_Smoothed):
     """The fixed-temperature penalty at temperature max(tau / unit, mu) (tau in the
     caller's units, read per trial as :class:`~drosim.dro.KLTemperature` does)."""
 
     tau: float
     mu: float
     dual_size: ClassVar[int] = 0
-    dual_is_strictly_convex: ClassVar[bool] = True
-    needs_input_gradients: ClassVar[bool] = False
-    is_empirical: ClassVar[bool] = False
 
     def temperature(self, losses: Tensor, unit: Tensor | float) -> Tensor:
         tau = torch.as_tensor(self.tau / unit, dtype=losses.dtype, device=losses.device)

@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 from drosim.chunks import DEFAULT_MEMORY_BUDGET, chunk_slices, trials_per_chunk
 from drosim.dro import KL, AmbiguitySet, Chi2, KLTemperature, Wasserstein, robust_mean
+from drosim.estimators import rebel
 from drosim.plotting import save_figure
 from drosim.stats import per_x_statistics
 from drosim.studies._common import one_thread, random_stream
@@ -322,11 +323,6 @@ class _Moments:
                 "value_bias_se": (value_var / r).sqrt()}
 
 
-def _least_squares(pairs: PairBatch) -> Tensor:
-    """``(T, d)`` the least-squares (REBEL) fit of each trial's pairs."""
-    return torch.linalg.lstsq(pairs.dphi, pairs.dr.unsqueeze(-1)).solution.squeeze(-1)
-
-
 def _draw_minibatches(trials: int, draws: int, n: int, m: int,
                       generator: torch.Generator) -> Tensor:
     """``(trials, draws, m)`` minibatches, each uniform without replacement from range(n)."""
@@ -368,7 +364,7 @@ def run(preset: str = "quick", *, device: str | torch.device = "cpu",
     with one_thread(), bar:
         for n, minibatches in sizes.items():
             pairs = sample_trials(world, n, slice(0, config["trials"]), (config["seed"], n))
-            w = _least_squares(pairs)
+            w = rebel(pairs.dphi, pairs.dr).w  # the least-squares fit
             fulls = [full_batch(s.spec, pairs, w) for s in sets]
             for m in minibatches:
                 rows += _cell_rows(sets, fulls, pairs, w, m, config, memory_budget)
