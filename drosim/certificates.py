@@ -53,7 +53,7 @@ _GAP_RELATIVE, _GAP_ABSOLUTE = 1e-8, 1e-13
 _SMOOTHING = [10.0**-k for k in range(1, 17)]
 _TIED = 1e-6  # smoothed weights below this fraction of the largest are not on the ties
 _POLISH_STEPS = 6  # Newton steps on the ties' KKT system (quadratic from the path's point)
-_TIGHT_DECREMENT = 1e-15  # Newton's stop when a certificate asks for more than its default
+_TIGHT_DECREMENT = 1e-30  # Newton's stop (a predicted decrement) when a certificate asks for more
 _MANY_TIES = 4  # supports beyond this many times d + 1 samples are polished only if exact
 # A logistic fit's Newton decrement (relative) above which Newton steps on h come first:
 # h(w) - lambda^2 loses lambda^2 / 2 of the bound, which must stay below the tolerance.
@@ -88,15 +88,17 @@ def lower_bound(problem: Problem, q: Tensor, w: Tensor) -> Tensor:
     R = tau KL(q || P) for a fixed temperature and 0 for a ball).
 
     min h >= h(w) - lambda^2, lambda^2 the Newton decrement of h at w: exactly (by a factor
-    2) for REBEL's quadratic h; for DPO's logistic h near its minimum, where h(w) - min h is
-    lambda^2 / 2 to higher order (a certifying pair has lambda near 0: at the saddle point w
-    minimises h). Where DPO's decrement is not small the bound is taken after Newton steps
-    on h from w.
+    2) for REBEL's quadratic h (see :func:`_quadratic_decremented_value`); for DPO's
+    logistic h near its minimum, where h(w) - min h is lambda^2 / 2 to higher order (a
+    certifying pair has lambda near 0: at the saddle point w minimises h). Where DPO's
+    decrement is not small the bound is taken after Newton steps on h from w.
     """
     inner = problem.with_spec(Empirical(), unit=torch.ones_like(problem.unit),
                               penalty=torch.zeros_like(problem.penalty), weights=q)
-    bound = _decremented_value(inner, w)
-    if problem.loss.kind != "squared":
+    if problem.loss.kind == "squared":
+        bound = _quadratic_decremented_value(problem, inner, w)
+    else:
+        bound = _decremented_value(inner, w)
         far = bound[1] > _NEAR_DECREMENT * (1 + bound[0].abs())
         if bool(far.any()):
             sub = inner.subset(far)
@@ -115,6 +117,37 @@ def _decremented_value(problem: Problem, w: Tensor) -> tuple[Tensor, Tensor]:
     s = problem.scores(w)
     grad, step = problem.newton_direction(s, w, empty)
     return problem.objective(s, w, empty), (-(grad * step).sum(-1)).clamp_min(0)
+
+
+def _quadratic_decremented_value(problem: Problem, inner: Problem, w: Tensor
+                                 ) -> tuple[Tensor, Tensor]:
+    """(h(w), an upper bound on lambda^2) for the quadratic h of ``inner`` (REBEL's, under
+    q = inner.weights), from ``problem``'s Gram matrix of P rather than one of q.
+
+    h's Hessian is H_q = 2 E_q[dphi dphi^T] + ridge I. Where q >= c P with c > 0, every
+    term being positive semi-definite, H_q >= c H_P, so lambda^2 = g^T H_q^-1 g <=
+    g^T H_P^-1 g / c: one Gram matrix (the least-squares fit's) serves every candidate q.
+    Trials where that bound exceeds _NEAR_DECREMENT of h(w) (q near 0 somewhere, or an
+    ill-conditioned H_P) take h's own decrement.
+    """
+    empty = w.new_zeros(w.shape[0], 0)
+    s = inner.scores(w)
+    value = inner.objective(s, w, empty)
+    q, p = inner.weights, probabilities(problem.weights, inner.weights)
+    ratio = torch.where(p > 0, q / p.clamp_min(torch.finfo(q.dtype).tiny), math.inf).amin(-1)
+    _, f1, _ = inner.loss.derivatives(s)
+    grad = ((q * f1).unsqueeze(-2) @ inner.dphi).squeeze(-2) + inner.ridge.unsqueeze(-1) * w
+    if inner.linear is not None:
+        grad = grad + inner.linear
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    hessian = 2 / q.shape[-1] * problem.gram + inner.ridge.reshape(-1, 1, 1) * eye
+    step, info = torch.linalg.solve_ex(hessian, grad.unsqueeze(-1))
+    decrement = (grad * step.squeeze(-1)).sum(-1) / ratio.clamp(max=1)
+    own = ~((decrement <= _NEAR_DECREMENT * (1 + value.abs())) & (info == 0))
+    if bool(own.any()):
+        decrement = decrement.index_put((own.nonzero().squeeze(-1),),
+                                        _decremented_value(inner.subset(own), w[own])[1])
+    return value, decrement.clamp_min(0)
 
 
 def penalty_lower_bound(problem: Problem, w: Tensor) -> Tensor:

@@ -266,7 +266,8 @@ def _check_number(name: str, value: object, *, positive: bool) -> float:
 def _power_of_two_scale(x: Tensor, beyond: int = 0) -> Tensor:
     """Per trial, 2^round(log2 max |x|), or 1 where that lies within 2^+-``beyond`` (and for
     an all-zero trial): dividing by it is exact."""
-    low, high = torch.aminmax(x.flatten(1), dim=-1)
+    flat = x.flatten(1)
+    low, high = flat.amin(-1), flat.amax(-1)  # (torch.aminmax is ~10x slower on CPU)
     top = torch.maximum(high, -low)
     exponent = torch.frexp(torch.where(top > 0, top, 1.0)).exponent
     exponent = torch.where(exponent.abs() > beyond, exponent, 0)
@@ -356,9 +357,9 @@ def _rebel_normalised(dphi: Tensor, dr: Tensor, spec: AmbiguitySet, p: Tensor | 
         dphi, dr, p = dphi * root.unsqueeze(-1), dr * root, None
     penalty = spec.rho / input_scale if spec.needs_input_gradients else zeros
     problem = Problem(dphi, PointwiseLoss("squared", dr), spec, unit, penalty, zeros, p)
-    weighted = dphi if p is None else dphi * (p * dphi.shape[1]).unsqueeze(-1)
-    gram = weighted.transpose(-1, -2) @ dphi
-    moment = (dr.unsqueeze(-2) @ weighted).squeeze(-2)  # dphi^T diag(n p) dr
+    gram = problem.gram  # also bounds the certificates' curvature (certificates.lower_bound)
+    weighted = dr if p is None else dr * p * dphi.shape[1]
+    moment = (weighted.unsqueeze(-2) @ dphi).squeeze(-2)  # dphi^T diag(n p) dr
     w_ls = least_squares(gram, moment)
     if spec.is_empirical:
         fit = problem.best_of([w_ls])
@@ -464,8 +465,7 @@ def _logistic_step_from_zero(problem: Problem) -> Tensor:
     gradient is -beta / 2 E_P[(2 o - 1) dphi] and the Hessian beta^2 / 4 E_P[dphi dphi^T]
     + ridge I (a regularised least-squares fit of the labels)."""
     grad, curv = problem.mean_gradient_at_zero()
-    # dphi^T diag(curv) dphi through the transposed copy the Newton steps read anyway
-    hessian = torch.mul(problem.dphi_t, curv.unsqueeze(-2), out=problem.workspace) @ problem.dphi
+    hessian = problem.weighted_gram(curv)  # the transposed copy the Newton steps read anyway
     eye = torch.eye(grad.shape[-1], dtype=grad.dtype, device=grad.device)
     hessian = hessian + problem.ridge.reshape(-1, 1, 1) * eye
     return -least_squares(hessian, grad)

@@ -33,7 +33,11 @@ __all__ = ["Fit", "PointwiseLoss", "Problem", "least_squares", "probabilities",
            "put_trials", "support_max"]
 
 _NEWTON_ITERATIONS = 40
-_FINAL_DECREMENT = 1e-9  # Newton decrement (relative) from which a full step converges
+# A trial is done when the Newton decrement (relative) predicted after its full step is at
+# rounding level: C r^2, Newton's quadratic convergence with C = r_k / r_(k-1)^2 read off its
+# last two full steps, or a cautious C = 100 before it has taken one.
+_FINAL_DECREMENT = 1e-14
+_QUADRATIC_PHASE = 1e-6  # decrements below which the read-off C is trusted
 _BACKTRACKS = 30  # step sizes 1, 1/2, ..., 2^-29
 _RAY = [0.25**k for k in range(7)]  # points t * u on the rays out of the kink at w = 0
 _COLLAPSE = 1e-4  # ||w|| / ||w start|| below which Newton has collapsed into that kink
@@ -117,22 +121,35 @@ class Problem:
 
     @cached_property
     def dphi_t(self) -> Tensor:
-        """dphi transposed, contiguous ``(T, d, n)``: <w, dphi_i> for every i and the
-        Hessian read it about three times faster than dphi's own layout."""
+        """dphi transposed, contiguous ``(T, d, n)``: :meth:`weighted_gram` reads it as both
+        factors, the layout in which the batched product runs fastest (about 1.35x faster
+        than from dphi's own layout on one CPU thread)."""
         return self.dphi.transpose(-1, -2).contiguous()
 
     @cached_property
     def workspace(self) -> Tensor:
-        """A buffer of dphi_t's size that every Newton step's Hessian reuses (a fresh
+        """A buffer of dphi_t's size that every weighted Gram matrix reuses (a fresh
         allocation of that size costs about as much as filling it)."""
         return torch.empty_like(self.dphi_t)
 
+    @cached_property
+    def gram(self) -> Tensor:
+        """``(T, d, d)`` dphi^T diag(n p) dphi = n E_P[dphi dphi^T]: the least-squares normal
+        equations' matrix, read in dphi's own layout (one product does not pay for the
+        transposed copy)."""
+        weighted = (self.dphi if self.weights is None
+                    else self.dphi * (self.weights * self.dphi.shape[1]).unsqueeze(-1))
+        return weighted.transpose(-1, -2) @ self.dphi
+
+    def weighted_gram(self, c: Tensor) -> Tensor:
+        """``(T, d, d)`` dphi^T diag(c) dphi for per-sample weights c ``(T, n)``."""
+        return torch.mul(self.dphi_t, c.unsqueeze(-2), out=self.workspace) @ self.dphi_t.mT
+
     def scores(self, w: Tensor) -> Tensor:
-        """``(T, n)`` s_i = <w, dphi_i> for w ``(T, d)``, through the transposed copy where
-        Newton steps have made it (a single product does not pay for making it)."""
-        if "dphi_t" in self.__dict__:
-            return (w.unsqueeze(-2) @ self.dphi_t).squeeze(-2)
-        return (self.dphi @ w.unsqueeze(-1)).squeeze(-1)
+        """``(T, n)`` s_i = <w, dphi_i> for w ``(T, d)``."""
+        # A row times dphi^T: several times faster than dphi times a column (a batched
+        # matrix-vector product) in MKL, and needs no transposed copy.
+        return (w.unsqueeze(-2) @ self.dphi.mT).squeeze(-2)
 
     def _rows(self, x: Tensor | None, rows: Tensor | None) -> Tensor | None:
         return x if x is None or rows is None else x[rows]
@@ -160,7 +177,7 @@ class Problem:
         products = torch.stack(rows, -2) @ self.dphi  # (T, rows, d)
         grad_w, low = products[:, 0], products[:, 1]
         curv = der.grad_l * f2 + der.diag * f1.square()
-        hess_w = torch.mul(self.dphi_t, curv.unsqueeze(-2), out=self.workspace) @ self.dphi
+        hess_w = self.weighted_gram(curv)
         hess_w = hess_w + der.low_sign.reshape(-1, 1, 1) * low.unsqueeze(-1) * low.unsqueeze(-2)
         eye = torch.eye(d, dtype=w.dtype, device=w.device)
         norm = w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
@@ -194,10 +211,14 @@ class Problem:
         return self.spec.solve_dual(self.loss.value(s), start, weights=self.weights)
 
     def subset(self, keep: Tensor) -> Problem:
-        """The problem of the trials where ``keep`` ``(T,)`` is True."""
-        return Problem(self.dphi[keep], replace(self.loss, target=self.loss.target[keep]),
-                       self.spec, self.unit[keep], self.penalty[keep], self.ridge[keep],
-                       self._rows(self.weights, keep), self._rows(self.linear, keep))
+        """The problem of the trials where ``keep`` ``(T,)`` is True (with their rows of the
+        transposed copy, where made: gathering them is cheaper than transposing anew)."""
+        other = Problem(self.dphi[keep], replace(self.loss, target=self.loss.target[keep]),
+                        self.spec, self.unit[keep], self.penalty[keep], self.ridge[keep],
+                        self._rows(self.weights, keep), self._rows(self.linear, keep))
+        if "dphi_t" in self.__dict__:
+            other.__dict__["dphi_t"] = self.dphi_t[keep]
+        return other
 
     def with_spec(self, spec: object, **changes: Tensor | None) -> Problem:
         """The same data under another aggregation (e.g. a smoothed set), with ``changes``
@@ -229,14 +250,21 @@ class Problem:
         a = self.solve_dual(s)
         out, out_dual = w.clone(), a.clone()
         floor = _COLLAPSE * w.norm(dim=-1) if kink_at_zero else torch.zeros_like(w[:, 0])
+        last = torch.full_like(floor, math.nan)  # the last full step's relative decrement
+        # A trial that is done stays put while it waits in the batch for the others to
+        # finish: a batch then gives each trial the fit it gets alone.
+        live = torch.ones_like(floor, dtype=torch.bool)
         for _ in range(_NEWTON_ITERATIONS):
             grad, step = problem.newton_direction(s, w, a)
             step_w, step_a = step[..., :d], step[..., d:]
             ds = problem.scores(step_w)
             current = problem.objective(s, w, a)
             slope = (grad * step).sum(-1)
-            moving = -slope > 1e-13 * (1 + current.abs())
+            moving = (-slope > 1e-13 * (1 + current.abs())) & live
             alpha = problem.line_search(s, w, a, step, ds, current, slope, moving)
+            decrement = -slope / (1 + current.abs())
+            constant = torch.where((decrement <= _QUADRATIC_PHASE) & (last > 0),
+                                   decrement / last.square(), 100.0)
             w, s = w + alpha.unsqueeze(-1) * step_w, s + alpha.unsqueeze(-1) * ds
             a = a + alpha.unsqueeze(-1) * step_a
             if a.shape[-1] and not self.spec.dual_is_strictly_convex:
@@ -244,16 +272,16 @@ class Problem:
                 # objective, and it keeps Newton off a flat face of the dual objective (chi2:
                 # eta >= max(l)), where the joint Hessian vanishes.
                 a = problem.solve_dual(s, a)
-            # Newton converges quadratically: a full step from a decrement below 1e-9 leaves
-            # one at rounding level (about its square), so that trial is done.
-            done = (alpha == 1) & (-slope <= final_decrement * (1 + current.abs()))
+            done = (alpha == 1) & (constant * decrement.square() <= final_decrement)
             live = (alpha > 0) & ~done & (w.norm(dim=-1) > floor)
+            last = torch.where(alpha == 1, decrement, math.nan)
             if not bool(live.any()):
                 break
             if int(live.sum()) <= 0.75 * live.shape[0]:  # compact: copying costs one pass
                 out[index[~live]], out_dual[index[~live]] = w[~live], a[~live]
-                index, w, s, a, floor = index[live], w[live], s[live], a[live], floor[live]
-                problem = problem.subset(live)
+                index, w, s, a = index[live], w[live], s[live], a[live]
+                floor, last = floor[live], last[live]
+                problem, live = problem.subset(live), live[live]
         out[index], out_dual[index] = w, a
         return out, out_dual
 
@@ -321,12 +349,7 @@ class Problem:
         mean + rho beta ||w|| (type 1) otherwise. A minimax set (infinite radius, zero
         temperature) is the largest loss.
         """
-        # One read of dphi for every candidate; the transposed copy, where Newton steps have
-        # made it, is the faster one to read.
-        if "dphi_t" in self.__dict__:
-            s = (w.movedim(0, 1) @ self.dphi_t).movedim(1, 0)
-        else:
-            s = (self.dphi @ w.permute(1, 2, 0)).permute(2, 0, 1)
+        s = (w.movedim(0, 1) @ self.dphi.mT).movedim(1, 0)  # one read of dphi for all
         nan = torch.full_like(s[..., 0], math.nan)
         if self.spec.needs_input_gradients and self.loss.kind == "squared":
             penalty = self.penalty.expand(s.shape[:-1])

@@ -231,3 +231,38 @@ def test_a_noiseless_w_rebel_fit_on_the_kink_of_its_norm_is_certified():
     for rho in (0.1, 0.5, 2.0):
         fit = rebel(torch.tensor(dphi)[None], torch.tensor(dr)[None], Wasserstein(rho))
         _check(fit, 0, reference.rebel_fit(dphi, dr, Wasserstein(rho)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), floor=st.sampled_from([0.0, 1e-6, 0.3, 1.0]),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), weighted=st.booleans())
+def test_the_quadratic_certificate_bounds_the_minimum_from_p_s_gram_matrix(
+        seed, floor, scale, weighted):
+    # REBEL's lower bound h(w) - lambda^2 takes lambda^2 from P's Gram matrix where
+    # q >= c P (H_q >= c H_P): it must never exceed min h, computed here by least squares
+    # under q, whatever q's smallest ratio to P (down to 0, where h's own Hessian is used)
+    # and however far w is from h's minimiser.
+    from drosim.dro import Empirical
+    from drosim.newton import PointwiseLoss, Problem, least_squares
+
+    g = torch.Generator().manual_seed(seed)
+    n, d = 40, 3
+    dphi = scale * torch.randn(2, n, d, generator=g, dtype=F64)
+    dr = torch.randn(2, n, generator=g, dtype=F64)
+    p = torch.rand(2, n, generator=g, dtype=F64) + 0.1 if weighted else None
+    p = None if p is None else p / p.sum(-1, keepdim=True)
+    q = floor + torch.rand(2, n, generator=g, dtype=F64)
+    q = q / q.sum(-1, keepdim=True)
+    zeros = torch.zeros(2, dtype=F64)
+    problem = Problem(dphi, PointwiseLoss("squared", dr), Empirical(), torch.ones(2, dtype=F64),
+                      zeros, zeros, p)
+    w_min = least_squares((dphi * q.unsqueeze(-1)).mT @ dphi, ((q * dr).unsqueeze(-2) @ dphi
+                                                              ).squeeze(-2))
+    minimum = (q * ((dphi @ w_min.unsqueeze(-1)).squeeze(-1) - dr).square()).sum(-1)
+    # 3e-6 / scale off the minimiser: lambda^2 near 1e-11, where P's Gram matrix is used.
+    for w in (w_min, w_min + 3e-6 / scale, torch.randn(2, d, generator=g, dtype=F64) / scale):
+        bound = certificates.lower_bound(problem, q, w)
+        assert bool((bound <= minimum * (1 + 1e-13)).all()), (bound - minimum) / minimum
+    # At the minimiser the bound is tight: the certificate loses nothing there.
+    torch.testing.assert_close(certificates.lower_bound(problem, q, w_min), minimum,
+                               rtol=1e-9, atol=1e-12)
