@@ -58,6 +58,8 @@ _MANY_TIES = 4  # supports beyond this many times d + 1 samples are polished onl
 # A logistic fit's Newton decrement (relative) above which Newton steps on h come first:
 # h(w) - lambda^2 loses lambda^2 / 2 of the bound, which must stay below the tolerance.
 _NEAR_DECREMENT = 1e-10
+# The share of a certificate's tolerance that REBEL's bound from P's Gram matrix may spend.
+_CHEAP_SHARE = 1e-2
 
 
 def worst_case_weights(problem: Problem, w: Tensor, dual: Tensor | None = None) -> Tensor:
@@ -127,8 +129,8 @@ def _quadratic_decremented_value(problem: Problem, inner: Problem, w: Tensor
     h's Hessian is H_q = 2 E_q[dphi dphi^T] + ridge I. Where q >= c P with c > 0, every
     term being positive semi-definite, H_q >= c H_P, so lambda^2 = g^T H_q^-1 g <=
     g^T H_P^-1 g / c: one Gram matrix (the least-squares fit's) serves every candidate q.
-    Trials where that bound exceeds _NEAR_DECREMENT of h(w) (q near 0 somewhere, or an
-    ill-conditioned H_P) take h's own decrement.
+    Trials where that bound exceeds _CHEAP_SHARE of the certificate's tolerance (q near 0
+    somewhere, an ill-conditioned H_P, w not yet at h's minimiser) take h's own decrement.
     """
     empty = w.new_zeros(w.shape[0], 0)
     s = inner.scores(w)
@@ -143,7 +145,7 @@ def _quadratic_decremented_value(problem: Problem, inner: Problem, w: Tensor
     hessian = 2 / q.shape[-1] * problem.gram + inner.ridge.reshape(-1, 1, 1) * eye
     step, info = torch.linalg.solve_ex(hessian, grad.unsqueeze(-1))
     decrement = (grad * step.squeeze(-1)).sum(-1) / ratio.clamp(max=1)
-    own = ~((decrement <= _NEAR_DECREMENT * (1 + value.abs())) & (info == 0))
+    own = ~((decrement <= _CHEAP_SHARE * tolerance(value)) & (info == 0))
     if bool(own.any()):
         decrement = decrement.index_put((own.nonzero().squeeze(-1),),
                                         _decremented_value(inner.subset(own), w[own])[1])
@@ -260,9 +262,15 @@ def polish_ties(problem: Problem, w: Tensor, support: Tensor, q: Tensor
         rhs = torch.cat([-(problem.ridge.unsqueeze(-1) * w + linear), -torch.ones_like(v[:, None]),
                          -(l - v.unsqueeze(-1)) * valid], -1)
         step, info = torch.linalg.solve_ex(kkt, rhs.unsqueeze(-1))
-        if bool((info != 0).any()):  # singular (e.g. every tie exact): least squares
-            step = torch.linalg.lstsq(kkt, rhs.unsqueeze(-1)).solution
+        finite = torch.isfinite(kkt).all(-1).all(-1) & torch.isfinite(rhs).all(-1)
+        singular = (info != 0) & finite
+        if bool(singular.any()):  # e.g. every tie exact: least squares
+            step[singular] = torch.linalg.lstsq(kkt[singular], rhs[singular].unsqueeze(-1)
+                                                ).solution
         step = step.squeeze(-1)
+        # A system with no finite solution (losses that overflowed) leaves its trial where it
+        # is: the certificate then judges that point.
+        moving = moving & (finite & torch.isfinite(step).all(-1)).unsqueeze(-1)
         w = torch.where(moving, w + step[:, :d], w)
         v, lam = torch.where(moving[:, 0], v + step[:, d], v), step[:, d + 1:]
     _, f1, _ = loss.derivatives((dphi @ w.unsqueeze(-1)).squeeze(-1))
@@ -376,8 +384,20 @@ def certified_fit(problem: Problem, w0: Tensor, kink_at_zero: bool) -> Fit:
     Newton on the smoothed objective at mu = 10^-1, 10^-2, ... in the normalised units,
     each from the last minimiser, until the smoothed worst case q_mu (a member of the set)
     certifies w_mu; each trial leaves the path once it is certified.
+
+    A ball that holds every point mass on P's support is the whole simplex there: its
+    trials are fitted as the minimax set they equal (:func:`_holds_point_masses`).
     """
     spec = problem.spec
+    masses = _holds_point_masses(problem)
+    if bool(masses.any()):
+        minimax = problem.subset(masses).with_spec(type(spec)(math.inf))
+        fit = certified_fit(minimax, w0[masses], kink_at_zero)
+        if bool(masses.all()):
+            return fit
+        rest = certified_fit(problem.subset(~masses), w0[~masses], kink_at_zero)
+        whole = Fit(*(x.new_empty((masses.shape[0], *x.shape[1:])) for x in rest))
+        return put_trials(put_trials(whole, masses, fit), ~masses, rest)
     if spec.is_minimax:
         fit = problem.best_of([w0])
     else:
@@ -399,6 +419,22 @@ def certified_fit(problem: Problem, w0: Tensor, kink_at_zero: bool) -> Fit:
         fit = put_trials(fit, pending, _smoothing_path(sub, fit.w[pending], [
             worst_case_weights(sub, fit.w[pending])]))
     return fit
+
+
+def _holds_point_masses(problem: Problem) -> Tensor:
+    """``(T,)`` True where the chi-square or KL ball holds every point mass on P's support:
+    its radius is at least the divergence of the point mass on P's least likely sample
+    (``protecting(min p)``'s radius). The ball, convex, is then the whole simplex on that
+    support, and its worst case the largest loss; exactly at that radius Newton's method on
+    the ball's dual and the smoothing path both lose the ties (the dual is flat between the
+    two largest losses), while the minimax set's path keeps them."""
+    spec = problem.spec
+    if not isinstance(spec, Chi2 | KL) or spec.is_minimax:
+        return torch.zeros_like(problem.unit, dtype=torch.bool)
+    p = probabilities(problem.weights, problem.loss.target)
+    least = torch.where(p > 0, p, 1.0).amin(-1)
+    radius = 0.5 * (1 / least - 1) if isinstance(spec, Chi2) else -torch.log(least)
+    return spec.rho >= radius * (1 - 1e-12)
 
 
 def require_certified(fit: Fit, spec: AmbiguitySet) -> Fit:

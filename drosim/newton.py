@@ -33,14 +33,20 @@ __all__ = ["Fit", "PointwiseLoss", "Problem", "least_squares", "probabilities",
            "put_trials", "support_max"]
 
 _NEWTON_ITERATIONS = 40
-# A trial is done when the Newton decrement (relative) predicted after its full step is at
-# rounding level: C r^2, Newton's quadratic convergence with C = r_k / r_(k-1)^2 read off its
-# last two full steps, or a cautious C = 100 before it has taken one.
-_FINAL_DECREMENT = 1e-14
-_QUADRATIC_PHASE = 1e-6  # decrements below which the read-off C is trusted
+# A trial is done when the Newton decrement (relative) predicted after its full step is
+# below 1e-12, four orders under the certificates' tolerance: C r^2, Newton's quadratic
+# convergence with C = r_k / r_(k-1)^2 read off its last two full steps, or a cautious
+# C = 100 before it has taken one. (The certificate judges the result; a trial it refuses
+# gets more steps.)
+_FINAL_DECREMENT = 1e-12
+_QUADRATIC_PHASE = 1e-4  # decrements below which the read-off C is trusted
+# Decrements are relative to |f| + _SCALE_FLOOR, the shape of the certificates' tolerance
+# 1e-8 (|f| + 1e-5): a well-fitted regression's small objective is still resolved.
+_SCALE_FLOOR = 1e-5
 _BACKTRACKS = 30  # step sizes 1, 1/2, ..., 2^-29
 _RAY = [0.25**k for k in range(7)]  # points t * u on the rays out of the kink at w = 0
 _COLLAPSE = 1e-4  # ||w|| / ||w start|| below which Newton has collapsed into that kink
+_COMPACT = 0.75  # the share of live trials from which a batch is compacted
 
 
 class Fit(NamedTuple):
@@ -260,9 +266,10 @@ class Problem:
             ds = problem.scores(step_w)
             current = problem.objective(s, w, a)
             slope = (grad * step).sum(-1)
-            moving = (-slope > 1e-13 * (1 + current.abs())) & live
+            scale = current.abs() + _SCALE_FLOOR
+            moving = (-slope > 1e-13 * scale) & live
             alpha = problem.line_search(s, w, a, step, ds, current, slope, moving)
-            decrement = -slope / (1 + current.abs())
+            decrement = -slope / scale
             constant = torch.where((decrement <= _QUADRATIC_PHASE) & (last > 0),
                                    decrement / last.square(), 100.0)
             w, s = w + alpha.unsqueeze(-1) * step_w, s + alpha.unsqueeze(-1) * ds
@@ -277,7 +284,7 @@ class Problem:
             last = torch.where(alpha == 1, decrement, math.nan)
             if not bool(live.any()):
                 break
-            if int(live.sum()) <= 0.75 * live.shape[0]:  # compact: copying costs one pass
+            if int(live.sum()) <= _COMPACT * live.shape[0]:  # compact: copying costs one pass
                 out[index[~live]], out_dual[index[~live]] = w[~live], a[~live]
                 index, w, s, a = index[live], w[live], s[live], a[live]
                 floor, last = floor[live], last[live]

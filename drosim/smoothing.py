@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from drosim.dro import KL, Chi2, DualDerivatives, KLTemperature, kl_tilted
-from drosim.newton import probabilities
+from drosim.newton import probabilities, support_max
 
 __all__ = ["BarrierKL", "ProximalChi2", "SmoothedTemperature", "smoothed"]
 
@@ -133,9 +133,15 @@ class ProximalChi2(_Smoothed):
 
     def weights_at(self, losses: Tensor, dual: Tensor, unit: Tensor | float = 1.0,
                    weights: Tensor | None = None) -> Tensor:
-        """The maximising q = p (l - eta)_+ / E_P[(l - eta)_+], in the ball."""
-        pe = probabilities(weights, losses) * (losses - dual).clamp_min(0)
-        return pe / pe.sum(-1, keepdim=True)
+        """The maximising q = p (l - eta)_+ / E_P[(l - eta)_+], in the ball; where no loss
+        exceeds eta (every loss equal, or all underflowed to 0), its limit as eta rises to
+        the largest loss: P restricted to the samples at that loss."""
+        p = probabilities(weights, losses)
+        pe = p * (losses - dual).clamp_min(0)
+        total = pe.sum(-1, keepdim=True)
+        top = p * (losses == support_max(losses, weights).unsqueeze(-1))
+        return torch.where(total > 0, pe, top) / torch.where(total > 0, total,
+                                                             top.sum(-1, keepdim=True))
 
 
 def _water_level(losses: Tensor, p: Tensor, mass: float) -> Tensor:

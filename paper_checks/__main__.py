@@ -3,17 +3,20 @@
     python -m drosim.paper_checks [--preset quick|full] [--out figures/PRESET] [--only NAME ...]
 
 Prints, for each check, the claim, what the paper says, what was measured and the verdict;
-writes ``<out>/claims.csv`` and ``<out>/claims.md`` (one row per check) and each check's
-detail table to ``<out>/checks/<name>.csv``. The output folder is checked for writing
-before any check runs, and the run's files are moved into it only once every check has
-finished: an interrupted run leaves the previous results untouched. Exits 0 whatever the
-verdicts (a claim that does not reproduce is a finding), 1 if a check crashed, 2 if the
-output folder cannot be written and 130 on Ctrl-C.
+writes ``<out>/claims.md`` (one short row per check: claim, verdict, why, headline number),
+``<out>/claims.csv`` (every field of every check), and for each check
+``<out>/checks/<name>.md`` (its full report: the paper's claim, what was measured, the
+verdict and the detail table) and ``<out>/checks/<name>.csv`` (the detail table). The
+output folder is checked for writing before any check runs, and the run's files are moved
+into it only once every check has finished: an interrupted run leaves the previous results
+untouched. Exits 0 whatever the verdicts (a claim that does not reproduce is a finding), 1
+if a check crashed, 2 if the output folder cannot be written and 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import textwrap
@@ -28,9 +31,17 @@ from tqdm import tqdm
 
 from drosim.output import OutputError, ensure_writable, staged
 from drosim.paper_checks import CHECKS, PRESETS, CheckResult, load_check
+from drosim.paper_checks._framework import REASON_MAX_CHARS, clip
 
 PROG = "python -m drosim.paper_checks"
-CLAIM_COLUMNS = ("check", "claim", "title", "paper_says", "measured", "verdict", "seconds")
+CLAIM_COLUMNS = ("check", "claim", "title", "paper_says", "measured", "verdict", "reason",
+                 "headline", "seconds")
+# Columns added after claims.csv was first published: an earlier file without them still
+# merges (``--only``), its rows with these cells empty.
+LATER_COLUMNS = ("reason", "headline")
+# claims.md is read in a minute: its columns, and the longest cell it may hold.
+SUMMARY_COLUMNS = ("check", "claim", "verdict", "reason", "headline")
+MAX_CELL_CHARS = 400
 _WIDTH = 100
 _LABEL = 13  # width of the "paper says:" column in the printed report
 
@@ -91,20 +102,26 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
         try:
             result = load_check(name).run(preset, out=out)
         except Exception as err:  # a crash is reported and the other checks still run
-            tqdm.write(f"\n== {name}: CRASHED ==\n{traceback.format_exc()}")
+            trace = traceback.format_exc()
+            tqdm.write(f"\n== {name}: CRASHED ==\n{trace}")
+            (out / "checks" / f"{name}.md").write_text(crash_markdown(name, trace))
+            error = f"{type(err).__name__}: {err}"
             rows.append({"check": name, "claim": "", "title": "", "paper_says": "",
-                         "measured": f"{type(err).__name__}: {err}", "verdict": "crashed",
-                         "seconds": round(time.perf_counter() - began, 1)})
+                         "measured": error, "verdict": "crashed",
+                         "reason": clip(" ".join(error.split()), REASON_MAX_CHARS),
+                         "headline": "", "seconds": round(time.perf_counter() - began, 1)})
             continue
         seconds = time.perf_counter() - began
         tqdm.write(report(name, result, seconds))
         result.table.to_csv(out / "checks" / f"{name}.csv", index=False)
+        (out / "checks" / f"{name}.md").write_text(check_markdown(name, result, seconds))
         if result.stats is not None:
             (out / "tables").mkdir(exist_ok=True)
             result.stats.to_csv(out / "tables" / f"{name}.csv", index=False)
         rows.append({"check": name, "claim": result.claim, "title": result.title,
                      "paper_says": result.paper_says, "measured": result.measured,
-                     "verdict": result.verdict, "seconds": round(seconds, 1)})
+                     "verdict": result.verdict, "reason": result.reason,
+                     "headline": result.headline, "seconds": round(seconds, 1)})
 
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     table = claims
@@ -115,26 +132,33 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
         table = table.sort_values("check", key=lambda c: c.map(order).fillna(len(order)),
                                   kind="stable", ignore_index=True)
     table.to_csv(out / "claims.csv", index=False)
-    (out / "claims.md").write_text(markdown_table(table))
+    (out / "claims.md").write_text(summary_markdown(table))
     return claims
 
 
 def _earlier_claims(path: Path) -> pd.DataFrame | None:
     """The claims table at ``path``, or None when there is none or it is not one (a
-    warning says so: its rows are then not kept)."""
+    warning says so: its rows are then not kept). A table written before the
+    :data:`LATER_COLUMNS` existed is read with those cells empty (a note says so)."""
     if not path.is_file():
         return None
     try:
-        earlier = pd.read_csv(path)
+        # Text cells stay text: an empty cell is "", not NaN (which would print as "nan").
+        earlier = pd.read_csv(path, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         earlier, reason = None, str(err)
     else:
         reason = "it lacks the claims columns"
-    if earlier is None or not set(CLAIM_COLUMNS) <= set(earlier.columns):
+    required = set(CLAIM_COLUMNS) - set(LATER_COLUMNS)
+    if earlier is None or not required <= set(earlier.columns):
         tqdm.write(f"{PROG}: warning: {path} is not a claims table ({reason}); only the "
                    "checks run now are written")
         return None
-    return earlier
+    missing = [c for c in LATER_COLUMNS if c not in earlier.columns]
+    if missing:
+        tqdm.write(f"{PROG}: note: {path} predates the columns {', '.join(missing)}; the "
+                   "rows kept from it leave them empty until their checks run again")
+    return earlier.reindex(columns=list(CLAIM_COLUMNS), fill_value="")
 
 
 class _InterruptFlag:
@@ -183,23 +207,103 @@ def report(name: str, result: CheckResult, seconds: float) -> str:
     lines = [f"\n== {name}: {result.title} =="]
     for label, text in (("claim", result.claim), ("paper says", result.paper_says),
                         ("measured", result.measured),
-                        ("verdict", f"{verdict}  ({seconds:.1f} s)")):
+                        ("verdict", f"{verdict}  ({seconds:.1f} s)"),
+                        ("why", result.reason), ("headline", result.headline)):
+        if not text:  # a check that gives no reason or headline
+            continue
         lines.append(textwrap.fill(text, _WIDTH, initial_indent=f"{label + ':':<{_LABEL}}",
                                    subsequent_indent=" " * _LABEL))
     return "\n".join(lines)
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
+def summary_markdown(claims: pd.DataFrame) -> str:
+    """claims.md: one short row per check, read in a minute.
+
+    The check's name links to its full report (checks/<name>.md) and the claim cell gives
+    the claim's label with the check's title.
+
+    Args:
+        claims: the claims table (:data:`CLAIM_COLUMNS`).
+
+    Returns:
+        The markdown text.
+
+    Raises:
+        ValueError: a cell is longer than :data:`MAX_CELL_CHARS` characters.
+    """
+    rows = pd.DataFrame({
+        "check": [f"[{name}](checks/{name}.md)" for name in claims["check"]],
+        "claim": [f"{label}: {title}" if title else label
+                  for label, title in zip(claims["claim"], claims["title"], strict=True)],
+        "verdict": claims["verdict"],
+        "reason": claims["reason"],
+        "headline": claims["headline"],
+    }, columns=list(SUMMARY_COLUMNS))
+    return markdown_table(rows, max_cell_chars=MAX_CELL_CHARS)
+
+
+def check_markdown(name: str, result: CheckResult, seconds: float) -> str:
+    """checks/<name>.md: one check's full report, with headings.
+
+    Args:
+        name: the check module's name.
+        result: its result.
+        seconds: how long it ran.
+
+    Returns:
+        The markdown text.
+    """
+    wrap = textwrap.TextWrapper(_WIDTH, break_long_words=False, break_on_hyphens=False)
+    files = [f"`checks/{name}.csv` (the table above, at full precision)"]
+    if result.stats is not None:
+        files.append(f"`tables/{name}.csv` (the per-x statistics behind its figures and "
+                     "slopes)")
+    sections = [
+        f"# {name}: {result.title}",
+        f"Claim **{result.claim}**. Verdict: **{result.verdict}** ({seconds:.1f} s).",
+        f"## Why\n\n{wrap.fill(result.reason or '(not given)')}",
+        f"## Headline\n\n{wrap.fill(result.headline or '(not given)')}",
+        f"## What the paper says\n\n{wrap.fill(result.paper_says)}",
+        "## What was measured\n\n" + "\n\n".join(
+            wrap.fill(sentence) for sentence in _sentences(result.measured)),
+        f"## Table\n\n{markdown_table(result.table) if len(result.table) else '(empty)'}",
+        "Files: " + "; ".join(files) + ".",
+    ]
+    return "\n\n".join(section.rstrip("\n") for section in sections) + "\n"
+
+
+def _sentences(text: str) -> list[str]:
+    """``text`` cut after each full stop that ends a sentence ("e.g." and "i.e." do not):
+    a long measurement reads as one paragraph per finding."""
+    return re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=\.) +(?=\S)", text)
+
+
+def crash_markdown(name: str, trace: str) -> str:
+    """checks/<name>.md of a check that raised: the traceback."""
+    return f"# {name}: crashed\n\nThe check raised; nothing was measured.\n\n```\n{trace}```\n"
+
+
+def markdown_table(frame: pd.DataFrame, max_cell_chars: int | None = None) -> str:
     """A DataFrame as a GitHub-flavoured markdown table (pandas needs tabulate for this).
 
     Args:
-        frame: the table; cells are written with ``str``.
+        frame: the table; floats are written with 4 significant digits, other cells with
+            ``str``.
+        max_cell_chars: the longest cell allowed, or None for no limit.
 
     Returns:
         The markdown text, ending with a newline.
+
+    Raises:
+        ValueError: a cell is longer than ``max_cell_chars``.
     """
     def cell(value: object) -> str:
-        return str(value).replace("|", r"\|").replace("\n", " ")
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        text = text.replace("|", r"\|").replace("\n", " ")
+        if max_cell_chars is not None and len(text) > max_cell_chars:
+            raise ValueError(f"a markdown cell has {len(text)} characters, more than "
+                             f"{max_cell_chars}: {text[:80]!r}...")
+        return text
 
     header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
     rule = "|" + "---|" * len(frame.columns)

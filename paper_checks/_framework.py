@@ -37,6 +37,10 @@ VERDICTS: tuple[str, ...] = get_args(Verdict)
 STATS_COLUMNS: tuple[str, ...] = ("study", "method", "x_name", "x", "median", "q10", "q90",
                                   "mean", "trials")
 
+# Lengths that keep a row of claims.md readable in a minute (see CheckResult).
+REASON_MAX_CHARS = 300
+HEADLINE_MAX_CHARS = 150
+
 # cvxpy statuses whose value we trust as a reference; anything else is counted and skipped.
 TRUSTED_STATUSES = ("optimal", "optimal_inaccurate")
 
@@ -58,6 +62,11 @@ class CheckResult:
             :data:`STATS_COLUMNS` at least; see :func:`drosim.stats.per_x_statistics`),
             written to ``<out>/tables/<check>.csv`` so that anyone can refit a reported
             slope; ``None`` for checks without a swept x.
+        reason: one sentence (at most :data:`REASON_MAX_CHARS` characters, no newline)
+            saying why the verdict: what in the world lets the robust set act or not, and
+            whether the protected objective was seen in training.
+        headline: the number that decides the verdict, with its interval (at most
+            :data:`HEADLINE_MAX_CHARS` characters, no newline).
     """
 
     claim: str
@@ -67,6 +76,8 @@ class CheckResult:
     verdict: Verdict
     table: pd.DataFrame
     stats: pd.DataFrame | None = None
+    reason: str = ""
+    headline: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -77,6 +88,42 @@ class CheckResult:
             missing = [c for c in STATS_COLUMNS if c not in self.stats.columns]
             if missing:
                 raise ValueError(f"stats lacks the columns {missing}")
+        _check_one_line("reason", self.reason, REASON_MAX_CHARS)
+        _check_one_line("headline", self.headline, HEADLINE_MAX_CHARS)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters, with "..." where it was cut: for a
+    reason or headline built from measured names that may run long.
+
+    Args:
+        text: the text.
+        max_chars: the longest allowed length (at least 3).
+
+    Returns:
+        ``text`` itself when short enough, else its start followed by "...".
+    """
+    return text if len(text) <= max_chars else text[:max_chars - 3] + "..."
+
+
+def _check_one_line(field: str, text: str, max_chars: int) -> None:
+    """Raise unless ``text`` is a string of one line and at most ``max_chars`` characters.
+
+    Args:
+        field: the field's name, for the message.
+        text: the value to check.
+        max_chars: the longest allowed length.
+
+    Raises:
+        TypeError: ``text`` is not a string.
+        ValueError: ``text`` holds a line break or is too long.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{field} must be a string, got {type(text).__name__}")
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{field} must be one line, got {text!r}")
+    if len(text) > max_chars:
+        raise ValueError(f"{field} must be at most {max_chars} characters, got {len(text)}")
 
 
 class Check(Protocol):

@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._framework import (
+    HEADLINE_MAX_CHARS,
+    REASON_MAX_CHARS,
+    CheckResult,
+    Preset,
+    clip,
+)
 from drosim.studies import coverage
 
 PARAMETRIC_EDGE = -0.9  # a slope interval above this is slower than parametric
@@ -54,12 +60,13 @@ WHY = (
 
 def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: object
         ) -> CheckResult:
-    """Measure coverage, targets and per-regime slopes, draw coverage.png, judge C5.
+    """Measure coverage, targets and per-regime slopes, draw the figures, judge C5.
 
     Args:
         preset: "quick" (n = 2^7..2^15 every 4x, 40 trials, supports up to 1346 atoms) or
             "full" (n = 2^7..2^16, 200 trials, supports up to about 10^4 atoms).
-        out: folder for coverage.png / .pdf.
+        out: folder for coverage.png (coverage of P against n, per world, and the support
+            sweep) and coverage_<world>.png (the errors of one world), each with a .pdf.
         **overrides: passed to the study (e.g. a tiny grid for the tests).
 
     Returns:
@@ -96,7 +103,45 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         verdict=verdict,
         table=table[COLUMNS],
         stats=coverage.statistics(frame),
+        reason=_reason(cells),
+        headline=_headline(table, cells),
     )
+
+
+def _reason(cells: dict[tuple[str, str], str]) -> str:
+    """Why the verdict: which worlds let the balls move the target (see WHY)."""
+    idle: dict[str, list[str]] = {}
+    for (world, method), verdict in cells.items():
+        if verdict == "not testable here":
+            idle.setdefault(world, []).append(method)
+    acting = ("A ball moves the target only where the loss at theta* depends on dphi: with "
+              "skewed noise or a misspecified reward for REBEL, in every world for DPO's "
+              "logistic loss and for W")
+    if not idle:
+        return acting + "; every cell tested lets its ball act."
+    where = "; ".join(f"{', '.join(methods)} in the {world} world"
+                      for world, methods in idle.items())
+    return clip(f"{acting}; {where}: no bias to trade, not testable.", REASON_MAX_CHARS)
+
+
+def _headline(table: pd.DataFrame, cells: dict[tuple[str, str], str]) -> str:
+    """The first testable REBEL cell's covering c / sqrt(n) slope against its lost c / n
+    slope (last regimes, c = 1), or the first testable cell's when no REBEL cell is."""
+    testable = [key for key, verdict in cells.items() if verdict != "not testable here"]
+    if not testable:
+        return "no ball moves its target in the worlds run: nothing to trade"
+    # chi2-/KL-REBEL first: the paper's estimators, and the cells the world decides.
+    rebel = [key for key in testable if key[1].endswith("REBEL") and not key[1].startswith("W")]
+    world, method = (rebel or testable)[0]
+    rows = table[(table["world"] == world) & (table["method"] == method) & table["last"]
+                 & (table["c"] == 1)].set_index("gamma")
+    parts = []
+    for gamma, label in ((0.5, "1/sqrt(n)"), (1.0, "1/n")):
+        if gamma in rows.index:
+            row = rows.loc[gamma]
+            parts.append(f"{label} coverage {row['coverage_n_max']:.2f}, slope "
+                         f"{_slope(row['low'], row['slope'], row['high'])}")
+    return clip(f"{world} {method}: " + "; ".join(parts), HEADLINE_MAX_CHARS)
 
 
 def _readings(frame: pd.DataFrame, table: pd.DataFrame) -> list[str]:

@@ -35,12 +35,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from drosim.methods import Method
-from drosim.paper_checks._framework import CheckResult, Preset
+from drosim.paper_checks._framework import (
+    HEADLINE_MAX_CHARS,
+    REASON_MAX_CHARS,
+    CheckResult,
+    Preset,
+    clip,
+)
 from drosim.paper_checks._slopes import describe, overlaps, too_wide
 from drosim.paper_checks.rates import FAST_D, FAST_N, SLOW_N
-from drosim.stats import per_x_statistics
+from drosim.plotting import BAND_NOTE, draw_power_law, save_figure, slope_label
+from drosim.stats import per_x_statistics, quantile_band
 from drosim.studies import rates
 from drosim.studies.montecarlo import resolve_preset
 from drosim.studies.targets import own_target
@@ -51,6 +59,7 @@ TAU_GROWTH = 1.0  # tau_n = TAU_GROWTH * sqrt(n): 11 at n = 128, 128 at n = 1638
 PLATEAU = (0.5, 2.0)  # error to theta* at the largest n / squared bias: "at the bias"
 _TARGETS = {"error": "theta*", "own_error": "own"}  # frame column -> target label
 EXPLAINED = "converges at the parametric rate to its own target, not to theta*"
+UNEXPLAINED = "not explained by its target (no d/n rate to it, or no plateau at its bias)"
 
 
 def methods(c: float) -> list[Method]:
@@ -70,12 +79,13 @@ def methods(c: float) -> list[Method]:
 
 def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: object
         ) -> CheckResult:
-    """Measure the DPO-loss slopes to theta* and to each own target, draw dpo_rate_n and
-    dpo_rate_d, and judge C4.
+    """Measure the DPO-loss slopes to theta* and to each own target, draw dpo_rate_n,
+    dpo_rate_d and dpo_rate_own, and judge C4.
 
     Args:
         preset: the rates study's preset.
-        out: folder for dpo_rate_n.png / .pdf and dpo_rate_d.png / .pdf.
+        out: folder for dpo_rate_n and dpo_rate_d (errors to theta*) and dpo_rate_own
+            (errors to each method's own target), each as .png and .pdf.
         **overrides: passed to the study (e.g. a tiny grid for the tests).
 
     Returns:
@@ -92,6 +102,7 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
     to_own = pd.concat([to_star[~to_star["method"].isin(set(biased["method"]))],
                         rates.slopes(biased, "own_error")], ignore_index=True)
     paths = rates.plot(frame, out, slope_table=to_star, prefix="dpo_rate", own_slopes=to_own)
+    paths += plot_own_targets(frame, out, to_own)
     table = pd.concat([to_star.assign(target="theta*"), to_own.assign(target="own")],
                       ignore_index=True)
     table["reading"] = table.apply(_reading, axis=1)
@@ -121,7 +132,62 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         verdict=verdict,
         table=table[COLUMNS],
         stats=statistics(frame),
+        reason=_reason(outcomes, shared),
+        headline=_headline(table, outcomes, shared),
     )
+
+
+def plot_own_targets(frame: pd.DataFrame, out: Path, own_slopes: pd.DataFrame) -> list[Path]:
+    """Draw dpo_rate_own.png / .pdf: every method's error to its OWN population target.
+
+    One panel per study (against n, against d). A method whose target is theta* draws the
+    same curve as in dpo_rate_n / dpo_rate_d; a fixed temperature draws its error to
+    tau / (1 + tau) theta*, the curve that shows it converging at d/n to that target.
+
+    Args:
+        frame: the rates study's frame with the TARGET_COLUMNS.
+        out: folder for the figure.
+        own_slopes: the slopes of the error to each own target (rows method, schedule,
+            study, slope, low, high), given in the legend.
+
+    Returns:
+        The paths written.
+    """
+    cells = list(frame.groupby(["method", "schedule"], sort=False).groups)
+    shared = {method for method, _ in cells if sum(m == method for m, _ in cells) > 1}
+    colours = {cell: f"C{i % 10}" for i, cell in enumerate(cells)}
+    config = frame.attrs.get("config", {})
+    fig = Figure(figsize=(15, 6.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (study, group) in zip(axes, frame.groupby("study", sort=False), strict=False):
+        fixed = "d" if study == "n" else "n"
+        for cell, rows in group.groupby(["method", "schedule"], sort=False):
+            band = quantile_band(rows, [study], "own_error")
+            fit = _rows(own_slopes, cell, study=study).iloc[0]
+            ax.plot(band[study], band["median"], "o-", color=colours[cell], ms=3.5, lw=1.5,
+                    label=slope_label(_name(cell, shared), fit["slope"], fit["low"],
+                                      fit["high"]))
+            ax.fill_between(band[study], band["low"], band["high"], color=colours[cell],
+                            alpha=0.1, lw=0)
+        baseline = quantile_band(group[group["family"] == "none"], [study], "own_error")
+        if not baseline.empty:  # the parametric rate through DPO's first point
+            first = baseline.iloc[0]
+            draw_power_law(ax, baseline[study].to_numpy(), (first[study], first["median"]),
+                           -1.0 if study == "n" else 1.0, "d/n", ":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel(f"{study}   ({fixed} = {group[fixed].iloc[0]})")
+        ax.set_ylabel(r"$\|\hat\theta - \theta_{\mathrm{target}}\|_\Sigma^2$"
+                      "\n(the method's own population target)")
+        statistic = rates.STATISTIC[study]
+        ax.set_title(f"against {study} (slope of the {statistic} error, 90% interval)")
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                  frameon=False, ncol=2)
+    fig.suptitle("C4: DPO-loss error to each method's own target (theta* for DPO, WDPO and "
+                 "vanishing KL forms; tau / (1 + tau) theta* for a fixed KL-DPO temperature)"
+                 f"\nmedian over {config.get('trials', '?')} trials, {BAND_NOTE}")
+    return save_figure(fig, out, "dpo_rate_own")
 
 
 def statistics(frame: pd.DataFrame) -> pd.DataFrame:
@@ -200,8 +266,7 @@ def _outcome(table: pd.DataFrame, frame: pd.DataFrame, cell: Cell) -> str:
     last = rows[rows["n"] == rows["n"].max()]
     ratio = float(last["error"].median()) / bias
     explained = _is_parametric(table, cell, "own") and PLATEAU[0] <= ratio <= PLATEAU[1]
-    reading = (EXPLAINED if explained else
-               "not explained by its target (no d/n rate to it, or no plateau at its bias)")
+    reading = EXPLAINED if explained else UNEXPLAINED
     return (f"to theta* {slopes('theta*')}; to its own target {slopes('own')}; "
             f"||target - theta*||_Sigma^2 = {bias:.3g} = {bias / signal:.3f} "
             f"||theta*||_Sigma^2, median error to theta* at n = {last['n'].iloc[0]} "
@@ -240,6 +305,54 @@ def _summary(outcomes: dict[Cell, str], shared: set[str]) -> str:
         if names:
             parts.append(f"{title}: {', '.join(names)}.")
     return " ".join(parts)
+
+
+def _reason(outcomes: dict[Cell, str], shared: set[str]) -> str:
+    """Why the verdict: where a robust DPO loss's tilt vanishes fast enough to reach theta*."""
+    def named(*endings: str) -> list[str]:
+        return [_name(cell, shared) for cell, text in outcomes.items()
+                if cell[0] != "DPO" and any(text.endswith(e) for e in endings)]
+
+    reached = named("reaches theta* at the parametric rate")
+    fixed = named(EXPLAINED)
+    slower = named("does not reach theta* at d/n")
+    unexplained = named(UNEXPLAINED)
+    # The forms that reach theta* are the expected case: count them, name the others.
+    parts = [f"Well-specified linear world: a robust DPO loss reaches theta* at d/n only if "
+             f"its tilt vanishes fast enough ({len(reached)} of {len(reached) + len(slower)} "
+             f"vanishing forms do)"]
+    if slower:
+        parts.append(f"{', '.join(slower)} keep(s) a bias that falls slower than d/n")
+    if fixed:
+        parts.append("a fixed tau converges at d/n to its own target tau/(1+tau) theta*")
+    if unexplained:
+        parts.append(f"{', '.join(unexplained)} reach(es) neither theta* nor its own target")
+    return clip("; ".join(parts) + ".", REASON_MAX_CHARS)
+
+
+def _headline(table: pd.DataFrame, outcomes: dict[Cell, str], shared: set[str]) -> str:
+    """The slowest slope in n to theta* among the methods meant to reach it, and the first
+    fixed temperature's slope in n to its own target."""
+    in_n = table[table["study"] == "n"]
+    aimed = [cell for cell, text in outcomes.items() if not text.endswith(EXPLAINED)
+             and "not explained" not in text]
+    parts = []
+    if aimed:
+        to_star = in_n[in_n["target"] == "theta*"].set_index(["method", "schedule"])
+        slowest = max(aimed, key=lambda cell: to_star.loc[cell, "slope"])
+        parts.append(f"slowest to theta*: {_name(slowest, shared)} "
+                     f"{_interval(to_star.loc[slowest])}")
+    fixed = [cell for cell, text in outcomes.items() if text.endswith(EXPLAINED)]
+    if fixed:
+        own = in_n[in_n["target"] == "own"].set_index(["method", "schedule"])
+        parts.append(f"{_name(fixed[0], shared)} to its own target "
+                     f"{_interval(own.loc[fixed[0]])}")
+    return clip("slope in n: " + "; ".join(parts), HEADLINE_MAX_CHARS)
+
+
+def _interval(row: pd.Series) -> str:
+    """A slope with its interval, "-0.99 [-1.03, -0.95]"."""
+    return f"{row['slope']:.2f} [{row['low']:.2f}, {row['high']:.2f}]"
 
 
 def _why_fixed_temperature() -> str:

@@ -273,4 +273,5 @@ def test_a_completed_run_replaces_the_summary(tmp_path: Path,
     assert files["worst_case_vs_rho.png"] == "new figure"
     assert "worst_case_curve" in files["claims.md"] and "worst_case_curve" in files["claims.csv"]
     assert "checks/worst_case_curve.csv" in files and files["checks/duality.csv"] == "old\n"
+    assert files["checks/worst_case_curve.md"].startswith("# worst_case_curve: t")
     assert MARKER not in files and not list(tmp_path.glob(f"{STAGING_PREFIX}*"))

@@ -266,3 +266,59 @@ def test_the_quadratic_certificate_bounds_the_minimum_from_p_s_gram_matrix(
     # At the minimiser the bound is tight: the certificate loses nothing there.
     torch.testing.assert_close(certificates.lower_bound(problem, q, w_min), minimum,
                                rtol=1e-9, atol=1e-12)
+
+
+def _point_mass_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small REBEL problem (integer features, as in the preference-shift worlds) whose
+    chi-square fit at exactly the point-mass radius (n - 1) / 2 lost its ties before balls
+    that hold every point mass were fitted as the minimax set they equal."""
+    g = np.random.default_rng(seed)
+    n, d = int(g.choice([8, 12, 16, 24])), int(g.choice([2, 3]))
+    dphi = (g.integers(-2, 3, (1, n, d)).astype(float) if g.random() < 0.5
+            else g.standard_normal((1, n, d)))
+    dr = dphi @ g.standard_normal(d) + 0.5 * g.standard_normal((1, n))
+    return dphi[0], dr[0]
+
+
+@pytest.mark.parametrize("seed", [30, 82, 286])
+def test_exactly_at_the_point_mass_radius_the_fit_is_exact(seed):
+    dphi, dr = _point_mass_case(seed)
+    n = dphi.shape[0]
+    for spec in (Chi2((n - 1) / 2), KL(math.log(n))):
+        fit = rebel(torch.tensor(dphi)[None], torch.tensor(dr)[None], spec)
+        _check(fit, 0, reference.rebel_fit(dphi, dr, spec))
+
+
+def test_a_batch_past_the_point_mass_radius_in_some_trials_only_fits_each_exactly():
+    # Weights move each trial's point-mass radius (1 / min p - 1) / 2: one Chi2(7.5) batch
+    # holds trials beyond it (uniform P on 16 pairs: exactly at it) and below it (a light
+    # pair makes min p smaller), each fitted as it is alone and as cvxpy fits it.
+    dphi, dr = _point_mass_case(82)
+    n = dphi.shape[0]
+    light = np.ones(n)
+    light[0] = 0.25
+    weights = torch.tensor(np.stack([np.ones(n), light]))
+    x, y = torch.tensor(dphi)[None].expand(2, -1, -1), torch.tensor(dr)[None].expand(2, -1)
+    batch = rebel(x, y, Chi2(7.5), weights=weights)
+    for i in range(2):
+        alone = rebel(x[i:i + 1], y[i:i + 1], Chi2(7.5), weights=weights[i:i + 1])
+        torch.testing.assert_close(batch.objective[i:i + 1], alone.objective, rtol=1e-10,
+                                   atol=0)
+        p = weights[i].numpy() / weights[i].sum().item()
+        _check(batch, i, reference.rebel_fit(dphi, dr, Chi2(7.5), weights=p))
+
+
+def test_a_well_fitted_regression_s_small_objective_is_certified():
+    # Residuals far below the relative rewards (noise 0.1): the objective is small in the
+    # normalised units, where Newton's stop and the certificates' bounds must resolve it
+    # relative to itself, not to 1 (these fits were once refused with gaps near 2e-11).
+    for seed in (1, 6):
+        g = np.random.default_rng(seed)
+        n, d = int(g.choice([16, 32, 64, 128])), int(g.choice([2, 4, 8]))
+        scale = g.choice([1e-2, 1, 30])
+        dphi = g.standard_normal((n, d)) * scale
+        g.random()
+        dr = dphi @ g.standard_normal(d) + g.choice([0.0, 0.1, 1.0]) * g.standard_normal(n)
+        spec = KLTemperature(10 ** g.uniform(-4, 0))
+        fit = rebel(torch.tensor(dphi)[None], torch.tensor(dr)[None], spec)
+        _check(fit, 0, reference.rebel_fit(dphi, dr, spec))

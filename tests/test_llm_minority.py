@@ -150,19 +150,114 @@ def test_resume_with_a_minority_is_bitwise_exact(base, tmp_path):
 def test_the_study_smoke_writes_its_tables_and_figure(tmp_path):
     from drosim.llm.minority_study import main
 
-    assert main(["--out", str(tmp_path), "--smoke", "--seeds", "0,1", "--no-progress"]) == 0
+    assert main(["--out", str(tmp_path), "--smoke", "--seeds", "0,1"]) == 0
     table = pd.read_csv(tmp_path / "minority.csv")
-    assert set(table.method) == {"rebel", "chi2-rebel", "kl-rebel"}
+    arms = {"rebel", "rebel-eta0.25x", "rebel-eta0.5x", "chi2-rebel", "kl-rebel"}
+    assert set(table.method) == arms
+    assert set(table.variant) == {"seen", "unseen"}
     assert set(table.seed) == {0, 1}
-    assert table[["train", "minority", "population", "worst"]].notna().all().all()
-    assert (table.population - (0.8 * table.train + 0.2 * table.minority)).abs().max() < 1e-12
-    # REBEL's weights are uniform over a minibatch; the robust sets' move
-    assert (table[table.method == "rebel"].max_weight == 1 / 4).all()
+    assert len(table) == 2 * 5 * 2
+    assert table[["train", "formal", "anger", "population", "worst"]].notna().all().all()
+    seen, unseen = table[table.variant == "seen"], table[table.variant == "unseen"]
+    # the annotators' average weighs the minority's own objective: formal, then anger
+    assert (seen.population - (0.8 * seen.train + 0.2 * seen.formal)).abs().max() < 1e-12
+    assert (unseen.population - (0.8 * unseen.train + 0.2 * unseen.anger)).abs().max() < 1e-12
+    # REBEL's shorter steps: eta times the scale (smoke's eta is the default 0.1)
+    steps = table.groupby("method").eta.first()
+    assert steps["rebel-eta0.25x"] == pytest.approx(0.025)
+    assert steps["rebel-eta0.5x"] == pytest.approx(0.05)
+    # the radius from the drawn labels: round(0.2 * 8) = 2 of every 8 pairs, f = 0.25
+    robust = table.method.isin(["chi2-rebel", "kl-rebel"])
+    assert (table[robust].protect_fraction == 0.25).all()
+    assert table[~robust].protect_fraction.isna().all()
+    saved = load_config(tmp_path / "minority-runs-smoke" / "formal" / "chi2-rebel-seed0"
+                        / "config.yaml")
+    assert (saved.protect_fraction, saved.chi2_rho, saved.kl_rho) == (0.25, None, None)
+    assert load_config(tmp_path / "minority-runs-smoke" / "anger" / "kl-rebel-seed1"
+                       / "config.yaml").minority_mixture == {"anger": 1.0}
+    # REBEL's weights are uniform over a minibatch; the frontier's arms have no gain over it
+    assert (table[~robust].max_weight == 1 / 4).all()
+    assert (table[~robust][["frontier_formal", "frontier_anger"]] == 0).all().all()
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert {"method", "metric", "n_seeds", "mean_difference", "ci_low", "ci_high", "adj_low",
-            "adj_high", "seed_0", "seed_1"} <= set(summary.columns)
-    assert set(summary.method) == {"chi2-rebel", "kl-rebel"}
-    assert set(summary.metric) == {"train", "minority", "population", "worst"}
-    assert (summary.ci_low <= summary.mean_difference).all()
-    assert (summary.mean_difference <= summary.ci_high).all()
+    assert {"variant", "method", "metric", "n_seeds", "mean_difference", "ci_low", "ci_high",
+            "adj_low", "adj_high", "median_difference", "n_positive", "n_negative", "sign_p",
+            "sign_p_adj", "seed_0", "seed_1"} <= set(summary.columns)
+    assert set(summary.method) == arms - {"rebel"}
+    assert set(summary[summary.method == "chi2-rebel"].metric) == {
+        "train", "formal", "anger", "population", "worst", "frontier_formal", "frontier_anger"}
+    assert (summary.ci_low <= summary.mean_difference + 1e-12).all()
+    assert (summary.mean_difference <= summary.ci_high + 1e-12).all()
+    assert ((summary.sign_p > 0) & (summary.sign_p <= summary.sign_p_adj)
+            & (summary.sign_p_adj <= 1)).all()
     assert (tmp_path / "minority.png").stat().st_size > 10_000
+
+
+def test_the_frontier_is_interpolated_in_the_training_reward_and_held_flat_beyond():
+    from drosim.llm.minority_study import frontier_gain
+
+    frontier = pd.DataFrame({"train": [0.4, 0.0, 0.2], "formal": [0.0, 0.2, 0.1]})
+    assert frontier_gain(0.3, 0.5, frontier, "formal") == (pytest.approx(0.45), False)
+    assert frontier_gain(0.1, 0.1, frontier, "formal") == (pytest.approx(-0.05), False)
+    assert frontier_gain(0.5, 0.1, frontier, "formal") == (pytest.approx(0.1), True)
+
+
+def test_the_frontier_gain_pairs_each_robust_run_with_its_own_seed():
+    from drosim.llm.minority_study import add_frontier_gains
+
+    rows = []
+    for seed, shift in [(0, 0.0), (1, 1.0)]:
+        for method, train, formal in [("rebel", 0.4, 0.0), ("rebel-eta0.5x", 0.2, 0.1),
+                                      ("chi2-rebel", 0.3, 0.3)]:
+            rows.append({"variant": "seen", "method": method, "seed": seed,
+                         "train": train, "formal": formal + shift, "anger": 0.0,
+                         "initial_train": 0.0, "initial_formal": 0.2 + shift,
+                         "initial_anger": 0.0})
+    table = add_frontier_gains(pd.DataFrame(rows)).set_index(["method", "seed"])
+    # frontier at 0.3: halfway between (0.2, 0.1) and (0.4, 0.0), shifted with the seed
+    assert table.loc[("chi2-rebel", 0), "frontier_formal"] == pytest.approx(0.25)
+    assert table.loc[("chi2-rebel", 1), "frontier_formal"] == pytest.approx(0.25)
+    assert table.loc[("rebel-eta0.5x", 1), "frontier_formal"] == 0
+
+
+def test_the_sign_test_is_exact_and_drops_ties():
+    import numpy as np
+
+    from drosim.llm.minority_study import sign_test
+
+    assert sign_test(np.array([1.0] * 10)) == (10, 0, pytest.approx(2 / 2**10))
+    assert sign_test(np.array([1.0, -1.0, 0.0])) == (1, 1, 1.0)
+    assert sign_test(np.zeros(3)) == (0, 0, 1.0)
+
+
+def summary_row(variant, method, metric, median, p):
+    return {"variant": variant, "method": method, "metric": metric, "n_seeds": 20,
+            "mean_difference": median, "ci_low": median - 0.1, "ci_high": median + 0.1,
+            "adj_low": median - 0.2, "adj_high": median + 0.2, "median_difference": median,
+            "n_positive": 15 if median > 0 else 5, "n_negative": 5 if median > 0 else 15,
+            "sign_p": p, "sign_p_adj": min(1.0, 2 * p)}
+
+
+def test_the_verdict_says_whether_the_objective_was_seen_and_reads_the_frontier():
+    from drosim.llm.minority_study import verdict
+
+    rows = []
+    for variant, frontier in [("seen", 0.1), ("unseen", -0.02)]:
+        for method in ("chi2-rebel", "kl-rebel"):
+            rows += [summary_row(variant, method, "formal", frontier, 0.001),
+                     summary_row(variant, method, "frontier_formal", frontier,
+                                 0.001 if variant == "seen" else 0.3),
+                     summary_row(variant, method, "train", -0.1, 0.001),
+                     summary_row(variant, method, "population", -0.02, 0.2)]
+    table = pd.DataFrame({"variant": ["seen", "unseen"] * 2,
+                          "method": ["chi2-rebel"] * 2 + ["kl-rebel"] * 2,
+                          "protect_fraction": [0.2] * 4, "outside_frontier": [False] * 4,
+                          "train": [0.01, 0.3, 0.3, 0.3], "initial_train": [0.05] * 4})
+    text = verdict(pd.DataFrame(rows), table, fraction=0.2)
+    seen, unseen = text.split("== unseen")
+    assert "formal was SEEN in training" in seen
+    assert "NOT SEEN in training" in unseen
+    assert seen.count("protects formal beyond what a smaller REBEL step buys") == 2
+    assert unseen.count("serves formal WORSE than REBEL") == 2
+    assert "median +0.100 [15+/5-, p 0.001, adj 0.002]" in seen
+    assert "In 1 of 1 seeds it ends below the initial policy's" in seen
+    assert "In 0 of 1 seeds" in unseen

@@ -153,7 +153,9 @@ def test_run_summary_statistics_and_plot(tiny_frame: pd.DataFrame, tmp_path: Pat
     assert set(STATS_COLUMNS) <= set(stats.columns)
     assert set(stats["target"]) == {"theta*", "theta^rho", "coverage"}
     assert sweep["scaled"].gt(0).all()
-    assert [p.name for p in paths] == ["coverage.png", "coverage.pdf"]
+    # One coverage figure, then one error figure per world: each readable on its own.
+    assert [p.name for p in paths] == ["coverage.png", "coverage.pdf", "coverage_skewed.png",
+                                       "coverage_skewed.pdf"]
 
 
 def test_the_paper_check_returns_stats_and_a_verdict(tmp_path: Path) -> None:

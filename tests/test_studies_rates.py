@@ -156,9 +156,9 @@ def test_an_unknown_override_is_rejected() -> None:
         rates.run("medium")
 
 
-# check name -> (claim, overrides of the study for a tiny run, figure files)
+# check name -> (claim, overrides of the study for a tiny run, figure files); the rates
+# check runs in tests/test_rates_worlds.py, with its finite worlds.
 CHECKS = {
-    "rates": ("C2, C3", TINY_RATES, ["rate_n.png", "rate_d.pdf"]),
     "dpo_rates": ("C4", TINY_RATES, ["dpo_rate_n.png", "dpo_rate_d.pdf"]),
     "constants": ("C2 (constants)", TINY_CONSTANTS, ["constants.png", "constants.pdf"]),
 }

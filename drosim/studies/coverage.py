@@ -436,82 +436,114 @@ _PANELS = (("rebel", "chi2"), ("rebel", "kl"), ("rebel", "wasserstein"), ("dpo",
 
 def plot(frame: pd.DataFrame, out_dir: Path | str, sweep: pd.DataFrame | None = None
          ) -> list[Path]:
-    """figures/coverage.{png,pdf}: one row per world, c = 1 schedules.
+    """The C5 figures (PNG and PDF), c = 1 schedules (c = 0.1 is in the tables).
 
-    Column 1: coverage of P against n for chi2-REBEL (solid) and chi2-DPO (dashed), per
-    gamma. Columns 2-6: median ||theta_hat - theta*||_Sigma^2 per gamma for each (loss,
-    family), with its 10-90% band and, dotted in the same colour, the bias level
-    ||theta^rho - theta*||_Sigma^2 of the same schedule; the plain estimator in black. Last
-    row: the support sweep, n q_90 / S against S next to the chi^2_{S-1} / (2 S) limit.
+    * ``coverage``: the fraction of trials whose ball holds P against n, one panel per
+      world (chi2-REBEL solid, chi2-DPO dashed, one colour per gamma), and, with ``sweep``,
+      a last panel n q_90 / S against S next to its chi^2_{S-1} / (2 S) limit;
+    * ``coverage_<world>``, one per world: the median ||theta_hat - theta*||_Sigma^2 against
+      n for each (loss, family), REBEL on the top row and DPO below, one colour per gamma
+      with its 10-90% band and, dotted, the bias level ||theta^rho - theta*||_Sigma^2 the
+      schedule keeps; the plain estimator in black. The legend has a cell of its own.
+
+    Args:
+        frame: the output of :func:`run`.
+        out_dir: the folder for the figures (created if missing).
+        sweep: the output of :func:`support_sweep`, or None to leave its panel out.
 
     Returns:
         The paths written.
     """
-    worlds = list(dict.fromkeys(frame["world"]))
-    gammas = sorted(frame.loc[frame["family"] != "none", "gamma"].unique())
+    shown = frame[frame["c"] != 0.1]
+    gammas = sorted(shown.loc[shown["family"] != "none", "gamma"].unique())
     colours = {g: f"C{i}" for i, g in enumerate(gammas)}
-    panel_rows = len(worlds) + (sweep is not None)
-    fig = Figure(figsize=(26, 4.4 * panel_rows), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(panel_rows, 1 + len(_PANELS)))
-    for row, world in zip(axes, worlds, strict=False):
-        rows = frame[(frame["world"] == world) & (frame["c"] != 0.1)]
+    paths = save_figure(_coverage_figure(shown, colours, sweep), out_dir, "coverage")
+    for world, rows in shown.groupby("world", sort=False):
+        paths += save_figure(_error_figure(world, rows, colours), out_dir, f"coverage_{world}")
+    return paths
+
+
+def _coverage_figure(frame: pd.DataFrame, colours: dict[float, str],
+                     sweep: pd.DataFrame | None) -> Figure:
+    """Coverage of P against n, one panel per world, and the support sweep's panel."""
+    worlds = list(dict.fromkeys(frame["world"]))
+    panels = len(worlds) + (sweep is not None)
+    fig = Figure(figsize=(4.8 * panels, 5.4), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, world in zip(axes, worlds, strict=False):
+        rows = frame[(frame["world"] == world) & (frame["family"] == "chi2")]
         for loss, style in (("rebel", "-"), ("dpo", "--")):
-            cells = rows[(rows["loss"] == loss) & (rows["family"] == "chi2")]
-            for gamma, group in cells.groupby("gamma"):
+            for gamma, group in rows[rows["loss"] == loss].groupby("gamma"):
                 cover = group.groupby("n")["covered"].mean()
-                row[0].plot(cover.index, cover.values, "o" + style, color=colours[gamma],
-                            ms=3, label=f"chi2-{LOSS_NAMES[loss]}, γ = {gamma:g}")
-        row[0].set_ylim(-0.03, 1.03)
-        row[0].set_ylabel(f"{world}\nfraction of trials with P in the ball")
-        row[0].set_title(f"{world}: coverage, ρ = n^-γ")
-        for ax, (loss, family) in zip(row[1:], _PANELS, strict=True):
-            cells = rows[(rows["loss"] == loss) & (rows["family"] == family)]
-            for gamma, group in cells.groupby("gamma"):
-                band = quantile_band(group, ["n"], "error")
-                ax.plot(band["n"], band["median"], "o-", ms=3, color=colours[gamma],
-                        label=f"γ = {gamma:g} (band: 10-90% of trials)")
-                ax.fill_between(band["n"], band["low"], band["high"], color=colours[gamma],
-                                alpha=0.1, lw=0)
-                bias = group.groupby("n")["bias"].first()
-                if bias.max() > IDLE_BIAS:  # else theta^rho = theta*: nothing to draw
-                    ax.plot(bias.index, bias.values, ":", color=colours[gamma], lw=1.8,
-                            label=f"bias ‖θ^ρ − θ*‖², γ = {gamma:g}")
-            if cells["bias"].max() <= IDLE_BIAS:
-                ax.text(0.03, 0.03, "θ^ρ = θ* at every radius: no bias", fontsize=8,
-                        transform=ax.transAxes)
-            plain = quantile_band(rows[(rows["loss"] == loss) & (rows["family"] == "none")],
-                                  ["n"], "error")
-            ax.plot(plain["n"], plain["median"], "k--", label=f"{LOSS_NAMES[loss]} (ρ = 0)")
-            ax.set_yscale("log")
-            ax.set_title(f"{world}: {FAMILY_NAMES[family]}{LOSS_NAMES[loss]}, "
-                         "median ‖θ̂ − θ*‖²_Σ")
-        for ax in row:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("n")
-            ax.grid(True, alpha=0.3)
-        row[1].legend(fontsize=6.5, ncol=2)
-        row[0].legend(fontsize=6.5, ncol=2)
+                ax.plot(cover.index, cover.values, "o" + style, color=colours[gamma], ms=3,
+                        label=f"chi2-{LOSS_NAMES[loss]}, ρ = n^-{gamma:g}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n (pairs)")
+        ax.set_ylabel("fraction of trials with P in the ball")
+        ax.set_title(f"{world} world")
+        ax.grid(True, alpha=0.3)
+    # The world panels share their entries: one legend, below the panels.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=min(2 * len(colours), 5), fontsize=8, frameon=False)
     if sweep is not None:
         _plot_sweep(axes[-1], sweep)
-    fig.suptitle("C5, radius-coverage trade-off: ρ_n = c n^-γ (c = 1 shown; c = 0.1 in the "
-                 "table). Dotted: the bias level ‖θ^ρ − θ*‖²_Σ each schedule keeps; "
-                 "W coverage (joint-cost W₂) is an upper bound on W-REBEL's.")
-    return save_figure(fig, out_dir, "coverage")
+    fig.suptitle("C5: coverage of the data distribution P by the ball around P_n, "
+                 "ρ_n = n^-γ (chi-square; KL and W in the tables)")
+    return fig
 
 
-def _plot_sweep(row: np.ndarray, sweep: pd.DataFrame) -> None:
+def _error_figure(world: str, rows: pd.DataFrame, colours: dict[float, str]) -> Figure:
+    """One world's errors: one panel per (loss, family), the legend in a cell of its own."""
+    fig = Figure(figsize=(15, 9), layout="constrained")
+    grid = fig.subplots(2, 3)
+    panels = dict(zip(_PANELS, [*grid[0], *grid[1]], strict=False))
+    handles: dict[str, object] = {}  # label -> line: one legend for the whole figure
+    for (loss, family), ax in panels.items():
+        cells = rows[(rows["loss"] == loss) & (rows["family"] == family)]
+        for gamma, group in cells.groupby("gamma"):
+            band = quantile_band(group, ["n"], "error")
+            (line,) = ax.plot(band["n"], band["median"], "o-", ms=3, color=colours[gamma])
+            handles.setdefault(f"ρ = n^-{gamma:g}: median error", line)
+            ax.fill_between(band["n"], band["low"], band["high"], color=colours[gamma],
+                            alpha=0.1, lw=0)
+            bias = group.groupby("n")["bias"].first()
+            if bias.max() > IDLE_BIAS:  # else theta^rho = theta*: nothing to draw
+                (line,) = ax.plot(bias.index, bias.values, ":", color=colours[gamma], lw=1.8)
+                handles.setdefault(f"ρ = n^-{gamma:g}: bias ‖θ^ρ − θ*‖²_Σ it keeps", line)
+        if cells["bias"].max() <= IDLE_BIAS:
+            ax.text(0.03, 0.03, "θ^ρ = θ* at every radius: the ball cannot act", fontsize=8,
+                    transform=ax.transAxes)
+        plain = quantile_band(rows[(rows["loss"] == loss) & (rows["family"] == "none")],
+                              ["n"], "error")
+        (line,) = ax.plot(plain["n"], plain["median"], "k--")
+        handles.setdefault("plain estimator (ρ = 0): median error", line)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n (pairs)")
+        ax.set_ylabel("‖θ̂ − θ*‖²_Σ")
+        ax.set_title(f"{FAMILY_NAMES[family]}{LOSS_NAMES[loss]}")
+        ax.grid(True, alpha=0.3)
+    legend_cell = grid[1, 2]  # _PANELS fills five of the six cells
+    legend_cell.set_axis_off()
+    legend_cell.legend(list(handles.values()), list(handles), loc="center", fontsize=9,
+                       frameon=False, title="shaded: 10-90% of trials")
+    fig.suptitle(f"C5, {world} world: squared error to θ* against n, ρ_n = n^-γ (c = 1); "
+                 "W coverage (joint-cost W₂) bounds W-REBEL's from above")
+    return fig
+
+
+def _plot_sweep(ax: object, sweep: pd.DataFrame) -> None:
     """The support sweep's panel: n q_90 / S against S, next to its chi-square limit."""
     for (family, n), group in sweep.groupby(["family", "n"]):
-        row[0].plot(group["atoms"], group["scaled"], "o-", color=FAMILY_COLOURS[family],
-                    alpha=1.0 if n == max(SWEEP_SIZES) else 0.5,
-                    label=f"{family}, n = 2^{int(math.log2(n))}")
+        ax.plot(group["atoms"], group["scaled"], "o-", color=FAMILY_COLOURS[family],
+                alpha=1.0 if n == max(SWEEP_SIZES) else 0.5,
+                label=f"{family}, n = 2^{int(math.log2(n))}")
     limit = sweep.drop_duplicates("atoms")
-    row[0].plot(limit["atoms"], limit["limit"], "k:", label="χ²_{S-1} 90% quantile / (2S)")
-    row[0].set_xscale("log")
-    row[0].set_xlabel("atoms S")
-    row[0].set_ylabel("n × 90% quantile of D(P ‖ P_n) / S")
-    row[0].set_title("support sweep: the f-divergence coverage radius is S / n")
-    row[0].legend(fontsize=7)
-    row[0].grid(True, alpha=0.3)
-    for ax in row[1:]:
-        ax.set_axis_off()
+    ax.plot(limit["atoms"], limit["limit"], "k:", label="χ²_{S-1} 90% quantile / (2S)")
+    ax.set_xscale("log")
+    ax.set_xlabel("atoms S")
+    ax.set_ylabel("n × 90% quantile of D(P ‖ P_n) / S")
+    ax.set_title("support sweep: the f-divergence\ncoverage radius is S / n")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, alpha=0.3)

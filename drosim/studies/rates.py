@@ -26,17 +26,34 @@ under each radius schedule rho_n = c / n, c / sqrt(n) and a fixed rho = c
 radius are the slow ones: with noisy preferences their minimiser sits at or near w = 0, a
 kink of the robust objective where the Newton solver of drosim.estimators runs to its
 iteration cap (about 20-60 times the cost of the others); the paper checks leave them out.
+
+Finite worlds (:func:`run_worlds`, :func:`exact_bias`). In the Gaussian world above the
+noise is independent of dphi, so a chi-square or KL ball leaves REBEL's population target at
+theta* at every radius and its rates are those of least squares. The finite worlds of
+:mod:`drosim.studies.coverage` ("skewed": noise whose skew follows dphi; "misspecified": a
+reward the features cannot express) make the residual at theta* depend on dphi, and there the
+balls move the target: theta^rho - theta* is of order sqrt(rho), so the squared bias
+||theta^rho - theta*||_Sigma^2 is of order rho. A sample is its Multinomial(n, P) vector of
+atom counts, and fits and population targets are exact weighted fits on the atoms
+(:func:`drosim.studies.atoms.robust_fit`), so n costs nothing: the bias curve needs only P
+and is followed to n = 2^32. The radii are the covering ones: c / sqrt(n) (C2) and q / n with
+q the 90% quantile of chi^2_{S-1} / 2 (C3), since n D(P || P_n) -> chi^2_{S-1} / 2 for both
+divergences on S atoms; this needs every atom seen (n >= S at least), and no f-divergence
+ball around P_n ever holds a continuous P.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
+from scipy.stats import chi2 as chi2_law
 from torch import Tensor
 
 from drosim.chunks import DEFAULT_MEMORY_BUDGET
@@ -51,6 +68,9 @@ from drosim.plotting import (
     slope_label,
 )
 from drosim.stats import loglog_slope
+from drosim.studies import coverage
+from drosim.studies._common import one_thread
+from drosim.studies.atoms import Outcomes, robust_fit
 from drosim.studies.montecarlo import (
     SCHEDULES,
     TEMPERATURE_SCHEDULES,
@@ -59,10 +79,14 @@ from drosim.studies.montecarlo import (
     resolve_preset,
     run_settings,
     scheduled_methods,
+    sigma_error,
 )
 from drosim.world import LinearWorld, make_world
 
-__all__ = ["COLUMNS", "PRESETS", "TARGET_COLUMNS", "plot", "run", "slopes"]
+__all__ = ["CLAIMED_EXPONENT", "COLUMNS", "EXACT_COLUMNS", "FINITE_FAMILIES", "PRESETS",
+           "TARGET_COLUMNS", "WORLD_COLUMNS", "WORLD_PRESETS", "WORLD_SLOPE_COLUMNS",
+           "covering_radii", "exact_bias", "local_exponents", "plot", "plot_worlds", "run",
+           "run_worlds", "slopes", "world_slopes"]
 
 _DOUBLINGS_N = tuple(2**k for k in range(7, 15))  # 128 .. 16384
 _DOUBLINGS_D = tuple(2**k for k in range(1, 7))  # 2 .. 64
@@ -293,3 +317,285 @@ def _draw_references(ax: object, baseline: pd.DataFrame, x: str) -> None:
     sign = -1.0 if x == "n" else 1.0  # d/n falls in n and grows in d
     draw_power_law(ax, grid, (grid[0], first), sign, "d/n", ":")
     draw_power_law(ax, grid, (grid[0], first), sign / 2, "sqrt(d/n)", "-.")
+
+
+# Finite worlds: where the chi-square and KL balls move REBEL's target (module note).
+
+FINITE_FAMILIES = ("chi2", "kl")
+SLOW_RADIUS, FAST_RADIUS = "c/sqrt(n)", "q/n"  # the covering schedules of C2 and C3
+# n of the exact bias curves: 2^8 .. 2^32 every 4x (one fit per radius, no sampling).
+_EXACT_SIZES = tuple(4**k for k in range(4, 17))
+WORLD_PRESETS: dict[str, dict[str, object]] = {
+    "quick": {"sizes": tuple(2**k for k in range(8, 17)), "trials": 24,
+              "worlds": ("skewed", "misspecified"), "c": 1.0, "level": 0.9,
+              "exact_sizes": _EXACT_SIZES, "seed": 0},
+    "full": {"sizes": tuple(2**k for k in range(7, 25)), "trials": 400,
+             "worlds": ("skewed", "misspecified"), "c": 1.0, "level": 0.9,
+             "exact_sizes": _EXACT_SIZES, "seed": 0},
+}
+CLAIMED_EXPONENT = {SLOW_RADIUS: -0.5, FAST_RADIUS: -1.0}  # of the squared error
+WORLD_COLUMNS = ["world", "method", "family", "schedule", "n", "trial", "rho", "error",
+                 "bias", "covered"]
+EXACT_COLUMNS = ["world", "method", "family", "schedule", "n", "rho", "bias", "exponent"]
+WORLD_SLOPE_COLUMNS = ["world", "method", "family", "schedule", "n_min", "n_max",
+                       "coverage_n_min", "coverage_n_max", "slope", "low", "high",
+                       "exact_slope"]
+
+
+def covering_radii(atoms: int, c: float, level: float) -> dict[str, tuple[float, float]]:
+    """The covering radius schedules rho_n = a n^(-gamma), as label -> (a, gamma).
+
+    n D(P || P_n) -> chi^2_{S-1} / 2 for the chi-square and the KL divergence on S atoms
+    (:mod:`drosim.studies.coverage`), so q / n with q the ``level`` quantile of that law
+    covers P with probability -> level (C3's radius), and c / sqrt(n) covers it with
+    probability -> 1 (C2's radius).
+
+    Args:
+        atoms: S, the number of atoms the estimator sees.
+        c: the constant of c / sqrt(n).
+        level: the asymptotic coverage of q / n.
+
+    Returns:
+        {"c/sqrt(n)": (c, 0.5), "q/n": (q, 1.0)}.
+    """
+    return {SLOW_RADIUS: (c, 0.5), FAST_RADIUS: (float(chi2_law.ppf(level, atoms - 1)) / 2, 1.0)}
+
+
+def local_exponents(n: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """d log(values) / d log(n), by centred differences (one-sided at the ends).
+
+    Args:
+        n: ``(K,)`` increasing sizes.
+        values: ``(K,)`` positive values at those sizes.
+
+    Returns:
+        ``(K,)`` the local exponents; NaN where a value is at rounding level
+        (<= coverage.IDLE_BIAS: no curve to differentiate).
+
+    Raises:
+        ValueError: fewer than two sizes.
+
+    Example:
+        >>> import numpy as np
+        >>> local_exponents(np.array([1.0, 2.0, 4.0]), np.array([1.0, 0.5, 0.25]))
+        array([-1., -1., -1.])
+    """
+    if len(n) < 2:
+        raise ValueError(f"a local exponent needs at least two sizes, got {len(n)}")
+    exponents = np.gradient(np.log(np.maximum(values, coverage.IDLE_BIAS)), np.log(n))
+    return np.where(values > coverage.IDLE_BIAS, exponents, np.nan)
+
+
+def _method(family: str) -> str:
+    """REBEL's name with the family's prefix: "REBEL", "chi2-REBEL", "KL-REBEL"."""
+    return f"{coverage.FAMILY_NAMES[family]}REBEL"
+
+
+def _population(name: str) -> tuple[LinearWorld, Tensor, Tensor, Outcomes]:
+    """The finite world ``name``, its Sigma ``(d, d)``, theta* ``(d,)`` (REBEL's rho = 0
+    population fit) and the law of (dphi, dr) REBEL sees."""
+    world, laws = coverage.world_outcomes(name)
+    sigma = world.pair_covariance(world.features.new_zeros(world.dim))
+    theta_star = coverage.targets(laws.rebel, "rebel", "none", sigma.new_zeros(1))[0]
+    return world, sigma, theta_star, laws
+
+
+def exact_bias(world: str, sizes: Sequence[int], c: float, level: float) -> pd.DataFrame:
+    """The exact squared bias ||theta^{rho_n} - theta*||_Sigma^2 of chi2- and KL-REBEL under
+    both covering schedules, and its local exponent in n.
+
+    theta^{rho_n} is the population robust fit at radius rho_n, exact from the atom
+    weights of P: no sampling, so n can reach 2^32 and beyond.
+
+    Args:
+        world: a finite world, a key of ``coverage.WORLDS``.
+        sizes: ``(K,)`` increasing n, K >= 2.
+        c: the constant of c / sqrt(n).
+        level: the asymptotic coverage of q / n (:func:`covering_radii`).
+
+    Returns:
+        One row per (family, schedule, n), columns EXACT_COLUMNS; the exponent is NaN
+        where the ball does not act (bias at rounding level).
+    """
+    _, sigma, theta_star, laws = _population(world)
+    n = np.asarray(sizes, dtype=np.float64)
+    blocks = []
+    for family in FINITE_FAMILIES:
+        for schedule, (a, gamma) in covering_radii(laws.rebel.size, c, level).items():
+            rho = torch.from_numpy(a * n ** -gamma)
+            target = coverage.targets(laws.rebel, "rebel", family, rho)
+            bias = sigma_error(target, theta_star, sigma).numpy()
+            blocks.append(pd.DataFrame({
+                "world": world, "method": _method(family), "family": family,
+                "schedule": schedule, "n": np.asarray(sizes), "rho": rho.numpy(),
+                "bias": bias, "exponent": local_exponents(n, bias)}))
+    return pd.concat(blocks, ignore_index=True)[EXACT_COLUMNS]
+
+
+def _frequencies(probs: Tensor, n: int, trials: int, keys: tuple[int, ...]) -> Tensor:
+    """``(trials, J)`` outcome frequencies of Multinomial(n, probs) samples, from the
+    random stream of ``keys``."""
+    rng = np.random.default_rng(np.random.SeedSequence(list(keys)))
+    weights = probs.numpy() / float(probs.sum())
+    return torch.from_numpy(rng.multinomial(n, weights, size=trials) / n)
+
+
+def run_worlds(preset: str = "quick", **overrides: object) -> pd.DataFrame:
+    """REBEL, chi2-REBEL and KL-REBEL under the covering radii in the finite worlds.
+
+    Per trial a sample of n pairs is drawn as its outcome counts, and each method is the
+    exact weighted fit on the atoms; the error is ||theta_hat - theta*||_Sigma^2.
+
+    Args:
+        preset: "quick" or "full" (see WORLD_PRESETS).
+        **overrides: replace preset values: sizes, trials, worlds, c, level, exact_sizes,
+            seed.
+
+    Returns:
+        One row per (world, method, schedule, n, trial), columns WORLD_COLUMNS: rho (0 for
+        REBEL, schedule "none"), the error, the exact squared bias of the schedule's target
+        at that n, and whether P lies in the ball around P_n (never for REBEL);
+        ``attrs["config"]`` holds the configuration.
+
+    Raises:
+        ValueError: an unknown preset or override.
+    """
+    config = resolve_preset(WORLD_PRESETS, preset, overrides)
+    trials, sizes = config["trials"], config["sizes"]
+    n = torch.tensor(sizes, dtype=torch.float64)
+    blocks = []
+    with one_thread():
+        for index, world in enumerate(config["worlds"]):
+            _, sigma, theta_star, laws = _population(world)
+            support = laws.rebel
+            freq = torch.cat([support.weights(_frequencies(laws.probs, size, trials,
+                                                           (config["seed"], index, size)))
+                              for size in sizes])
+            divergence = coverage.divergences(support.probs, freq)
+            schedules = covering_radii(support.size, config["c"], config["level"])
+            cells = [("none", UNSCHEDULED, (0.0, 0.0))] + [
+                (family, schedule, radius) for family in FINITE_FAMILIES
+                for schedule, radius in schedules.items()]
+            for family, schedule, (a, gamma) in cells:
+                rho = a * n ** -gamma
+                target = (theta_star.expand(len(sizes), -1) if family == "none" else
+                          coverage.targets(support, "rebel", family, rho))
+                per_trial = rho.repeat_interleave(trials)
+                estimates = robust_fit(support.atoms, freq, per_trial, "rebel", family)
+                covered = (torch.zeros_like(per_trial, dtype=torch.bool) if family == "none"
+                           else divergence[family] <= per_trial)
+                blocks.append(pd.DataFrame({
+                    "world": world, "method": _method(family), "family": family,
+                    "schedule": schedule, "n": np.repeat(sizes, trials),
+                    "trial": np.tile(np.arange(trials), len(sizes)),
+                    "rho": per_trial.numpy(),
+                    "error": sigma_error(estimates, theta_star, sigma).numpy(),
+                    "bias": sigma_error(target, theta_star, sigma).repeat_interleave(
+                        trials).numpy(),
+                    "covered": covered.numpy()}))
+    frame = pd.concat(blocks, ignore_index=True)[WORLD_COLUMNS]
+    frame.attrs["config"] = config
+    return frame
+
+
+def world_slopes(frame: pd.DataFrame, boots: int = 200) -> pd.DataFrame:
+    """The slope of the median error in n on each schedule's covered range, beside the
+    exact bias's slope on the same range.
+
+    The covered range runs from the first n where P lies in the ball in at least
+    coverage.COVERED (50%) of the trials; REBEL, which has no ball, keeps every n. A
+    schedule covered at fewer than two sizes gets every n (its coverage columns say so).
+
+    Args:
+        frame: the output of :func:`run_worlds`.
+        boots: bootstrap resamples of each slope's 90% interval.
+
+    Returns:
+        One row per (world, method, schedule), columns WORLD_SLOPE_COLUMNS; exact_slope is
+        the secant slope of log bias between n_min and n_max (NaN for REBEL).
+    """
+    rows = []
+    keys = ["world", "method", "family", "schedule"]
+    for key, group in frame.groupby(keys, sort=False):
+        part = group if key[2] == "none" else _covered_range(group)
+        first, last = part["n"].min(), part["n"].max()
+        fit = loglog_slope(part, "n", "error", boots=boots)
+        bias = part.groupby("n")["bias"].first()
+        exact = (math.log(bias[last] / bias[first]) / math.log(last / first)
+                 if key[2] != "none" else math.nan)
+        rows.append({**dict(zip(keys, key, strict=True)), "n_min": first, "n_max": last,
+                     "coverage_n_min": part.loc[part["n"] == first, "covered"].mean(),
+                     "coverage_n_max": part.loc[part["n"] == last, "covered"].mean(),
+                     "slope": fit.slope, "low": fit.low, "high": fit.high,
+                     "exact_slope": exact})
+    return pd.DataFrame(rows, columns=WORLD_SLOPE_COLUMNS)
+
+
+def _covered_range(group: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one schedule from the first n covered in >= 50% of trials on, or all
+    rows when fewer than two sizes are left."""
+    by_n = group.groupby("n")["covered"].mean()
+    covered = by_n.index[by_n >= coverage.COVERED]
+    part = group[group["n"] >= covered.min()] if len(covered) else group
+    return part if part["n"].nunique() >= 2 else group
+
+
+def plot_worlds(frame: pd.DataFrame, exact: pd.DataFrame, out_dir: Path | str) -> list[Path]:
+    """``rate_worlds`` (PNG and PDF): one row per finite world, one column per covering
+    schedule. Each panel shows the median error of chi2- and KL-REBEL with its 10-90% band,
+    REBEL's (no ball) in black, and dotted the exact bias ||theta^{rho_n} - theta*||^2 out to
+    the largest exact n, with the claimed rate (n^(-1/2) for C2, n^(-1) for C3) through its
+    last point.
+
+    Args:
+        frame: the output of :func:`run_worlds`.
+        exact: :func:`exact_bias` of the same worlds.
+        out_dir: the folder for the figures (created if missing).
+
+    Returns:
+        The paths written.
+    """
+    worlds = list(dict.fromkeys(frame["world"]))
+    schedules = (SLOW_RADIUS, FAST_RADIUS)
+    fig = Figure(figsize=(12, 4.6 * len(worlds)), layout="constrained")
+    grid = fig.subplots(len(worlds), len(schedules), squeeze=False)
+    for row, world in zip(grid, worlds, strict=True):
+        of_world = frame[frame["world"] == world]
+        plain = of_world[of_world["family"] == "none"].groupby("n")["error"].median()
+        for ax, schedule in zip(row, schedules, strict=True):
+            ax.plot(plain.index, plain.to_numpy(), "k--", label="REBEL (no ball), median")
+            for family in FINITE_FAMILIES:
+                colour = FAMILY_COLOURS[family]
+                cells = of_world[(of_world["family"] == family)
+                                 & (of_world["schedule"] == schedule)]
+                band = cells.groupby("n")["error"].quantile([0.1, 0.5, 0.9]).unstack()
+                ax.plot(band.index, band[0.5], "o-", ms=3, color=colour,
+                        label=f"{_method(family)}, median (band 10-90%)")
+                ax.fill_between(band.index, band[0.1], band[0.9], color=colour, alpha=0.12,
+                                lw=0)
+                curve = exact[(exact["world"] == world) & (exact["family"] == family)
+                              & (exact["schedule"] == schedule)]
+                ax.plot(curve["n"], curve["bias"], ":", color=colour, lw=1.8,
+                        label=f"exact bias of {_method(family)}, exponent "
+                              f"{curve['exponent'].iloc[-1]:.3f} at n = 2^"
+                              f"{int(math.log2(curve['n'].iloc[-1]))}")
+            # The claimed rate through the last exact point, over the curve's far end only
+            # (drawn over the whole range it would stretch the axes by decades).
+            end = curve.iloc[-1]
+            sizes = curve["n"].to_numpy(dtype=float)
+            draw_power_law(ax, sizes[sizes >= 2**16], (end["n"], end["bias"]),
+                           CLAIMED_EXPONENT[schedule], "claimed rate", "-.")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("n")
+            ax.set_ylabel(ERROR_LABEL)
+            ax.set_title(f"{world}: rho_n = {schedule}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6.5)
+    config = frame.attrs.get("config", {})
+    fig.suptitle(f"Covering radii in the finite worlds: sampled error (n up to 2^"
+                 f"{round(math.log2(frame['n'].max()))}, {frame['trial'].nunique()} trials) "
+                 f"and exact bias (out to 2^{round(math.log2(exact['n'].max()))})\n"
+                 f"c = {config.get('c')}; q = the {config.get('level')} quantile of "
+                 "chi^2_(S-1) / 2, S the number of atoms")
+    return save_figure(fig, out_dir, "rate_worlds")
