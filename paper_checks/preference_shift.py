@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from drosim.paper_checks._framework import (
@@ -48,7 +49,7 @@ from drosim.studies import shift
 
 UNTESTABLE = "well-specified"
 COLUMNS = ["world", "method", "loss", "family", "rule", "rho", "rho_low", "rho_high", "oracle",
-           "at_grid_end", "trained", "worst", "protected", "vs_base", "vs_base_low",
+           "grid_end", "trained", "worst", "protected", "vs_base", "vs_base_low",
            "vs_base_high", "vs_base_low_adj", "vs_base_high_adj", "protected_vs_base",
            "protected_vs_base_low_adj", "protected_vs_base_high_adj", "gain", "gain_low",
            "gain_high", "gain_low_adj", "gain_high_adj", "comparisons", "seeds", "pairs", "dim"]
@@ -72,8 +73,8 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
     per_trial = shift.run(preset, **overrides)
     paths = shift.plot(per_trial, out)
     config = {**shift.PRESETS[preset], **overrides}
-    table = with_oracle(shift.frontier_gain(per_trial)).assign(pairs=config["pairs"],
-                                                               dim=config["dim"])
+    table = with_oracle(shift.frontier_gain(per_trial).assign(pairs=config["pairs"],
+                                                              dim=config["dim"]))
     scales = shift.scale_sweep(preset, **overrides)
     chosen = table[table["rule"] == "validated"]
     verdicts = {world: world_verdict(world, rows)
@@ -112,7 +113,9 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
 
 def with_oracle(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with columns oracle (True on the grid radius of largest gain, per world and
-    method) and at_grid_end (that radius is the grid's smallest or largest).
+    method) and grid_end: where that radius is an end of the grid, "smallest", "largest" or
+    "point-mass radius" (the largest when it is chi2's (n - 1) / 2 or KL's log n: past it every
+    ball gives the same minimax fit, so it ends the radius axis, not only the grid); "" inside.
 
     Args:
         table: the output of :func:`drosim.studies.shift.frontier_gain`.
@@ -124,11 +127,16 @@ def with_oracle(table: pd.DataFrame) -> pd.DataFrame:
     best = grid.groupby(["world", "method"])["gain"].idxmax()
     ends = grid.groupby(["world", "method"])["rho"].agg(["min", "max"])
     top = grid.loc[best.to_numpy()]
-    edge = top["rho"].to_numpy() == ends.loc[list(zip(top["world"], top["method"],
-                                                      strict=True))].to_numpy().T
-    table = table.assign(oracle=False, at_grid_end=False)
+    low, high = ends.loc[list(zip(top["world"], top["method"], strict=True))].to_numpy().T
+    rho = top["rho"].to_numpy()
+    pairs = top["pairs"].to_numpy(dtype=float)
+    point_mass = np.where(top["family"] == "chi2", np.isclose(rho, (pairs - 1) / 2),
+                          (top["family"] == "kl") & np.isclose(rho, np.log(pairs)))
+    end = np.where(rho == low, "smallest", np.where(
+        rho == high, np.where(point_mass, "point-mass radius", "largest"), ""))
+    table = table.assign(oracle=False, grid_end="")
     table.loc[top.index, "oracle"] = True
-    table.loc[top.index, "at_grid_end"] = edge.any(0)
+    table.loc[top.index, "grid_end"] = end
     return table
 
 

@@ -253,14 +253,21 @@ def test_verdicts_per_world_and_combined() -> None:
 
 def test_oracle_flags_the_best_grid_radius_and_the_grid_ends() -> None:
     check = load_check("preference_shift")
-    table = pd.DataFrame({"world": "w", "method": "m", "rule": ["grid"] * 3 + ["validated"],
-                          "rho": [0.1, 1.0, 10.0, 1.0], "gain": [0.0, 0.2, 0.1, 0.2]})
+    table = pd.DataFrame({"world": "w", "method": "m", "family": "chi2", "pairs": 21,
+                          "rule": ["grid"] * 3 + ["validated"], "rho": [0.1, 1.0, 10.0, 1.0],
+                          "gain": [0.0, 0.2, 0.1, 0.2]})
 
     flagged = check.with_oracle(table)
 
     assert flagged["oracle"].tolist() == [False, True, False, False]
-    assert not flagged["at_grid_end"].any()
-    assert check.with_oracle(table.assign(gain=[0.3, 0.2, 0.1, 0.2]))["at_grid_end"].iloc[0]
+    assert (flagged["grid_end"] == "").all()
+    assert check.with_oracle(table.assign(gain=[0.3, 0.2, 0.1, 0.2]))["grid_end"].iloc[0] == \
+        "smallest"
+    # 10 = (21 - 1) / 2: chi2's point-mass radius, past which no ball differs.
+    top = check.with_oracle(table.assign(gain=[0.0, 0.1, 0.3, 0.2]))["grid_end"].iloc[2]
+    assert top == "point-mass radius"
+    assert check.with_oracle(table.assign(gain=[0.0, 0.1, 0.3, 0.2], pairs=64)
+                             )["grid_end"].iloc[2] == "largest"
 
 
 def test_the_check_names_every_world(tmp_path: Path) -> None:
