@@ -114,9 +114,9 @@ def _reason(cells: dict[tuple[str, str], str]) -> str:
     for (world, method), verdict in cells.items():
         if verdict == "not testable here":
             idle.setdefault(world, []).append(method)
-    acting = ("A ball moves the target only where the loss at theta* depends on dphi: with "
-              "skewed noise or a misspecified reward for REBEL, in every world for DPO's "
-              "logistic loss and for W")
+    acting = ("Targets of the training P, nothing unseen: a ball moves the target only if the "
+              "loss at theta* depends on dphi (skewed noise or a misspecified reward for "
+              "REBEL; every world for DPO and W)")
     if not idle:
         return acting + "; every cell tested lets its ball act."
     where = "; ".join(f"{', '.join(methods)} in the {world} world"

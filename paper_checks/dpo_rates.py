@@ -318,13 +318,13 @@ def _reason(outcomes: dict[Cell, str], shared: set[str]) -> str:
     slower = named("does not reach theta* at d/n")
     unexplained = named(UNEXPLAINED)
     # The forms that reach theta* are the expected case: count them, name the others.
-    parts = [f"Well-specified linear world: a robust DPO loss reaches theta* at d/n only if "
-             f"its tilt vanishes fast enough ({len(reached)} of {len(reached) + len(slower)} "
-             f"vanishing forms do)"]
+    parts = [f"Well-specified world, nothing unseen to protect: a robust DPO loss reaches "
+             f"theta* at d/n only if its tilt vanishes fast enough ({len(reached)} of "
+             f"{len(reached) + len(slower)} vanishing forms do)"]
     if slower:
-        parts.append(f"{', '.join(slower)} keep(s) a bias that falls slower than d/n")
+        parts.append(f"{', '.join(slower)} keep(s) a bias falling slower than d/n")
     if fixed:
-        parts.append("a fixed tau converges at d/n to its own target tau/(1+tau) theta*")
+        parts.append("a fixed tau reaches its own target tau/(1+tau) theta* at d/n")
     if unexplained:
         parts.append(f"{', '.join(unexplained)} reach(es) neither theta* nor its own target")
     return clip("; ".join(parts) + ".", REASON_MAX_CHARS)

@@ -95,9 +95,11 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         reason=("A ball around each minibatch sees only its m pairs, so the average of "
                 "minibatch worst cases undershoots the full batch's and its gradient is "
                 "biased for m < N (0 at m = N); sharing the full batch's worst case removes "
-                "the bias." if mini_biased else
+                "the bias (no unseen data: the target is the full batch's own ball)."
+                if mini_biased else
                 "The minibatch worst cases' gradients average to the full batch's within "
-                "their Monte-Carlo error at every m."),
+                "their Monte-Carlo error at every m (no unseen data: the target is the full "
+                "batch's own ball)."),
         headline=_headline(mini),
     )
 

@@ -78,7 +78,8 @@ STATS_ORDER = ["study", "world", "method", "schedule", "x_name", "x", "median", 
                "mean", "trials"]
 REASON = ("Skewed noise or a misspecified reward makes the residual at theta* depend on "
           "dphi, so chi2 and KL balls move REBEL's target (squared bias ~ rho); in the "
-          "well-specified worlds they leave it at theta* and only W-REBEL's ball acts.")
+          "well-specified worlds they leave it at theta* and only W-REBEL's ball acts. "
+          "Errors are to the training P's targets: nothing unseen is protected.")
 F_COVERAGE = (
     "f-divergence coverage (P in a chi-square or KL ball around P_n) needs every atom of P "
     "observed, so n >= S (the number of atoms; S = {atoms} here, n D(P || P_n) -> "

@@ -80,10 +80,12 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
         table=table[COLUMNS],
         reason=("With exact rewards the regression's target is the mirror-descent step "
                 "itself, so noiseless REBEL must follow it; reward noise and W-REBEL's "
-                "shrinkage once rho^2 u' Sigma^-1 u > 1 are what move the iterates away."
+                "shrinkage once rho^2 u' Sigma^-1 u > 1 are what move the iterates away; no set "
+                "protects anything unseen here."
                 if verdict == "reproduced" else
                 "Noiseless REBEL, whose regression target is the mirror-descent step "
-                "itself, leaves mirror descent's iterates by more than the tolerance."),
+                "itself, leaves mirror descent's iterates by more than the tolerance (no set "
+                "protects anything unseen here)."),
         headline=(f"noiseless REBEL: max |theta_t - theta_t^MD| = {worst:.1e} over {rounds} "
                   f"iterations, {frame['trial'].nunique()} trials (tolerance "
                   f"{TOLERANCE:.0e})"),
