@@ -351,8 +351,11 @@ def _closest_multipliers(grads: Tensor, target: Tensor, prior: Tensor, divergenc
         scale = hessian.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300).reshape(-1, 1, 1)
         step = -torch.linalg.solve(hessian + 1e-13 * scale * eye, gradient).squeeze(-1)
         t = torch.ones_like(value)
+        # A step whose predicted decrease is below the potential's rounding is a full one:
+        # there the line search can no longer see progress, and Newton is quadratic.
+        measurable = (gradient.squeeze(-1) * step).sum(-1).abs() > 1e-13 * (value.abs() + 1)
         for _ in range(40):  # halve until the potential does not increase
-            worse = potential(y + t.unsqueeze(-1) * step)[0] > value
+            worse = (potential(y + t.unsqueeze(-1) * step)[0] > value) & measurable
             if not bool(worse.any()):
                 break
             t = torch.where(worse, t / 2, t)

@@ -2,16 +2,18 @@
 
     drosim run   [--preset quick|full] [--out figures/PRESET]  every paper check, figure and
                  [--only CHECK ...]                          the claims table (the main job)
-    drosim study NAME [--preset quick|full] [--out DIR] [--device cpu|cuda]
-                 [--memory-budget BYTES]                    one study: its table and figures
+    drosim study NAME [--preset quick|full] [--out figures/studies/NAME]
+                 [--device cpu|cuda] [--memory-budget BYTES]  one study: its table, figures
     drosim worst-case {chi2,kl,kl-temperature} RADIUS [FILE]
                                                              worst case of losses read from
                                                              FILE (or stdin), one per line
     drosim --version
 
-Bad input (an --out folder that cannot be written, an unavailable --device, a losses file
-that is not one finite number per line) is refused before any work, with a one-line error
-and exit status 2.
+Bad input (an --out folder that cannot be written or where a file to be written is a folder,
+an --out another drosim process writes into, an unavailable --device, a losses file that is
+not one finite number per line) is refused before any work, with a one-line error and exit
+status 2, leaving nothing created or changed. ``run`` and ``study`` write into a staging
+folder and move their files into --out only when they have finished.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ import torch
 from drosim import __version__
 from drosim.chunks import DEFAULT_MEMORY_BUDGET
 from drosim.dro import chi2_worst_case, kl_tilted, kl_worst_case
-from drosim.output import ensure_writable
+from drosim.output import check_targets, ensure_writable, exclusive, staged
 
 STUDIES = ("rates", "constants", "coverage", "shift", "updates", "minibatch")
+# Where ``drosim study NAME`` writes by default: a folder of its own, so that its table and
+# figures neither land in figures/ beside the paper checks' figures/quick and figures/full nor
+# mix with another study's.
+STUDY_ROOT = Path("figures") / "studies"
+# The --help texts are plain text: argparse prints them as they are.
+DESCRIPTION = ("drosim: the paper checks of DRO-REBEL (run), one study (study) and the worst "
+               "case of a file of losses (worst-case).")
 _WORST_CASES = {"chi2": chi2_worst_case, "kl": kl_worst_case, "kl-temperature": kl_tilted}
 
 
@@ -46,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drosim", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="drosim", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -60,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="one study: its table (CSV) and figures")
     study.add_argument("name", choices=STUDIES)
     study.add_argument("--preset", choices=("quick", "full"), default="quick")
-    study.add_argument("--out", type=Path, default=Path("figures"))
+    study.add_argument("--out", type=Path, default=None,
+                       help=f"default: {STUDY_ROOT}/<name>")
     study.add_argument("--device", default="cpu")
     study.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET,
                        help="bytes per chunk of trials (default: %(default)s)")
@@ -83,20 +93,28 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown check {', '.join(unknown)} for --only (choose from "
                          f"{', '.join(CHECKS)})")
     out = args.out or Path("figures") / args.preset
-    ensure_writable(out)  # before minutes of work, with drosim's own error message
     only = ["--only", *args.only] if args.only else []
-    return run_checks(["--preset", args.preset, "--out", str(out), *only])
+    # The checks' command line checks --out, locks it and publishes, in drosim's own words.
+    return run_checks(["--preset", args.preset, "--out", str(out), *only], prog="drosim")
 
 
 def _study(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    ensure_writable(args.out)
+    out = args.out or STUDY_ROOT / args.name
+    table = f"{args.name}.csv"
+    check_targets(out, [table])  # the figures' names are checked when they are published
+    ensure_writable(out)
     module = importlib.import_module(f"drosim.studies.{args.name}")
-    frame = module.run(args.preset, device=device, memory_budget=args.memory_budget)
-    table = args.out / f"{args.name}.csv"
-    frame.to_csv(table, index=False)
-    paths = [table, *module.plot(frame, args.out)]
-    print("\n".join(f"wrote {p}" for p in paths))
+    try:
+        with exclusive(out, "drosim"), staged(out, last=(table,)) as stage:
+            frame = module.run(args.preset, device=device, memory_budget=args.memory_budget)
+            frame.to_csv(stage / table, index=False)
+            paths = [stage / table, *module.plot(frame, stage)]
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing written, {out} holds the previous results",
+              file=sys.stderr)
+        return 130
+    print("\n".join(f"wrote {out / path.relative_to(stage)}" for path in paths))
     return 0
 
 

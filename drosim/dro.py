@@ -134,6 +134,14 @@ class WassersteinResult(NamedTuple):
 
 
 def _check_losses(losses: Tensor, name: str = "losses") -> None:
+    """The one rule for per-sample data ``(..., n)``: a floating tensor with n >= 1 samples,
+    at least one problem (an empty batch has nothing to solve: refused, not answered with
+    empty tensors) and only finite values.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: not floating-point, no samples, an empty batch, NaN or infinity.
+    """
     if not isinstance(losses, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(losses).__name__}")
     if not losses.is_floating_point():
@@ -141,28 +149,47 @@ def _check_losses(losses: Tensor, name: str = "losses") -> None:
     if losses.ndim == 0 or losses.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty last dimension, got shape "
                          f"{tuple(losses.shape)}")
+    if losses.numel() == 0:
+        raise ValueError(f"{name} has an empty batch: shape {tuple(losses.shape)} holds no "
+                         "samples (every leading dimension must be >= 1)")
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[:5].tolist()
         raise ValueError(f"{name} contains NaN or infinite values (first at indices {bad})")
 
 
-def _as_radius(rho: float | Tensor, like: Tensor, name: str = "rho") -> Tensor:
+def _as_radius(rho: float | Tensor, like: Tensor, name: str = "rho", *,
+               finite: bool = False, differentiable: bool = False) -> Tensor:
     """rho as a tensor on like's device and dtype, broadcast to the batch shape.
 
     The one radius rule of this module, for floats and tensors alike: a radius is a real
     number >= 0 (NaN refused). +inf is allowed and means the limit: the max for the chi-square
-    and KL balls, the mean for a KL temperature (the sets that need a finite one say so).
+    and KL balls, the mean for a KL temperature; the Wasserstein forms, whose limit is
+    infinite, ask for a ``finite`` one (as :class:`Wasserstein` does). A radius tensor that
+    requires grad is refused unless the value is ``differentiable`` in it (the Wasserstein
+    forms, closed forms in rho): the balls are solved without autograd, and a gradient
+    silently lost would read as a zero derivative.
+
+    Raises:
+        TypeError: not a real number or a real tensor.
+        ValueError: NaN, negative, infinite where ``finite``, requiring grad where not
+            ``differentiable``, or a shape that does not broadcast to the batch.
     """
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real | Tensor):
         raise TypeError(f"{name} must be a real number or a tensor, got {type(rho).__name__}")
     if isinstance(rho, Tensor) and (rho.is_complex() or rho.dtype == torch.bool):
         raise TypeError(f"{name} must be real, got dtype {rho.dtype}")
+    if isinstance(rho, Tensor) and rho.requires_grad and not differentiable:
+        raise ValueError(f"{name} requires grad, but this worst case is solved without "
+                         f"autograd and has no gradient in {name}: pass {name}.detach()")
     r = torch.as_tensor(rho, dtype=like.dtype, device=like.device)
     if bool(torch.isnan(r).any()):
         raise ValueError(f"{name} must not be NaN (a radius is a number >= 0)")
     if bool((r < 0).any()):
         raise ValueError(f"{name} must be non-negative, got {rho}")
+    if finite and bool(torch.isinf(r).any()):
+        raise ValueError(f"{name} must be finite (an infinite transport budget moves every "
+                         f"input anywhere), got {rho}")
     try:
         return torch.broadcast_to(r, like.shape[:-1])
     except RuntimeError as err:
@@ -525,9 +552,9 @@ def chi2_worst_case(losses: Tensor, rho: float | Tensor, *, weights: Tensor | No
 
     Raises:
         TypeError: weights that are not a floating-point tensor.
-        ValueError: empty last dimension, NaN or infinite losses, negative or NaN rho;
-            weights of another shape or device, negative, non-finite or all zero in a
-            problem.
+        ValueError: empty last dimension or batch, NaN or infinite losses, negative or NaN
+            rho, a rho tensor that requires grad (no gradient flows to the radius); weights
+            of another shape or device, negative, non-finite or all zero in a problem.
 
     Example:
         >>> import torch
@@ -719,9 +746,9 @@ def kl_worst_case(losses: Tensor, rho: float | Tensor, *, weights: Tensor | None
 
     Raises:
         TypeError: weights that are not a floating-point tensor.
-        ValueError: empty last dimension, NaN or infinite losses, negative or NaN rho;
-            weights of another shape or device, negative, non-finite or all zero in a
-            problem.
+        ValueError: empty last dimension or batch, NaN or infinite losses, negative or NaN
+            rho, a rho tensor that requires grad (no gradient flows to the radius); weights
+            of another shape or device, negative, non-finite or all zero in a problem.
 
     Example:
         >>> import torch
@@ -796,9 +823,9 @@ def kl_tilted(losses: Tensor, tau: float | Tensor, *, weights: Tensor | None = N
 
     Raises:
         TypeError: weights that are not a floating-point tensor.
-        ValueError: empty last dimension, NaN or infinite losses, negative or NaN tau;
-            weights of another shape or device, negative, non-finite or all zero in a
-            problem.
+        ValueError: empty last dimension or batch, NaN or infinite losses, negative or NaN
+            tau, a tau tensor that requires grad; weights of another shape or device,
+            negative, non-finite or all zero in a problem.
 
     Example:
         >>> import torch
@@ -854,14 +881,16 @@ def wasserstein_linear_sq_worst_case(
     Args:
         residuals: ``(..., n)`` residuals r_i.
         w: ``(..., d)`` linear weights (same leading shape as residuals).
-        rho: radius >= 0, float or tensor broadcastable to ``residuals.shape[:-1]``.
+        rho: finite radius >= 0, float or tensor broadcastable to ``residuals.shape[:-1]``
+            (a tensor may require grad: the value is differentiable in it).
 
     Returns:
-        WassersteinResult with value ``(...)`` (differentiable in residuals and w) and dual
-        lambda* ``(...)``.
+        WassersteinResult with value ``(...)`` (differentiable in residuals, w and rho) and
+        dual lambda* ``(...)``.
 
     Raises:
-        ValueError: empty or non-finite residuals or w, mismatched leading shapes, bad rho.
+        ValueError: empty or non-finite residuals or w (or an empty batch), mismatched
+            leading shapes, a negative, NaN or infinite rho.
 
     Example:
         >>> import torch
@@ -876,7 +905,7 @@ def wasserstein_linear_sq_worst_case(
     if residuals.shape[:-1] != w.shape[:-1]:
         raise ValueError(f"residuals {tuple(residuals.shape)} and w {tuple(w.shape)} must share "
                          "their leading (batch) shape")
-    rho_t = _as_radius(rho, residuals)
+    rho_t = _as_radius(rho, residuals, finite=True, differentiable=True)
     rms = residuals.square().mean(-1).sqrt()
     norm = torch.linalg.vector_norm(w, dim=-1)
     value = (rms + rho_t * norm).square()
@@ -898,8 +927,10 @@ def wasserstein_penalty(grad_sq_norms: Tensor, rho: float | Tensor, p: float = 2
     Args:
         grad_sq_norms: ``(..., n)`` squared norms ||grad_z l_i||^2 (differentiable: build
             them with ``create_graph=True`` to train through the penalty).
-        rho: radius >= 0.
-        p: Wasserstein order in [1, inf].
+        rho: finite radius >= 0, float or tensor broadcastable to ``grad_sq_norms.shape[:-1]``
+            (a tensor may require grad: the penalty is linear in it).
+        p: Wasserstein order in [1, inf], a real number (a Python or NumPy scalar; a
+            tensor or a bool is refused, as by :class:`Wasserstein`).
         weights: None (P_n) or the weights of P, a floating tensor broadcastable to
             ``grad_sq_norms.shape``, non-negative, finite, not all zero in a problem, on
             the same device; normalised per problem. A zero weight removes its sample (and
@@ -909,9 +940,11 @@ def wasserstein_penalty(grad_sq_norms: Tensor, rho: float | Tensor, p: float = 2
         The penalty, shape ``grad_sq_norms.shape[:-1]``.
 
     Raises:
-        TypeError: weights that are not a floating-point tensor.
-        ValueError: empty, non-finite or negative squared norms; bad rho; p < 1; weights of
-            another shape or device, negative, non-finite or all zero in a problem.
+        TypeError: p that is not a real number; weights that are not a floating-point
+            tensor.
+        ValueError: empty (or an empty batch), non-finite or negative squared norms; a
+            negative, NaN or infinite rho; p < 1 or NaN; weights of another shape or
+            device, negative, non-finite or all zero in a problem.
 
     Example:
         >>> import torch
@@ -928,9 +961,8 @@ def wasserstein_penalty(grad_sq_norms: Tensor, rho: float | Tensor, p: float = 2
     prob = _check_weights(weights, grad_sq_norms, "grad_sq_norms")
     if bool((grad_sq_norms < 0).any()):
         raise ValueError("grad_sq_norms must be non-negative (they are squared norms)")
-    if not p >= 1:
-        raise ValueError(f"Wasserstein order p must be >= 1, got {p}")
-    rho_t = _as_radius(rho, grad_sq_norms)
+    p = _check_parameter("Wasserstein order p", p, minimum=1.0)
+    rho_t = _as_radius(rho, grad_sq_norms, finite=True, differentiable=True)
     if prob is not None:
         # An absent sample counts for nothing, however large its norm (and 0 * inf is NaN).
         grad_sq_norms = grad_sq_norms.masked_fill(prob == 0, 0.0)
@@ -1037,13 +1069,19 @@ class DualDerivatives(NamedTuple):
     hess_a: Tensor | None = None
 
 
-def _check_parameter(owner: object, name: str, value: object, *, finite: bool = False,
+def _check_parameter(label: str, value: object, *, finite: bool = False,
                      minimum: float = 0.0) -> float:
-    """The one rule for a set's scalar parameter: a real number (not a bool), not NaN,
-    >= ``minimum``, finite where ``finite``. Returns it as a float."""
-    label = f"{type(owner).__name__}.{name}"
+    """The one rule for a scalar parameter (a set's, e.g. ``"Chi2.rho"``, or a function's):
+    a real number (not a bool, a string or a tensor), not NaN, >= ``minimum``, finite where
+    ``finite``. Returns it as a float.
+
+    Raises:
+        TypeError: not a real number (a 0-dim tensor included: pass float(value)).
+        ValueError: NaN, below ``minimum`` or, where ``finite``, infinite.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+        hint = " (pass float(...) for a 0-dim tensor)" if isinstance(value, Tensor) else ""
+        raise TypeError(f"{label} must be a real number, got {type(value).__name__}{hint}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{label} must not be NaN")
@@ -1191,7 +1229,8 @@ class _Ball(AmbiguitySet):
     dual_size: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho))
+        object.__setattr__(self, "rho", _check_parameter(f"{type(self).__name__}.rho",
+                                                         self.rho))
 
     @property
     def is_empirical(self) -> bool:
@@ -1431,7 +1470,8 @@ class KLTemperature(AmbiguitySet):
     tau: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tau", _check_parameter(self, "tau", self.tau))
+        object.__setattr__(self, "tau", _check_parameter(f"{type(self).__name__}.tau",
+                                                         self.tau))
 
     @property
     def is_empirical(self) -> bool:
@@ -1477,8 +1517,9 @@ class Wasserstein(_MeanDual, AmbiguitySet):
     needs_input_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", _check_parameter(self, "rho", self.rho, finite=True))
-        object.__setattr__(self, "p", _check_parameter(self, "p", self.p, minimum=1.0))
+        object.__setattr__(self, "rho", _check_parameter("Wasserstein.rho", self.rho,
+                                                         finite=True))
+        object.__setattr__(self, "p", _check_parameter("Wasserstein.p", self.p, minimum=1.0))
 
     @property
     def is_empirical(self) -> bool:
@@ -1493,6 +1534,7 @@ class Wasserstein(_MeanDual, AmbiguitySet):
         if grad_sq_norms is None:
             raise ValueError("a Wasserstein set needs grad_sq_norms, the per-sample squared "
                              "norms of the loss gradients with respect to the inputs")
+        _check_losses(grad_sq_norms, "grad_sq_norms")  # a tensor, as the losses must be
         if grad_sq_norms.shape != losses.shape:
             raise ValueError(f"grad_sq_norms {tuple(grad_sq_norms.shape)} must match losses "
                              f"{tuple(losses.shape)}")
@@ -1537,7 +1579,8 @@ def robust_mean(
         losses: ``(..., n)`` per-sample losses carrying the autograd graph.
         spec: Chi2(rho), KL(rho), KLTemperature(tau), Wasserstein(rho, p), Empirical() or
             None.
-        grad_sq_norms: ``(..., n)`` ||grad_z l_i||^2, required for Wasserstein only.
+        grad_sq_norms: ``(..., n)`` ||grad_z l_i||^2, a floating tensor like the losses,
+            required for Wasserstein only.
         weights: None (P_n) or the weights of P, a floating tensor broadcastable to
             ``losses.shape``, non-negative, finite, not all zero in a problem, on the
             losses' device; normalised per problem. A zero weight removes its sample (its
@@ -1547,8 +1590,10 @@ def robust_mean(
         Tensor of shape ``losses.shape[:-1]`` (a scalar for a 1-D batch).
 
     Raises:
-        ValueError: as the underlying solver, or a Wasserstein spec without grad_sq_norms.
-        TypeError: an unknown spec, or weights that are not a floating-point tensor.
+        ValueError: as the underlying solver (an empty batch included), or a Wasserstein
+            spec without grad_sq_norms or with grad_sq_norms of another shape.
+        TypeError: an unknown spec, losses or grad_sq_norms that are not tensors, or weights
+            that are not a floating-point tensor.
 
     Example:
         >>> import torch

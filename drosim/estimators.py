@@ -23,12 +23,19 @@ and dphi likewise where its scale is extreme (exact in floating point; every thr
 relative to dphi's scale otherwise), so that data of any scale (1e-150 to 1e200) is fitted as
 well as data of scale 1; a degenerate trial (an all-zero dphi) gets the minimum-norm
 minimiser w = 0 without touching the others.
+
+Every fit is solved in float64 whatever the data's dtype: float16, bfloat16 and float32
+convert to it exactly, the certificates' tolerance (1e-8 relative) is beyond float32's
+resolution of a duality gap, and torch has no half-precision linear solves. The fit comes
+back in the data's dtype. A fit is an argmin, not differentiated through: the data are read
+detached and no gradient flows to them.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -37,12 +44,18 @@ from drosim.certificates import certified_fit, certify, require_certified, toler
 from drosim.dro import AmbiguitySet, Empirical, as_ambiguity_set
 from drosim.newton import Fit, PointwiseLoss, Problem, least_squares, put_trials
 
-__all__ = ["Fit", "dpo", "rebel"]
+__all__ = ["Fit", "SeparableDataWarning", "dpo", "rebel"]
 
 _SECULAR_ITERATIONS = 100  # safeguarded Newton steps of the square-root lasso's ridge path
 # dphi is rescaled only beyond 2^+-64, where its squares could leave the float range (every
 # threshold of the Newton steps is relative to dphi's scale, so a copy would buy nothing).
 _INPUT_SCALE_RANGE = 64
+_SOLVE_DTYPE = torch.float64  # every fit's precision (module docstring)
+
+
+class SeparableDataWarning(UserWarning):
+    """DPO's labels are separable by the fitted w: the objective does not increase along it,
+    nothing bounds ||w||, and w's norm is where the solver stopped."""
 
 
 def _least_squares_gap(gram: Tensor, moment: Tensor, w: Tensor, n: int) -> Tensor:
@@ -222,7 +235,8 @@ def _check_spec(spec: AmbiguitySet | None) -> AmbiguitySet:
 
 def _check_weights(weights: Tensor | None, dphi: Tensor) -> Tensor | None:
     """P's probabilities ``(T, n)`` from sample weights ``(T, n)`` or ``(n,)`` (shared by
-    every trial), normalised per trial; None stays None (uniform)."""
+    every trial), normalised per trial in the solver's dtype (a float16 sum of weights
+    overflows at 65504) and detached; None stays None (uniform)."""
     if weights is None:
         return None
     if not isinstance(weights, Tensor):
@@ -233,6 +247,7 @@ def _check_weights(weights: Tensor | None, dphi: Tensor) -> Tensor | None:
     if weights.shape not in (dphi.shape[:2], dphi.shape[1:2]):
         raise ValueError(f"weights must have shape {tuple(dphi.shape[:2])} or "
                          f"({dphi.shape[1]},), got {tuple(weights.shape)}")
+    weights = _for_solver(weights)
     if not bool(torch.isfinite(weights).all()):
         raise ValueError("weights must be finite (no NaN or inf)")
     if bool((weights < 0).any()):
@@ -242,6 +257,12 @@ def _check_weights(weights: Tensor | None, dphi: Tensor) -> Tensor | None:
         trials = (total[:, 0] <= 0).nonzero().flatten()[:5].tolist()
         raise ValueError(f"weights are all zero in trials {trials}: each trial needs a sample")
     return weights / total
+
+
+def _for_solver(x: Tensor) -> Tensor:
+    """x as every fit reads it: detached, in float64 (module docstring); no copy when it
+    already is."""
+    return x.detach().to(_SOLVE_DTYPE)
 
 
 def _drop_absent(p: Tensor | None, dphi: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,15 +302,22 @@ def _divide_trials(x: Tensor, scale: Tensor) -> Tensor:
     return x / scale.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _finish(fit: Fit, w_scale: Tensor, unit: Tensor) -> Fit:
-    """A fit of the normalised problem in the caller's units: w times ``w_scale``, the
-    objective and the dual times ``unit`` (the losses' unit)."""
-    objective = fit.objective * unit
-    if not bool(torch.isfinite(objective).all()):
-        trials = (~torch.isfinite(objective)).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"the robust objective of trials {trials} overflows "
-                         f"{objective.dtype}: their losses exceed its range")
-    return Fit(fit.w * w_scale.unsqueeze(-1), objective, fit.dual * unit, fit.gap * unit)
+def _finish(fit: Fit, w_scale: Tensor, unit: Tensor, dtype: torch.dtype) -> Fit:
+    """A fit of the normalised problem in the caller's units and dtype: w times ``w_scale``,
+    the objective and the dual times ``unit`` (the losses' unit).
+
+    Raises:
+        ValueError: an objective or a w beyond ``dtype``'s range (named by trial).
+    """
+    objective = (fit.objective * unit).to(dtype)
+    w = (fit.w * w_scale.unsqueeze(-1)).to(dtype)
+    for values, what in ((objective, "robust objective"), (w.flatten(1), "fitted w")):
+        finite = torch.isfinite(values).reshape(values.shape[0], -1).all(-1)
+        if not bool(finite.all()):
+            trials = (~finite).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"the {what} of trials {trials} overflows {dtype}: their data "
+                             "exceed its range (fit them in a wider dtype)")
+    return Fit(w, objective, (fit.dual * unit).to(dtype), (fit.gap * unit).to(dtype))
 
 
 # ------------------------------------------------------------------------ estimators
@@ -305,8 +333,9 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None, *,
     carries a certificate, its duality gap (:class:`Fit`).
 
     Args:
-        dphi: ``(T, n, d)`` feature differences, one problem per trial.
-        dr: ``(T, n)`` relative rewards, same dtype and device.
+        dphi: ``(T, n, d)`` feature differences, one problem per trial, any floating dtype
+            (solved in float64, the fit returned in this dtype); read detached.
+        dr: ``(T, n)`` relative rewards, same dtype and device; read detached.
         spec: None (REBEL, least squares), Chi2(rho), KL(rho), KLTemperature(tau) or
             Wasserstein(rho, p=2) (exact: (sqrt(E l) + rho ||w||)^2).
         weights: optional ``(T, n)`` or ``(n,)`` non-negative sample weights: P puts mass
@@ -314,7 +343,8 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None, *,
             the sample) and the ball is built around that P. None is uniform.
 
     Returns:
-        Fit with w ``(T, d)``, the robust objective ``(T,)``, the dual variable and the gap.
+        Fit with w ``(T, d)``, the robust objective ``(T,)``, the dual variable and the gap,
+        in dphi's dtype; no gradient flows to the data.
 
     Raises:
         TypeError: non-tensor, integer or mixed-dtype inputs, or an unknown spec.
@@ -338,12 +368,15 @@ def rebel(dphi: Tensor, dr: Tensor, spec: AmbiguitySet | None = None, *,
     p = _check_weights(weights, dphi)
     if spec.needs_input_gradients and spec.p != 2:
         raise ValueError(f"W-REBEL in the linear world is exact for p = 2, got p = {spec.p}")
-    dphi, dr = _drop_absent(p, dphi, dr)
-    return _rebel_normalised(dphi, dr, spec, p)
+    dtype = dphi.dtype
+    dphi, dr = _drop_absent(p, _for_solver(dphi), _for_solver(dr))
+    return _rebel_normalised(dphi, dr, spec, p, dtype)
 
 
-def _rebel_normalised(dphi: Tensor, dr: Tensor, spec: AmbiguitySet, p: Tensor | None) -> Fit:
-    """:func:`rebel` on validated data, each trial in its own units (module docstring)."""
+def _rebel_normalised(dphi: Tensor, dr: Tensor, spec: AmbiguitySet, p: Tensor | None,
+                      dtype: torch.dtype) -> Fit:
+    """:func:`rebel` on validated float64 data, each trial in its own units (module
+    docstring); the fit is returned in ``dtype``."""
     # For w' of the normalised problem, w = w' * target / input and the losses are l' * unit.
     input_scale = _power_of_two_scale(dphi, _INPUT_SCALE_RANGE)
     target_scale = _power_of_two_scale(dr)
@@ -388,7 +421,7 @@ def _rebel_normalised(dphi: Tensor, dr: Tensor, spec: AmbiguitySet, p: Tensor | 
                              Fit(*(x[better] for x in retry)))
     else:
         fit = certified_fit(problem, w_ls, kink_at_zero=False)
-    return _finish(require_certified(fit, spec), target_scale / input_scale, unit)
+    return _finish(require_certified(fit, spec), target_scale / input_scale, unit, dtype)
 
 
 def dpo(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet | None = None,
@@ -400,7 +433,8 @@ def dpo(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet | None = Non
     separable). Each fit carries its duality gap (:class:`Fit`).
 
     Args:
-        dphi: ``(T, n, d)`` feature differences.
+        dphi: ``(T, n, d)`` feature differences, any floating dtype (solved in float64, the
+            fit returned in this dtype); read detached.
         pref: ``(T, n)`` labels in {0, 1} (1 when the first response is preferred), same
             dtype and device as dphi.
         beta: DPO's inverse temperature, a finite number > 0.
@@ -410,7 +444,13 @@ def dpo(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet | None = Non
         weights: optional ``(T, n)`` or ``(n,)`` sample weights, as in :func:`rebel`.
 
     Returns:
-        Fit with w ``(T, d)`` (the estimate of the reward parameter), objective, dual, gap.
+        Fit with w ``(T, d)`` (the estimate of the reward parameter), objective, dual, gap,
+        in dphi's dtype; no gradient flows to the data.
+
+    Warns:
+        SeparableDataWarning: without a ridge or a Wasserstein penalty, where the fitted w
+            separates a trial's labels (every pair with dphi != 0 on its label's side): the
+            objective then has no bounded minimiser and ||w|| is where the solver stopped.
 
     Raises:
         TypeError: non-tensor, integer or mixed-dtype inputs, or an unknown spec.
@@ -438,13 +478,17 @@ def dpo(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet | None = Non
     if spec.needs_input_gradients and spec.p != 1:
         raise ValueError("WDPO in the linear world is exact for p = 1 (the logistic loss is "
                          f"Lipschitz in dphi); got p = {spec.p}")
-    dphi, _ = _drop_absent(p, dphi, pref)
-    return _dpo_normalised(dphi, pref, beta, spec, ridge, p)
+    dtype = dphi.dtype
+    pref = _for_solver(pref)
+    dphi, _ = _drop_absent(p, _for_solver(dphi), pref)
+    return _dpo_normalised(dphi, pref, beta, spec, ridge, p, dtype)
 
 
 def _dpo_normalised(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet, ridge: float,
-                    p: Tensor | None) -> Fit:
-    """:func:`dpo` on validated data, each trial in its own units (module docstring)."""
+                    p: Tensor | None, dtype: torch.dtype) -> Fit:
+    """:func:`dpo` on validated float64 data, each trial in its own units (module
+    docstring); the fit is returned in ``dtype``. Warns (:class:`SeparableDataWarning`)
+    where the labels are separable and nothing bounds w."""
     input_scale = _power_of_two_scale(dphi, _INPUT_SCALE_RANGE)
     dphi = _divide_trials(dphi, input_scale)
     ones = torch.ones_like(input_scale)
@@ -456,8 +500,34 @@ def _dpo_normalised(dphi: Tensor, pref: Tensor, beta: float, spec: AmbiguitySet,
     # is not differentiable where every loss is equal (its maximiser is not unique there),
     # as the penalty is not at w = 0; a temperature's is smooth.
     kink = bool(spec.dual_size) or spec.needs_input_gradients
-    fit = certified_fit(problem, _logistic_step_from_zero(problem), kink)
-    return _finish(require_certified(fit, spec), input_scale.reciprocal(), ones)
+    fit = require_certified(certified_fit(problem, _logistic_step_from_zero(problem), kink), spec)
+    if ridge == 0 and not spec.needs_input_gradients:  # a ridge or a penalty bounds w
+        _warn_if_separable(fit.w, dphi, pref)
+    return _finish(fit, input_scale.reciprocal(), ones, dtype)
+
+
+def _warn_if_separable(w: Tensor, dphi: Tensor, pref: Tensor) -> None:
+    """Warn, naming the trials, where w ``(T, d)`` separates the labels: every pair whose
+    dphi is not 0 has (2 o - 1) <w, dphi> > 0 (a pair with dphi = 0, identical responses or
+    an absent sample, has the same loss for every w).
+
+    Such a w is a witness of separability, never a false alarm: along t w (t > 1) every
+    other loss strictly decreases and the constant ones stay, so no worst case of them (the
+    mean, a ball's, a temperature's) increases and nothing bounds ||w|| (the caller skips
+    the objectives with a ridge or a penalty); the fit's norm is where the solver stopped.
+    """
+    scores = (dphi @ w.unsqueeze(-1)).squeeze(-1)
+    margins = torch.where(pref == 1, scores, -scores)
+    informative = (dphi != 0).any(-1)
+    separated = ((margins > 0) | ~informative).all(-1) & informative.any(-1)
+    if bool(separated.any()):
+        trials = separated.nonzero().flatten()
+        warnings.warn(
+            f"dpo: the labels of {trials.numel()} of {w.shape[0]} trials (first "
+            f"{trials[:5].tolist()}) are separable: the fitted w classifies every pair with "
+            "dphi != 0 with a positive margin, so the objective never increases along t w "
+            "(t > 1) and ||w|| is where the solver stopped; pass ridge > 0 or a Wasserstein "
+            "spec to bound it", SeparableDataWarning, stacklevel=4)
 
 
 def _logistic_step_from_zero(problem: Problem) -> Tensor:

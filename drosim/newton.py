@@ -34,12 +34,11 @@ __all__ = ["Fit", "PointwiseLoss", "Problem", "least_squares", "probabilities",
 
 _NEWTON_ITERATIONS = 40
 # A trial is done when the Newton decrement (relative) predicted after its full step is
-# below 1e-14, six orders under the certificates' tolerance: C r^2, Newton's quadratic
+# below 1e-12, four orders under the certificates' tolerance: C r^2, Newton's quadratic
 # convergence with C = r_k / r_(k-1)^2 read off its last two full steps, or a cautious
 # C = 100 before it has taken one. (The certificate judges the result; a trial it refuses
-# gets more steps; at 1e-12 a DPO fit at the kink w = 0 in C5's full preset was left with
-# a gap its retry could not close.)
-_FINAL_DECREMENT = 1e-14
+# gets more steps, then the smoothing path.)
+_FINAL_DECREMENT = 1e-12
 _QUADRATIC_PHASE = 1e-6  # decrements below which the read-off C is trusted
 # Decrements are relative to |f| + _SCALE_FLOOR, the shape of the certificates' tolerance
 # 1e-8 (|f| + 1e-5): a well-fitted regression's small objective is still resolved.

@@ -36,6 +36,7 @@ the random draws are those of the plain world):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,28 @@ NOISE_KINDS = ("gaussian", "rademacher", "student_t3", "skewed")
 SKEW_VALUES = (-math.sqrt(3.0), 1 / math.sqrt(3.0))
 SKEW_PROBS = (0.25, 0.75)
 _CONTAMINATION_FACTOR = -3.0  # a contaminated pair reports this times its true reward gap
+
+
+def _check_real(name: str, value: object, low: float = -math.inf, high: float = math.inf, *,
+                positive: bool = False) -> None:
+    """The one rule for a world's float option: a real number (not a bool), finite, in
+    [low, high) (NaN and infinity refused whatever the bounds); > 0 where ``positive``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN, infinite or out of range; the message names the option.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if math.isfinite(value) and low <= value < high and not (positive and value <= 0):
+        return
+    if positive:
+        raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    if math.isfinite(high):
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}), got {value}")
+    if math.isfinite(low):
+        raise ValueError(f"{name} must be >= {low:g} and finite, got {value}")
+    raise ValueError(f"{name} must be finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -118,18 +141,14 @@ class LinearWorld:
         if self.objectives.ndim != 2 or self.objectives.shape[1] != self.features.shape[2]:
             raise ValueError(f"objectives must be (m, d) with d = {self.features.shape[2]}, "
                              f"got {tuple(self.objectives.shape)}")
-        if self.noise < 0:
-            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        _check_real("noise", self.noise, low=0.0)
         if self.noise_kind not in NOISE_KINDS:
             raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got "
                              f"{self.noise_kind!r}")
-        if not self.noise_slope >= 0:
-            raise ValueError(f"noise_slope must be >= 0, got {self.noise_slope}")
-        if not math.isfinite(self.misspecification):
-            raise ValueError(f"misspecification must be finite, got {self.misspecification}")
+        _check_real("noise_slope", self.noise_slope, low=0.0)
+        _check_real("misspecification", self.misspecification)
         for name in ("contamination", "annotator_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            _check_real(name, getattr(self, name), low=0.0, high=1.0)
         if (self.annotator_fraction > 0) != (self.annotator_alpha is not None):
             raise ValueError("annotator_fraction > 0 and annotator_alpha go together")
         if self.annotator_alpha is not None:
@@ -345,6 +364,13 @@ def make_world(dim: int, prompts: int = 64, responses: int = 8, objectives: int 
     fields of :class:`LinearWorld` (noise_slope, misspecification, contamination, ...);
     tensors among them are moved to ``device`` and ``dtype``.
 
+    Raises:
+        TypeError: a float argument or option that is not a real number.
+        ValueError: sizes below their minimum; reward_scale not finite and > 0; noise,
+            noise_slope not finite and >= 0; misspecification not finite; contamination,
+            annotator_fraction outside [0, 1); or another invalid option (see
+            :class:`LinearWorld`).
+
     Example:
         >>> w = make_world(dim=4, seed=0)
         >>> tuple(w.features.shape), tuple(w.objectives.shape)
@@ -354,8 +380,7 @@ def make_world(dim: int, prompts: int = 64, responses: int = 8, objectives: int 
     """
     if dim < 1 or prompts < 1 or responses < 2 or objectives < 1:
         raise ValueError("need dim >= 1, prompts >= 1, responses >= 2 and objectives >= 1")
-    if reward_scale <= 0:
-        raise ValueError(f"reward_scale must be positive, got {reward_scale}")
+    _check_real("reward_scale", reward_scale, positive=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     features = torch.randn(prompts, responses, dim, generator=gen, dtype=torch.float64)
     features /= dim**0.5

@@ -33,6 +33,8 @@ share the run directory's filesystem.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -49,6 +51,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -140,22 +143,60 @@ def save_checkpoint(
         ValueError: if ``keep`` < 1 or ``state.iteration`` < 0.
         TypeError: if ``state.extra`` is not JSON-serialisable (raised before anything is
             written).
+        OSError: the checkpoint cannot be written (a full disk, no permission); nothing of
+            it is left and ``latest`` still names the previous one.
     """
     if is_sharded(model):
         return save_sharded_checkpoint(run_dir, model=model, optimizer=optimizer,
                                        scheduler=scheduler, state=state, keep=keep)
     state_json = _state_json(state, keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-",
-                                dir=root))
-    safetensors.torch.save_model(_unwrap(model), str(tmp / MODEL_FILE))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-    torch.save(_rng_state(), tmp / RNG_FILE)
-    (tmp / STATE_FILE).write_text(state_json)
-    return _commit(tmp, iteration=state.iteration, keep=keep)
+    with _write_failure_as_oserror(root, state.iteration) as staging:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-",
+                                    dir=root))
+        staging.append(tmp)
+        safetensors.torch.save_model(_unwrap(model), str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        torch.save(_rng_state(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(state_json)
+        return _commit(tmp, iteration=state.iteration, keep=keep)
+
+
+@contextlib.contextmanager
+def _write_failure_as_oserror(root: Path, iteration: int):
+    """Turn a failure to write a checkpoint into one ``OSError`` naming it, after removing
+    its temporary directory (the paths the block appends to the yielded list), so the
+    previous checkpoint stays the one in force and nothing half-written is left.
+
+    A full disk or a refused write reaches here as ``OSError``, as ``RuntimeError`` from
+    torch's zip writer (which does not say why) or as ``SafetensorError``: the error code is
+    the ``OSError``'s own, else ENOSPC when the file system is (nearly) full, else EIO.
+
+    Raises:
+        OSError: ``[Errno N] cannot write the checkpoint of iteration I in ROOT (reason) ...``.
+    """
+    staging: list[Path] = []
+    try:
+        yield staging
+    except (OSError, RuntimeError, SafetensorError) as error:
+        code = getattr(error, "errno", None) or _full_disk_errno(root)
+        for path in staging:
+            shutil.rmtree(path, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or os.strerror(code)
+        kept = _read_latest(root) if root.is_dir() else None
+        raise OSError(code, f"cannot write the checkpoint of iteration {iteration} in {root} "
+                            f"({reason}); the previous checkpoint "
+                            f"({kept or 'none yet'}) is kept: free space or fix the "
+                            "folder's permissions, then --resume") from error
+
+
+def _full_disk_errno(root: Path) -> int:
+    """ENOSPC when the file system holding ``root`` has less than 1 MiB free, else EIO."""
+    folder = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    return errno.ENOSPC if shutil.disk_usage(folder).free < 1 << 20 else errno.EIO
 
 
 def save_sharded_checkpoint(
@@ -334,11 +375,15 @@ def _rng_state() -> dict[str, Any]:
 def _write_latest(root: Path, name: str) -> None:
     """Atomically make ``root/latest`` hold ``name``."""
     tmp = root / f"{_TMP_PREFIX}{LATEST_FILE}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST_FILE)
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / LATEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # `latest` still names the previous checkpoint
+        raise
     _fsync(root)
 
 

@@ -1,7 +1,7 @@
 """``drosim-llm``: the transformer-side command line.
 
     drosim-llm demo --out DIR [--smoke] [--methods rebel,w-rebel] [--seeds 0,1,2]
-    drosim-llm train [--config demo|smoke|PATH.yaml] [--resume] [key=value ...]
+    drosim-llm train [--config NAME|PATH.yaml] [--resume] [--overwrite] [key=value ...]
     drosim-llm --version
     torchrun --nproc-per-node 2 -m drosim.llm.cli train --config smoke out_dir=runs/ddp
     drosim-llm export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite]
@@ -27,11 +27,90 @@ import sys
 from pathlib import Path
 
 from drosim import __version__
-from drosim.llm.config import bundled_config_path, load_config
+from drosim.llm.config import (
+    METHODS,
+    bundled_config_names,
+    bundled_config_path,
+    load_config,
+    suggest,
+)
+
+# --help shows plain text: the module docstring's first line carries reST markup.
+DESCRIPTION = "drosim-llm: the transformer-side command line"
+SEED_LIMIT = 2**32  # numpy's seed range, as the config's seed key
 
 
 def _config_path(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
+
+
+def _comma_list(text: str, *, flag: str) -> list[str]:
+    """The items of a comma-separated flag value, each stripped, none empty nor repeated.
+
+    Raises:
+        ValueError: an empty item or one given twice, naming ``flag``.
+    """
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise ValueError(f"{flag} {text!r} has an empty item; give comma-separated values "
+                         "such as 0,1,2")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise ValueError(f"{flag} {text!r} names {', '.join(repeated)} more than once; give "
+                         "each once")
+    return items
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: distinct integers in [0, 2**32), comma-separated.
+
+    Raises:
+        ValueError: an item that is not such an integer, an empty or repeated item.
+
+    Example:
+        >>> parse_seeds("0, 1,7")
+        (0, 1, 7)
+    """
+    seeds = []
+    for item in _comma_list(text, flag="--seeds"):
+        if not (item.isdigit() and int(item) < SEED_LIMIT):  # isdigit: no sign, no point
+            raise ValueError(f"--seeds: {item!r} is not a seed; give integers in [0, 2**32) "
+                             "such as 0,1,2")
+        seeds.append(int(item))
+    return tuple(seeds)
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: distinct method names of :data:`drosim.llm.methods.METHODS`.
+
+    Raises:
+        ValueError: an unknown name (the close matches suggested), an empty or repeated item.
+
+    Example:
+        >>> parse_methods("rebel,w-rebel")
+        ('rebel', 'w-rebel')
+    """
+    methods = _comma_list(text, flag="--methods")
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"--methods: unknown method {method!r}; "
+                             f"{suggest(method, METHODS, plural='methods')}")
+    return tuple(methods)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, ``train``'s ``key=value`` overrides allowed before and after its flags.
+
+    argparse gives a positional list the first run of its values only, and calls the rest
+    unrecognised: those (in order, after the first run) are the later overrides.
+    """
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [item for item in rest if not item.startswith("-")]
+        rest = [item for item in rest if item.startswith("-")]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def _add_training_options(command: argparse.ArgumentParser, *, lr: float,
@@ -70,26 +149,31 @@ def _training_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drosim-llm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="drosim-llm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the offline CPU demo: table and figure in --out")
     demo.add_argument("--out", required=True, help="output directory")
     demo.add_argument("--smoke", action="store_true", help="seconds-long configuration")
-    demo.add_argument("--methods", default=None, help="comma-separated methods")
-    demo.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds")
+    demo.add_argument("--methods", default=None,
+                      help=f"comma-separated methods, of: {', '.join(METHODS)} (default: "
+                           "the demo's five)")
+    demo.add_argument("--seeds", default="0,1,2",
+                      help="comma-separated RL seeds, integers >= 0 (default: 0,1,2)")
     demo.add_argument("--no-progress", action="store_true")
 
     train = commands.add_parser("train", help="one online training run")
     train.add_argument("--config", default="demo",
-                       help="bundled config name (demo, smoke, gpt2-small-gpu) or a YAML path "
-                            "(default: demo)")
+                       help=f"bundled config name ({', '.join(bundled_config_names())}) or a "
+                            "YAML path (default: demo)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in out_dir")
     train.add_argument("--overwrite", action="store_true",
-                       help="delete an earlier run's outputs in out_dir first")
-    train.add_argument("overrides", nargs="*", help="key=value overrides")
+                       help="replace an earlier run's outputs in out_dir once the new run has "
+                            "started")
+    train.add_argument("overrides", nargs="*",
+                       help="key=value overrides, before or after the flags; later ones win")
 
     export = commands.add_parser("export", help="a run's policy as a Hugging Face model folder")
     export.add_argument("source", help="a run directory (its final/ folder, else its newest "
@@ -117,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     reward.add_argument("--eval-fraction", type=float, default=0.1,
                         help="held-out fraction for the accuracy (default: 0.1)")
 
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         if args.command == "demo":
+            # checked before the demo's modules load or its base model is pre-trained
+            chosen_methods = parse_methods(args.methods) if args.methods else None
+            seeds = parse_seeds(args.seeds)
             import pandas as pd
 
             from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
 
-            methods = tuple(args.methods.split(",")) if args.methods else DEMO_METHODS
-            seeds = tuple(int(s) for s in args.seeds.split(","))
+            methods = chosen_methods or DEMO_METHODS
             run_demo(args.out, smoke=args.smoke, methods=methods, seeds=seeds,
                      progress=not args.no_progress)
             summary = pd.read_csv(Path(args.out) / "summary.csv")

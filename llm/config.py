@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from drosim.llm.data import read_text
 from drosim.llm.methods import METHODS, Method, make_method
 from drosim.llm.objective import ROBUST_SCOPES
 from drosim.llm.rollout_engines import DTYPES as ROLLOUT_DTYPES
@@ -72,7 +73,9 @@ class TrainConfig:
     # objective -> [shift, scale]: the reward model's score r_j is used as (r_j - shift) /
     # scale, a fixed affine map (e.g. ArmoRM's heads to a common scale); None: raw scores
     reward_normalization: dict[str, list[float]] | None = None
-    reward_max_length: int = 1024  # the reward model's input tokens (longer ones: cut, warned)
+    # the reward model's input tokens, at most its positions (longer inputs lose their first
+    # tokens, counted and warned); None: the model's own limit
+    reward_max_length: int | None = 1024
     # weights: the policy's (and the DPO reference's) "float32" or "bfloat16" (then the
     # optimiser state is bf16 too); the reward model's "auto" (bf16 on CUDA), "float32" or
     # "bfloat16"
@@ -117,7 +120,7 @@ class TrainConfig:
     minibatch_size: int = 16  # pairs per optimiser step, over all ranks
     lr: float = 1e-3
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # .inf: no clipping
     warmup_iterations: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -197,12 +200,43 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping that names one key twice (PyYAML would keep the last silently).
+
+    Attributes:
+        key: the key.
+        lines: the 1-based lines of its first and its second occurrence.
+    """
+
+    def __init__(self, key: Any, lines: tuple[int, int]):
+        super().__init__(f"duplicate key {key!r} (lines {lines[0]} and {lines[1]})")
+        self.key, self.lines = key, lines
+
+
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``3e-4`` as a float.
+    """``yaml.SafeLoader`` that also reads ``3e-4`` as a float and refuses duplicate keys.
 
     YAML 1.1, which PyYAML implements, only resolves exponent floats written with a dot
     (``3.0e-4``); plain ``safe_load`` returns the string "3e-4", a trap for learning rates.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """The mapping, after checking that no scalar key appears twice in it (keys brought
+        in by a merge key ``<<`` may be overridden, as YAML allows).
+
+        Raises:
+            DuplicateKeyError: naming the key and the lines of both occurrences.
+        """
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # unhashable or merge keys: SafeConstructor's own checks handle them
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKeyError(key, (first_line[key], line))
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -214,11 +248,14 @@ _Loader.add_implicit_resolver(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The mapping a YAML config file holds, its keys checked against the fields."""
-    with open(path) as f:
-        try:
-            values = yaml.load(f, Loader=_Loader)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    text = read_text(path, what="config")
+    try:
+        values = yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as err:
+        raise ValueError(f"{path}: {err}: PyYAML would keep the last silently; keep one"
+                         ) from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if values is None:  # an empty file, or comments only
         return {}
     if not isinstance(values, dict):
@@ -238,18 +275,48 @@ def _parse_override(override: str) -> tuple[str, Any]:
     _check_known(key, where=f"override {override!r}")
     try:
         return key, yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as err:
+        raise ValueError(f"override {override!r}: duplicate key {err.key!r}; keep one"
+                         ) from None
     except yaml.YAMLError as err:
-        raise ValueError(f"override {override!r}: the value is not valid YAML: {err}") from err
+        raise ValueError(f"override {override!r}: the value is not valid YAML: "
+                         f"{_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: where and what (PyYAML's own text spans several lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(err).split())
 
 
 def _check_known(key: Any, *, where: str) -> None:
     """Reject a key that is not a TrainConfig field, suggesting the fields it resembles."""
-    if key in _FIELD_TYPES:
-        return
-    close = difflib.get_close_matches(str(key), _FIELD_TYPES, n=3)
-    hint = (f"did you mean {' or '.join(map(repr, close))}?" if close
-            else f"valid keys: {', '.join(_FIELD_TYPES)}")
-    raise ValueError(f"unknown config key {key!r} in {where}; {hint}")
+    if key not in _FIELD_TYPES:
+        raise ValueError(f"unknown config key {key!r} in {where}; "
+                         f"{suggest(str(key), list(_FIELD_TYPES), plural='keys')}")
+
+
+def suggest(name: str, choices: Sequence[str], *, plural: str) -> str:
+    """The second half of an "unknown name" message: the close matches of ``name`` among
+    ``choices``, else all of them.
+
+    Args:
+        name: the unknown name.
+        choices: the valid names.
+        plural: what they are, for the list (``"keys"``, ``"methods"``).
+
+    Example:
+        >>> suggest("rebell", ["rebel", "dpo"], plural="methods")
+        "did you mean 'rebel'?"
+        >>> suggest("sft", ["rebel", "dpo"], plural="methods")
+        'valid methods: rebel, dpo'
+    """
+    close = difflib.get_close_matches(name, choices, n=3)
+    if close:
+        return f"did you mean {' or '.join(map(repr, close))}?"
+    return f"valid {plural}: {', '.join(choices)}"
 
 
 _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
@@ -321,48 +388,53 @@ _REQUIRED = ("model", "prompts", "eval_prompts", "reward")
 _POSITIVE = ("eta", "beta", "lr", "max_grad_norm", "temperature")
 _NON_NEGATIVE = ("weight_decay", "warmup_iterations")
 _AT_LEAST_ONE = ("iterations", "pairs_per_iteration", "epochs", "minibatch_size",
-                 "max_new_tokens", "reward_max_length", "eval_every", "num_eval_prompts",
-                 "checkpoint_every")
+                 "max_new_tokens", "eval_every", "num_eval_prompts", "checkpoint_every")
+# The float keys that make_method's drosim.dro sets validate: there an infinite chi2 / KL
+# radius or w_p is a documented limit, and NaN is refused with the set's own message.
+_METHOD_KEYS = ("chi2_rho", "kl_rho", "kl_tau", "w_rho", "w_p", "protect_fraction")
+# The other float keys for which +infinity means something (max_grad_norm: no clipping).
+_MAY_BE_INFINITE = ("max_grad_norm",)
 
 
 def validate_config(config: TrainConfig) -> None:
     """Check every field's type and range.
 
-    Comparisons are written so that NaN fails them.
+    Comparisons are written so that NaN fails them; every float key is checked first to be
+    a number, finite but where infinity means something (:func:`_check_finite`).
 
     Args:
         config: the config to check.
 
     Raises:
-        ValueError: naming the first offending field and what it must be: a world field
-            (model, prompts, eval_prompts, reward) not set, a wrong type, an
-            unknown method or device, a radius its ``drosim.dro`` set refuses (a negative or
-            NaN radius or tau, ``w_p`` < 1, an infinite ``w_rho``), a weight decay below 0, a
-            step size, temperature, beta, learning rate or clipping norm not above 0,
-            a count below 1, ``minibatch_size`` > ``pairs_per_iteration`` or not a divisor
-            of it, ``top_p`` outside
-            (0, 1], a seed outside [0, 2**32), an unknown sharding, a mixture with a
-            negative or non-finite weight or weights not summing to a positive number, no
-            eval mixture, ``compile`` with a Wasserstein method, ``sharding=fsdp2`` with
-            the exact Wasserstein gradient, a ``reward_output`` that is not an attribute
-            name, an empty ``reward_heads`` or one with a negative index or an empty label,
-            ``reward_output`` / ``reward_heads`` with ``reward=demo``, an empty
-            ``prompt_field``, ``prompt_split`` or ``eval_prompt_split``,
-            ``max_prompt_tokens`` below 1, an unknown ``dtype`` or ``reward_dtype``, an
-            empty ``attn_implementation``, a ``reward_normalization`` entry that is not
-            [shift, scale] with a finite shift and a finite scale > 0, a LoRA key out of
-            range or not allowed (:func:`_check_lora`), an unknown ``rollout_engine`` or
-            ``rollout_dtype``, a negative stop id, a ``vllm_gpu_memory_utilization``
-            outside (0, 1), ``rollout_engine=vllm`` with ``sharding=fsdp2`` or LoRA, a
-            ``minority_fraction`` outside [0, 1) or too small for one pair per iteration,
-            or a ``minority_mixture`` without a fraction > 0 or the other way round
-            (:func:`_check_minority`), an unknown ``robust_scope`` or
-            ``robust_scope=iteration`` for a method without pair weights, a
-            ``protect_fraction`` outside (0, 1] (NaN included), or given to a method without a
-            ball or together with its ball's radius (:func:`config_method`).
+        ValueError: naming the first offending field and what it must be: a world field (model,
+            prompts, eval_prompts, reward) not set, a wrong type, a NaN float or an infinite one
+            but ``max_grad_norm``, an unknown method or device, a radius its ``drosim.dro`` set
+            refuses (a negative or NaN radius or tau, ``w_p`` < 1, an infinite ``w_rho``), a
+            weight decay below 0, a step size, temperature, beta, learning rate or clipping norm
+            not above 0, a count below 1, ``warmup_iterations`` > ``iterations``,
+            ``minibatch_size`` > ``pairs_per_iteration`` or not a divisor of it, ``top_p``
+            outside (0, 1], a seed outside [0, 2**32), an unknown sharding, a mixture with a
+            negative or non-finite weight or weights not summing to a positive number, no eval
+            mixture, ``compile`` with a Wasserstein method, ``sharding=fsdp2`` with the exact
+            Wasserstein gradient, a ``reward_output`` that is not an attribute name, an empty
+            ``reward_heads`` or one with a negative index or an empty label, ``reward_output`` /
+            ``reward_heads`` with ``reward=demo``, an empty ``prompt_field``, ``prompt_split``
+            or ``eval_prompt_split``, ``max_prompt_tokens`` or ``reward_max_length`` below 1, an
+            unknown ``dtype`` or ``reward_dtype``, an empty ``attn_implementation``, a
+            ``reward_normalization`` entry that is not [shift, scale] with a finite shift and a
+            finite scale > 0, a LoRA key out of range or not allowed (:func:`_check_lora`), an
+            unknown ``rollout_engine`` or ``rollout_dtype``, a negative stop id, a
+            ``vllm_gpu_memory_utilization`` outside (0, 1), ``rollout_engine=vllm`` with
+            ``sharding=fsdp2`` or LoRA, a ``minority_fraction`` outside [0, 1) or too small for
+            one pair per iteration, or a ``minority_mixture`` without a fraction > 0 or the
+            other way round (:func:`_check_minority`), an unknown ``robust_scope`` or
+            ``robust_scope=iteration`` for a method without pair weights, a ``protect_fraction``
+            outside (0, 1] (NaN included), or given to a method without a ball or together with
+            its ball's radius (:func:`config_method`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
+    _check_finite(config)
     for name in _REQUIRED:
         if getattr(config, name) is None:
             raise ValueError(f"{name} is not set: every run names its policy, prompts and "
@@ -382,6 +454,9 @@ def validate_config(config: TrainConfig) -> None:
         _require(config, name, lambda v: v >= 0, ">= 0")
     for name in _AT_LEAST_ONE:
         _require(config, name, lambda v: v >= 1, ">= 1")
+    # A longer warmup never reaches lr: the run would end on a fraction of it.
+    _require(config, "warmup_iterations", lambda v: v <= config.iterations,
+             f"<= iterations ({config.iterations}): the learning rate would never reach lr")
     method = config_method(config)
     _check_robust_scope(config, method)
     wasserstein = method.spec is not None and method.spec.needs_input_gradients
@@ -413,6 +488,42 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
     for i, mixture in enumerate(config.eval_mixtures):
         _check_mixture(f"eval_mixtures[{i}]", mixture)
+
+
+def _check_finite(config: TrainConfig) -> None:
+    """Every float key (but the radii, see ``_METHOD_KEYS``) is a number: never NaN, and
+    infinite only where +infinity means something (``_MAY_BE_INFINITE``). An infinite step size,
+    temperature or learning rate would pass the range checks and fail, or silently do
+    nothing, only once the run is under way."""
+    for name, hint in _FIELD_TYPES.items():
+        value = getattr(config, name)
+        is_float = hint is float or (typing.get_origin(hint) is types.UnionType
+                                     and float in typing.get_args(hint))
+        if name in _METHOD_KEYS or not is_float or value is None:
+            continue
+        if math.isnan(value) or (math.isinf(value)
+                                 and not (value > 0 and name in _MAY_BE_INFINITE)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_token_ids(config: TrainConfig, vocab_size: int) -> None:
+    """Refuse ``stop_token_ids`` the tokenizer does not have; the vocabulary size is known
+    only once it is loaded, so :func:`validate_config` checks the ids are >= 0 alone.
+
+    Args:
+        config: a validated config.
+        vocab_size: the number of token ids of the policy's tokenizer (``len(tokenizer)``).
+
+    Raises:
+        ValueError: naming the first id >= ``vocab_size``.
+
+    Example:
+        >>> check_token_ids(TrainConfig(stop_token_ids=[2, 50256]), vocab_size=50257)
+    """
+    for token_id in config.stop_token_ids or ():
+        if token_id >= vocab_size:
+            raise ValueError(f"stop_token_ids: {token_id} is not a token id of the tokenizer "
+                             f"(its ids are 0 to {vocab_size - 1}); remove it or fix it")
 
 
 def config_method(config: TrainConfig) -> Method:
@@ -461,9 +572,7 @@ def _check_prompt_keys(config: TrainConfig) -> None:
     if config.eval_prompt_split is not None and not config.eval_prompt_split:
         raise ValueError("eval_prompt_split is empty; name a split such as 'test', or null "
                          "for prompt_split")
-    if config.max_prompt_tokens is not None and not config.max_prompt_tokens >= 1:
-        raise ValueError(f"max_prompt_tokens must be >= 1 or null, got "
-                         f"{config.max_prompt_tokens!r}")
+    _require(config, "max_prompt_tokens", lambda v: v is None or v >= 1, ">= 1 or null")
 
 
 def _check_rollout_keys(config: TrainConfig) -> None:
@@ -505,10 +614,11 @@ def _check_reward_heads(config: TrainConfig) -> None:
 
 
 def _check_model_keys(config: TrainConfig) -> None:
-    """Known weight dtypes, a named attention kernel, and affine reward maps that keep every
-    score finite and its order (scale > 0)."""
+    """Known weight dtypes, a reward input budget >= 1, a named attention kernel, and affine
+    reward maps that keep every score finite and its order (scale > 0)."""
     _require_choice(config, "dtype", DTYPES)
     _require_choice(config, "reward_dtype", ("auto", *DTYPES))
+    _require(config, "reward_max_length", lambda v: v is None or v >= 1, ">= 1 or null")
     if config.attn_implementation is not None and not config.attn_implementation:
         raise ValueError("attn_implementation is empty; name a kernel such as 'sdpa', or null "
                          "for transformers' default")
@@ -613,7 +723,12 @@ def bundled_config_path(name: str) -> Path:
     Raises:
         ValueError: if there is no such bundled config; the message lists those there are.
     """
-    available = sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml"))
+    available = bundled_config_names()
     if name not in available:
         raise ValueError(f"no bundled config {name!r}; available: {', '.join(available)}")
     return CONFIGS_DIR / f"{name}.yaml"
+
+
+def bundled_config_names() -> list[str]:
+    """The names of the configs shipped in ``llm/configs``, sorted (``"demo"``, ...)."""
+    return sorted(path.stem for path in CONFIGS_DIR.glob("*.yaml"))

@@ -98,13 +98,17 @@ def as_prompt(value: Any, *, row: int, where: str) -> Prompt:
     a non-empty list of ``{"role", "content"}`` string messages with a user message.
 
     Raises:
-        ValueError: naming ``where`` and the row index, for any other value.
+        ValueError: naming ``where`` and the row index, for an empty (or blank) string or
+            any other value.
 
     Example:
         >>> as_prompt("Why is the sky blue?", row=0, where="x")
         'Why is the sky blue?'
     """
     if isinstance(value, str):
+        if not value.strip():  # the policy would be sampled from its BOS alone
+            raise ValueError(f"{where}: row {row}: the prompt is empty; remove the row or "
+                             "give it a text")
         return hh_messages(value) if value.startswith(HH_HUMAN) else value
     messages = as_messages(value, needs="user")
     if messages is not None:
@@ -131,8 +135,61 @@ def as_messages(value: Any, *, needs: str) -> list[Message] | None:
     return None
 
 
-def _read_dataset(source: str, split: str):
-    """The ``datasets.Dataset`` behind a local file, a saved folder or a hub name."""
+def read_text(path: Path, *, what: str) -> str:
+    """The UTF-8 text of the file ``path``.
+
+    Args:
+        path: the file.
+        what: what the file holds, for the message (``"prompts"``, ``"the config"``).
+
+    Raises:
+        ValueError: the file is not UTF-8 text (a binary file, say), naming it.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what}: {path} is not a UTF-8 text file (byte {error.start} is "
+                         f"0x{data[error.start]:02x}); give a text file") from None
+
+
+def check_split(source: str, split: str, *, what: str) -> None:
+    """Refuse a split other than ``"train"`` of a single local file, before anything is read.
+
+    ``datasets`` names the one split of a local ``.parquet`` / ``.jsonl`` / ``.json`` /
+    ``.csv`` file ``"train"``, and a ``.txt`` file has no other; any other split would read
+    every row of the file as if it were that split. (A saved folder's or a hub dataset's
+    splits are checked when it is loaded.)
+
+    Args:
+        source: a prompt or data source, as :func:`load_prompts` and :func:`read_table`
+            take it.
+        split: the split asked for.
+        what: what the source holds, for the message (``"prompts"``, ``"training data"``).
+
+    Raises:
+        ValueError: ``source`` is a local file and ``split`` is not ``"train"``.
+
+    Example:
+        >>> check_split("prompts.jsonl", "test", what="prompts")
+        Traceback (most recent call last):
+        ...
+        ValueError: prompts: prompts.jsonl is a single file, whose only split is 'train' ...
+    """
+    if split != "train" and Path(source).suffix in (".txt", *_BUILDERS):
+        raise ValueError(f"{what}: {source} is a single file, whose only split is 'train' (as "
+                         f"datasets names it), not {split!r}: ask for split 'train', or give a "
+                         f"saved dataset folder or hub dataset with a {split!r} split")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (``datasets`` and ``pyarrow`` write several)."""
+    return " ".join(str(error).split())
+
+
+def _read_dataset(source: str, split: str, *, what: str):
+    """The ``datasets.Dataset`` behind a local file, a saved folder or a hub name; ``what``
+    (``"prompts"``, ``"training data"``) begins every message."""
     import datasets
 
     datasets.disable_progress_bars()  # a bar per small prompt file would drown the run's log
@@ -141,28 +198,30 @@ def _read_dataset(source: str, split: str):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{source}: no split {split!r}; splits: {', '.join(loaded)}")
+                raise ValueError(f"{what}: {source} has no split {split!r}; splits: "
+                                 f"{', '.join(loaded)}")
             loaded = loaded[split]
         return loaded
     if path.suffix in _BUILDERS:
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
+            raise FileNotFoundError(f"{what}: the file {path} does not exist")
         try:
             return datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path),
                                          split="train")
         # an empty or corrupt file raises anything from ValueError to StopIteration
         except Exception as error:
-            raise ValueError(f"cannot read the prompt file {path} (no rows?): {error}") from error
+            raise ValueError(f"{what}: cannot read the file {path} (no rows, or not a "
+                             f"{path.suffix} file?): {_one_line(error)}") from error
     if path.suffix or source.startswith(("/", ".", "~")):
         if not path.exists():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
-        raise ValueError(f"{source}: prompts must be a .txt (one per line), "
+            raise FileNotFoundError(f"{what}: the file {path} does not exist")
+        raise ValueError(f"{what}: {source} must be a .txt (one per line), "
                          f"{', '.join(_BUILDERS)} file, a saved dataset folder or a hub name")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as error:  # offline, unknown name, no such split: all end the run here
-        raise ValueError(f"cannot load the prompt dataset {source!r} (split {split!r}) from "
-                         f"the Hugging Face hub: {error}") from error
+        raise ValueError(f"{what}: cannot load the hub dataset {source!r} (split {split!r}): "
+                         f"{_one_line(error)}") from error
 
 
 def read_table(source: str, split: str = "train"):
@@ -172,33 +231,41 @@ def read_table(source: str, split: str = "train"):
         source: a ``.txt`` file (one text per line, read as the column ``"text"``), a
             ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` file, a ``save_to_disk`` folder or
             a hub dataset name.
-        split: the split of a ``DatasetDict`` folder or a hub dataset.
+        split: the split of a ``DatasetDict`` folder or a hub dataset; a single file has
+            only ``"train"`` (:func:`check_split`).
 
     Returns:
         The dataset, in file order.
 
     Raises:
         FileNotFoundError: a missing file.
-        ValueError: an unknown file type, a corrupt file, a missing split, a hub dataset that
-            cannot be loaded, or no row at all.
+        ValueError: an unknown file type, a corrupt or non-UTF-8 file, a missing split (or
+            any but ``"train"`` of a single file), a hub dataset that cannot be loaded, or no
+            row at all; every message begins with "training data".
 
     Example:
         >>> read_table("texts.txt").column_names  # doctest: +SKIP
         ['text']
     """
+    what = "training data"
+    check_split(source, split, what=what)
     path = Path(source).expanduser()
     if path.suffix == ".txt":
         import datasets
 
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        dataset = datasets.Dataset.from_dict({"text": lines})
+        dataset = datasets.Dataset.from_dict({"text": _text_lines(path, what=what)})
     else:
-        dataset = _read_dataset(source, split)
+        dataset = _read_dataset(source, split, what=what)
     if len(dataset) == 0:
-        raise ValueError(f"{source} holds no row")
+        raise ValueError(f"{what}: {source} holds no row")
     return dataset
+
+
+def _text_lines(path: Path, *, what: str) -> list[str]:
+    """The non-blank lines of a ``.txt`` file (blank lines separate nothing: skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: the file {path} does not exist")
+    return [line for line in read_text(path, what=what).splitlines() if line.strip()]
 
 
 def pick_field(columns: list[str], features: Any, field: str | None, *, where: str) -> str:
@@ -231,7 +298,8 @@ def load_prompts(source: str, *, field: str | None = None, split: str = "train",
             ``.jsonl`` / ``.json`` / ``.csv`` file, a ``save_to_disk`` folder, or a hub
             dataset name (``datasets.load_dataset(source, split=split)``, online only).
         field: the column of the prompts (see :func:`pick_field`); not for ``.txt``.
-        split: the split of a ``DatasetDict`` folder or a hub dataset.
+        split: the split of a ``DatasetDict`` folder or a hub dataset; a single file has
+            only ``"train"`` (:func:`check_split`).
         demo_count: number of demo prompts to generate.
         demo_seed: seed of the demo prompts (train and eval use different seeds).
 
@@ -240,27 +308,27 @@ def load_prompts(source: str, *, field: str | None = None, split: str = "train",
 
     Raises:
         FileNotFoundError: a missing file.
-        ValueError: an unknown file type, a missing split or field (the columns listed), a
-            row that is not a prompt (its index named), a hub dataset that cannot be
-            loaded, or no prompt at all.
+        ValueError: an unknown file type, a non-UTF-8 file, a missing split (or any but
+            ``"train"`` of a single file) or field (the columns listed), a row that is empty
+            or not a prompt (its index named), a hub dataset that cannot be loaded, or no
+            prompt at all.
     """
     if source == "demo":
         from drosim.llm.demo_world import demo_prompts
 
         return list(demo_prompts(demo_count, seed=demo_seed))
+    what = "prompts"
+    check_split(source, split, what=what)
     path = Path(source).expanduser()
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
-        prompts: list[Prompt] = [line for line in path.read_text().splitlines()
-                                 if line.strip()]
+        prompts: list[Prompt] = list(_text_lines(path, what=what))
     else:
-        dataset = _read_dataset(source, split)
+        dataset = _read_dataset(source, split, what=what)
         column = pick_field(dataset.column_names, dataset.features, field, where=source)
         prompts = [as_prompt(value, row=i, where=f"{source} field {column!r}")
                    for i, value in enumerate(dataset[column])]
     if not prompts:
-        raise ValueError(f"{source} holds no prompt")
+        raise ValueError(f"{what}: {source} holds no prompt")
     return prompts
 
 class PromptStream:

@@ -9,7 +9,8 @@
    (``llm/configs/demo.yaml``); each run is an ordinary :func:`drosim.llm.trainer.train` run
    in ``DIR/runs/<method>-seed<k>``, resumed if it was interrupted and skipped if finished
    (a run of another configuration there is refused; ``--smoke`` keeps its own
-   ``DIR/base-smoke`` and ``DIR/runs-smoke``);
+   ``DIR/base-smoke`` and ``DIR/runs-smoke``); ``DIR`` is locked for the whole demo (one
+   writer), and a first run says once that its runs start fresh;
 3. write ``DIR/rewards.csv`` (reward under every mixture of the grid, per method, seed and
    iteration), ``DIR/rewards.png`` (those curves, mean over seeds with their range) and
    ``DIR/summary.csv`` (start and end reward per method with the seed spread).
@@ -17,14 +18,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from drosim.llm.config import TrainConfig, bundled_config_path, config_to_dict, load_config
+from drosim.llm.config import TrainConfig, bundled_config_path, load_config
 from drosim.llm.report import COLUMNS, plot_rewards, read_eval_metrics, summarise
 from drosim.llm.rewards import mixture_name
+from drosim.output import ensure_writable, locked
 
 DEMO_METHODS = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
 
@@ -74,46 +78,60 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
         Columns method, seed, iteration, mixture, reward, win_rate (also written to
         ``rewards.csv``; see :mod:`drosim.llm.report`).
     """
-    from drosim.llm.trainer import train
+    from drosim.llm.trainer import previous_run, train
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # The smoke configuration keeps its own base and runs: a later full demo into the same
     # folder must not reuse them.
     suffix = "-smoke" if smoke else ""
-    base = build_demo_base(out / f"base{suffix}", pretrain_steps=40 if smoke else 300,
-                           corpus_size=500 if smoke else 4000, progress=progress)
+    base_path = out / f"base{suffix}"
     config_path = bundled_config_path("smoke" if smoke else "demo")
-    tables = []
+    runs = {}
     for method in methods:
         for seed in seeds:
             run_dir = out / f"runs{suffix}" / f"{method}-seed{seed}"
-            config = load_config(config_path, [f"model={base}", f"method={method}",
-                                               f"seed={seed}", f"out_dir={run_dir}",
-                                               f"progress={str(progress).lower()}"])
-            check_same_configuration(run_dir, config)
+            runs[method, seed] = load_config(config_path, [
+                f"model={base_path}", f"method={method}", f"seed={seed}", f"out_dir={run_dir}",
+                f"progress={str(progress).lower()}"])
+            check_same_configuration(run_dir, runs[method, seed])  # before anything is written
+    ensure_writable(out)
+    tables = []
+    with locked(out):
+        build_demo_base(base_path, pretrain_steps=40 if smoke else 300,
+                        corpus_size=500 if smoke else 4000, progress=progress)
+        fresh = [key for key, config in runs.items() if not previous_run(Path(config.out_dir))]
+        if fresh:
+            print(f"drosim-llm demo: {len(fresh)} of {len(runs)} runs start fresh in "
+                  f"{out / f'runs{suffix}'}", file=sys.stderr)
+        for (method, seed), config in runs.items():
+            run_dir = Path(config.out_dir)
             if not (run_dir / "final" / "config.json").exists():
-                train(config, resume=True)
+                # an earlier (interrupted) run is resumed; a fresh one just starts
+                train(config, resume=(method, seed) not in fresh)
             table = read_eval_metrics(run_dir)
             tables.append(table.assign(method=method, seed=seed))
-    rewards = pd.concat(tables, ignore_index=True)[COLUMNS]
-    rewards.to_csv(out / "rewards.csv", index=False)
-    train_mixture = mixture_name(config.train_mixture)
-    summary = summarise(rewards, train_mixture)
-    summary.to_csv(out / "summary.csv", index=False)
-    plot_rewards(rewards, train_mixture, out / "rewards.png",
-                 title="drosim-llm demo: held-out reward per mixture")
+        rewards = pd.concat(tables, ignore_index=True)[COLUMNS]
+        rewards.to_csv(out / "rewards.csv", index=False)
+        train_mixture = mixture_name(config.train_mixture)
+        summary = summarise(rewards, train_mixture)
+        summary.to_csv(out / "summary.csv", index=False)
+        plot_rewards(rewards, train_mixture, out / "rewards.png",
+                     title="drosim-llm demo: held-out reward per mixture")
     return rewards
 
 
 def check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
     """Refuse to reuse (or resume) a run made with another configuration, e.g. a --smoke
-    demo's runs for the full demo."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    before, now = config_to_dict(load_config(saved)), config_to_dict(config)
-    changed = sorted(k for k in now if before.get(k) != now[k])
+    demo's runs for the full demo (every key counts: a reused run must be this one).
+
+    Raises:
+        ValueError: naming the keys that differ.
+    """
+    from drosim.llm.trainer import saved_config_changes
+
+    # out_dir aside: the same folder may be named from another current folder
+    changed = sorted(key for key in saved_config_changes(replace(config, out_dir=str(run_dir)))
+                     if key != "out_dir")
     if changed:
         raise ValueError(f"{run_dir} holds a run of another configuration (it differs in "
                          f"{', '.join(changed)}), e.g. a --smoke demo's: use another --out")

@@ -15,12 +15,13 @@ adapter merged into the weights, a plain model, and the adapter alone in ``adapt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -39,6 +40,7 @@ from drosim.llm.checkpoint import (
 )
 from drosim.llm.config import load_config
 from drosim.llm.lora import ADAPTER_DIR, apply_lora, is_lora, merged_copy
+from drosim.output import LOCK_FILE, ensure_writable, locked
 
 FINAL_DIR = "final"
 
@@ -64,7 +66,7 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
 
     hf_logging.disable_progress_bar()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if holds_files(out) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty: choose another folder or pass "
                               "--overwrite")
     weights, run_dir = _weights_to_export(Path(source))
@@ -75,8 +77,38 @@ def export_model(source: str | Path, out: str | Path, *, overwrite: bool = False
     else:
         model, tokenizer = _run_policy(run_dir)
         load_weights(model, weights)
-    write_pretrained(model, tokenizer, out, overwrite=overwrite)
+    with claimed_output(out):
+        write_pretrained(model, tokenizer, out, overwrite=overwrite)
     return weights
+
+
+def holds_files(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds anything but a lock file (a folder written by a
+    run that stopped before its output: empty for the purpose of writing it again), or is
+    not a folder."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or any(p.name != LOCK_FILE for p in folder.iterdir())
+
+
+@contextlib.contextmanager
+def claimed_output(out: Path) -> Iterator[None]:
+    """Create the output folder ``out`` and hold its lock (:func:`drosim.output.locked`)
+    for the block: one writer at a time. If the block fails and ``out`` was new and holds
+    nothing but the lock, it is removed again.
+
+    Raises:
+        OutputError: ``out`` cannot be created, or another process holds it (its pid named).
+    """
+    existed = out.exists()
+    ensure_writable(out)
+    with locked(out):
+        try:
+            yield
+        except BaseException:  # only the lock's holder may remove the folder
+            if not existed and not holds_files(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _weights_to_export(source: Path) -> tuple[Path, Path]:
@@ -129,8 +161,11 @@ def _run_policy(run_dir: Path) -> tuple[nn.Module, object]:
         raise FileNotFoundError(f"{run_dir} has no config.yaml: cannot tell which model the "
                                 "checkpoint belongs to")
     config = load_config(config_file)
-    source = str(run_dir / "base") if config.model == "demo" else config.model
-    model, tokenizer = load_pretrained_policy(source, tokenizer=config.tokenizer,
+    source = (str(run_dir / "base") if config.model == "demo"
+              else recorded_source(run_dir, "model", config.model))
+    tokenizer_source = config.tokenizer and recorded_source(run_dir, "tokenizer",
+                                                            config.tokenizer)
+    model, tokenizer = load_pretrained_policy(source, tokenizer=tokenizer_source,
                                               trust_remote_code=config.trust_remote_code,
                                               dtype=config.dtype)
     if config.lora_rank is not None:
@@ -138,6 +173,34 @@ def _run_policy(run_dir: Path) -> tuple[nn.Module, object]:
                            dropout=config.lora_dropout,
                            target_modules=config.lora_target_modules)
     return model, tokenizer
+
+
+def recorded_source(run_dir: Path, key: str, source: str) -> str:
+    """Where the ``key`` a run's ``config.yaml`` records is, whatever the current folder.
+
+    The trainer records local paths as absolute paths, so a relative one is a hub name, or
+    a local path recorded by a run from before that: it is read relative to the run
+    folder's parent when that exists there. One that looks like a local path (it starts
+    with ``.`` or ``~``, or has more than one ``/``) and is not there is refused.
+
+    Raises:
+        FileNotFoundError: an absolute path that no longer exists, or a relative local path
+            not found next to the run folder; the path named.
+    """
+    path = Path(source)
+    if path.is_absolute():
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir / 'config.yaml'} records {key}={source!r}, "
+                                    "which no longer exists: restore it to export the run")
+        return source
+    beside = run_dir.parent / path
+    if beside.exists():
+        return str(beside)
+    if source.startswith((".", "~")) or source.count("/") > 1:
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} records the relative path "
+                                f"{key}={source!r}, not found at {beside}: put it there or "
+                                "edit config.yaml to give its absolute path")
+    return source  # a hub name ("org/name")
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
@@ -182,7 +245,7 @@ def write_pretrained(model: nn.Module, tokenizer, out: Path, *, overwrite: bool,
     Raises:
         FileExistsError: ``out`` is not empty and ``overwrite`` is not set.
     """
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if holds_files(out) and not overwrite:
         raise FileExistsError(f"{out} is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     adapter = None

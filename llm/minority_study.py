@@ -172,7 +172,7 @@ def train_runs(out: Path, *, methods: Sequence[str], seeds: Sequence[int], fract
     Returns:
         Columns variant, method, seed and those of :func:`final_rewards`.
     """
-    from drosim.llm.trainer import train
+    from drosim.llm.trainer import previous_run, train
 
     suffix = "-smoke" if smoke else ""
     base = build_demo_base(out / f"base{suffix}", pretrain_steps=40 if smoke else 300,
@@ -197,7 +197,9 @@ def train_runs(out: Path, *, methods: Sequence[str], seeds: Sequence[int], fract
                 check_same_configuration(run_dir, config)
                 started = time.monotonic()
                 if not (run_dir / "final" / "config.json").exists():
-                    train(config, resume=True)
+                    # an interrupted arm is resumed; a fresh one just starts (no "no
+                    # intact checkpoint" line per arm)
+                    train(config, resume=bool(previous_run(run_dir)))
                     print(f"[minority_study] {variant} {arm} seed {seed}: "
                           f"{time.monotonic() - started:.1f} s", flush=True)
                 if arm == BASELINE:

@@ -4,6 +4,8 @@ Both train with ``transformers``' ``Trainer`` and write a Hugging Face folder:
 
     check_hyperparameters   refuse non-positive epochs / lr / batch size / max_length
     prepare_out             refuse a non-empty out (or a stale work dir) unless overwrite
+    claimed                 after every check and load: create and lock out (one writer),
+                            then delete a stale work dir with overwrite
     fit                     Trainer checkpoints in ``<out>.work/``; resume from the newest
                             complete one; SIGTERM / SIGINT save the step and stop;
                             the trained model + tokenizer written atomically as out; work
@@ -15,18 +17,19 @@ optimiser, scheduler, RNG, data position) until the final folder is in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from drosim.llm.export import write_pretrained
+from drosim.llm.export import claimed_output, holds_files, write_pretrained
 from drosim.llm.trainer import StopFlag
 
 WORK_SUFFIX = ".work"
@@ -69,26 +72,41 @@ def check_hyperparameters(*, epochs: float, lr: float, batch_size: int, max_leng
 
 
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
-    """Check ``out`` and its work dir before anything is loaded; returns the work dir.
+    """Check ``out`` and its work dir before anything is loaded or written; returns the
+    work dir.
 
     A stale work dir (an interrupted run's checkpoints) is continued with ``resume``,
-    deleted with ``overwrite``, and otherwise refused, so no checkpoint is silently mixed
-    with a new run's.
+    deleted with ``overwrite`` (by :func:`claimed`, once the run holds ``out``), and
+    otherwise refused, so no checkpoint is silently mixed with a new run's.
 
     Raises:
         FileExistsError: ``out`` is not empty, or the work dir exists, without ``overwrite``
             (the work dir: nor ``resume``).
     """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if holds_files(out) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty: choose another folder or pass "
                               "--overwrite")
     work = work_dir(out)
-    if work.exists() and not resume:
-        if not overwrite:
-            raise FileExistsError(f"{work} holds an interrupted run's checkpoints: pass "
-                                  "--resume to continue it or --overwrite to start over")
-        shutil.rmtree(work)
+    if work.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{work} holds the checkpoints of an interrupted run (or of "
+                              "one still running): pass --resume to continue it or "
+                              "--overwrite to start over")
     return work
+
+
+@contextlib.contextmanager
+def claimed(out: Path, *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """Hold ``out`` for the whole recipe (:func:`drosim.llm.export.claimed_output`: one
+    writer at a time) and, with ``overwrite`` and without ``resume``, delete the stale work
+    dir only once it is held (not another writer's checkpoints).
+
+    Raises:
+        OutputError: ``out`` cannot be created, or another process holds it (its pid named).
+    """
+    with claimed_output(out):
+        if overwrite and not resume:
+            shutil.rmtree(work_dir(out), ignore_errors=True)
+        yield
 
 
 def training_arguments(work: Path, *, epochs: float, lr: float, batch_size: int, seed: int,

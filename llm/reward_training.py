@@ -25,12 +25,14 @@ from drosim.llm.data import read_table
 from drosim.llm.recipes import (
     check_hyperparameters,
     check_rows,
+    claimed,
     eval_rows,
     fit,
     prepare_out,
     training_arguments,
 )
 from drosim.llm.rewards import refuse_untrusted_code
+from drosim.llm.trainer import check_model_folder
 
 
 def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "text",
@@ -71,7 +73,9 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
         ValueError: bad hyperparameters, an unreadable or empty table, an unknown column (the
             columns named), an empty or missing text, a label that is not an int or string
             or not one of ``labels``, fewer than two classes, or custom code without
-            ``trust_remote_code``; all before training.
+            ``trust_remote_code``, or a local model folder with damaged files; all before
+            anything is written.
+        OutputError: ``out`` is in use by another process (its pid named).
 
     Example:
         >>> train_reward("models/base", "emotion.parquet", "models/rm")  # doctest: +SKIP
@@ -84,6 +88,7 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
                           save_steps=save_steps)
     work = prepare_out(out, overwrite=overwrite, resume=resume)
     refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
+    check_model_folder("model", model)
     table = read_table(data, split)
     for field in (text_field, label_field):
         if field not in table.column_names:
@@ -98,17 +103,19 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
     classifier, tokenizer = load_classifier(model, names, trust_remote_code=trust_remote_code)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     rows = [{"input_ids": e, "label": i} for e, i in zip(encoded, ids, strict=True)]
-    trainer = Trainer(
-        model=classifier, processing_class=tokenizer,
-        train_dataset=[rows[i] for i in train_idx],
-        data_collator=DataCollatorWithPadding(tokenizer), callbacks=list(callbacks),
-        args=training_arguments(work, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                bf16=bf16, save_steps=save_steps))
     metrics: dict[str, Any] = {"labels": names, "train_rows": len(train_idx),
                                "eval_rows": len(eval_idx)}
     held_out = [rows[i] for i in eval_idx]
-    fit(trainer, tokenizer, out, work, resume=resume, overwrite=overwrite, metrics=metrics,
-        evaluate=(lambda: {"eval_accuracy": accuracy(trainer, held_out)}) if held_out else None)
+    with claimed(out, overwrite=overwrite, resume=resume):  # the first write
+        trainer = Trainer(
+            model=classifier, processing_class=tokenizer,
+            train_dataset=[rows[i] for i in train_idx],
+            data_collator=DataCollatorWithPadding(tokenizer), callbacks=list(callbacks),
+            args=training_arguments(work, epochs=epochs, lr=lr, batch_size=batch_size,
+                                    seed=seed, bf16=bf16, save_steps=save_steps))
+        fit(trainer, tokenizer, out, work, resume=resume, overwrite=overwrite,
+            metrics=metrics, evaluate=(lambda: {"eval_accuracy": accuracy(trainer, held_out)})
+            if held_out else None)
     return out
 
 

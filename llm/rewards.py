@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -190,7 +190,8 @@ class SequenceClassifierReward:
         model_name_or_path: path or hub name of an ``AutoModelForSequenceClassification``.
         device: where to run it.
         batch_size: texts per forward pass.
-        max_length: the most tokens scored per text; a longer conversation loses its first
+        max_length: the most tokens scored per text, capped at the model's own limit
+            (:func:`input_limit`); ``None``: that limit. A longer conversation loses its first
             tokens (the response, at the end, is kept) and is counted in ``truncated``.
         separator: joins prompt and response when the tokenizer has no chat template.
         trust_remote_code: run the model's custom code (its ``config.json`` ``auto_map``).
@@ -206,7 +207,7 @@ class SequenceClassifierReward:
     """
 
     def __init__(self, model_name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 1024, separator: str = " ",
+                 batch_size: int = 64, max_length: int | None = 1024, separator: str = " ",
                  trust_remote_code: bool = False, output: str = "logits",
                  heads: Mapping[str, int | str] | None = None,
                  dtype: torch.dtype | None = None):
@@ -233,7 +234,13 @@ class SequenceClassifierReward:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.objectives, self.columns = self._resolve_heads(heads)
         self.device, self.batch_size = device, batch_size
-        self.max_length, self.separator, self.output = max_length, separator, output
+        self.separator, self.output = separator, output
+        # A reward_max_length above the model's positions would index past its position
+        # table (an IndexError deep in the forward): the model's limit wins.
+        limits = [n for n in (max_length, input_limit(self.model.config, self.tokenizer))
+                  if n is not None]
+        self.max_length: int | None = min(limits, default=None)
+        self.limited_by_model = self.max_length is not None and self.max_length != max_length
         self.truncated = 0  # texts cut to max_length so far
         self._forward(self.format(["Hi"], ["Hello"]))  # a wrong output or head fails now
         self.truncated = 0
@@ -269,9 +276,10 @@ class SequenceClassifierReward:
         # a chat template writes its own special tokens (BOS): not twice
         rows = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template,
                               truncation=False)["input_ids"]
-        self.truncated += sum(len(row) > self.max_length for row in rows)
-        encoded = self.tokenizer.pad({"input_ids": [row[-self.max_length:] for row in rows]},
-                                     return_tensors="pt").to(self.device)
+        if self.max_length is not None:
+            self.truncated += sum(len(row) > self.max_length for row in rows)
+            rows = [row[-self.max_length:] for row in rows]
+        encoded = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             output = self.model(**encoded)
         scores = getattr(output, self.output, None)
@@ -293,10 +301,34 @@ class SequenceClassifierReward:
         scores = torch.cat([self._forward(texts[start:start + self.batch_size])
                             for start in range(0, len(texts), self.batch_size)])
         if self.truncated > before:
+            limit = (f"the reward model's {self.max_length} positions" if self.limited_by_model
+                     else f"reward_max_length = {self.max_length} tokens")
             print(f"drosim-llm: warning: {self.truncated - before} of {len(texts)} texts were "
-                  f"longer than reward_max_length = {self.max_length} tokens and lost their "
-                  "first tokens", file=sys.stderr)
+                  f"longer than {limit} and lost their first tokens", file=sys.stderr)
         return scores
+
+
+def input_limit(config: Any, tokenizer: Any) -> int | None:
+    """The most tokens a model reads: the smallest of its config's ``max_position_embeddings``
+    and ``n_positions`` and its tokenizer's ``model_max_length`` that are set (a tokenizer
+    without one reports a huge placeholder, which never wins against a config's).
+
+    Args:
+        config: the model's ``PretrainedConfig``.
+        tokenizer: its tokenizer.
+
+    Returns:
+        The limit, or ``None`` when none of them is set.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> input_limit(NS(max_position_embeddings=512), NS(model_max_length=10**30))
+        512
+    """
+    values = (getattr(config, "max_position_embeddings", None),
+              getattr(config, "n_positions", None), getattr(tokenizer, "model_max_length", None))
+    return min((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0),
+               default=None)
 
 
 class NormalizedReward:
@@ -334,6 +366,11 @@ class NormalizedReward:
             raise ValueError(f"reward_normalization scales must be > 0, got {normalization}")
         self.reward_model, self.shift, self.scale = reward_model, shift, scale
         self.objectives = reward_model.objectives
+
+    @property
+    def truncated(self) -> int:
+        """The wrapped model's count of cut inputs (0 for one that never cuts)."""
+        return getattr(self.reward_model, "truncated", 0)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         return (self.reward_model(prompts, responses).float() - self.shift) / self.scale

@@ -28,8 +28,15 @@ from typing import Any
 import torch
 
 from drosim.llm.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
-from drosim.llm.recipes import check_hyperparameters, fit, prepare_out, training_arguments
+from drosim.llm.recipes import (
+    check_hyperparameters,
+    claimed,
+    fit,
+    prepare_out,
+    training_arguments,
+)
 from drosim.llm.rewards import refuse_untrusted_code
+from drosim.llm.trainer import check_model_folder
 
 IGNORE = -100  # the label transformers' LM loss skips
 DEFAULT_FIELDS = ("text", "messages")
@@ -72,7 +79,9 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
         ValueError: bad hyperparameters, an unreadable or empty table, an unknown column (the
             columns named), a row that is not a non-empty text or conversation (its index
             named), a conversation without a chat template, or custom code without
-            ``trust_remote_code``; all before training.
+            ``trust_remote_code``, or a local model folder with damaged files; all before
+            anything is written.
+        OutputError: ``out`` is in use by another process (its pid named).
 
     Example:
         >>> sft("models/tiny", "texts.txt", "models/tiny-sft", epochs=3)  # doctest: +SKIP
@@ -87,6 +96,7 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
                           save_steps=save_steps)
     work = prepare_out(out, overwrite=overwrite, resume=resume)
     refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
+    check_model_folder("model", model)
     table = read_table(data, split)
     column = sft_column(table.column_names, field, where=data)
     examples = [as_example(value, row=i, where=f"{data} field {column!r}")
@@ -95,13 +105,14 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
     if policy.config.pad_token_id is None:
         policy.config.pad_token_id = tokenizer.pad_token_id
     rows = tokenize_examples(examples, tokenizer, max_length=max_length, where=data)
-    trainer = Trainer(
-        model=policy, processing_class=tokenizer, train_dataset=rows,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
-        args=training_arguments(work, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                bf16=bf16, save_steps=save_steps))
-    fit(trainer, tokenizer, out, work, resume=resume, overwrite=overwrite,
-        metrics={"examples": len(rows)})
+    with claimed(out, overwrite=overwrite, resume=resume):  # the first write
+        trainer = Trainer(
+            model=policy, processing_class=tokenizer, train_dataset=rows,
+            data_collator=PadCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
+            args=training_arguments(work, epochs=epochs, lr=lr, batch_size=batch_size,
+                                    seed=seed, bf16=bf16, save_steps=save_steps))
+        fit(trainer, tokenizer, out, work, resume=resume, overwrite=overwrite,
+            metrics={"examples": len(rows)})
     return out
 
 

@@ -1,9 +1,16 @@
 """The online DRO-REBEL training loop, as a recipe of small steps.
 
     train(config)
-      prepare_out_dir      refuse an earlier run's out_dir (unless resume / overwrite)
-      set_up               process group, device, policy, reference, rewards, data, optimiser
-      resume_from          the newest intact checkpoint (with --resume)
+      prepare_out_dir      refuse, before anything is written, what cannot work (sources,
+                           damaged model folders) and an earlier run's out_dir (unless
+                           resume / overwrite); check_resume: a resume may change only
+                           RESUME_MAY_CHANGE; the prompts are read
+      claimed_out_dir      create out_dir and lock it for the whole run (one writer)
+      set_up               process group, device, policy, reference, rewards, optimiser; the
+                           prompts must fit the policy (check_prompts_fit); a run that fails
+                           here removes what it created
+      resume_from          the newest intact checkpoint (with --resume); only now does
+                           --overwrite delete the earlier run's outputs
       for each iteration t:
         roll_out           the next pairs_per_iteration prompts (this rank's share); the
                            rollout engine syncs pi_t's weights and samples two responses
@@ -63,7 +70,15 @@ from drosim.llm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from drosim.llm.config import TrainConfig, config_method, save_config
+from drosim.llm.config import (
+    TrainConfig,
+    check_token_ids,
+    config_method,
+    config_to_dict,
+    load_config,
+    save_config,
+    validate_config,
+)
 from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, sample_scores
 from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
@@ -80,7 +95,13 @@ from drosim.llm.rewards import (
     refuse_untrusted_code,
     score,
 )
-from drosim.llm.rollout import SampledPairs, disable_dropout, warn_truncated
+from drosim.llm.rollout import (
+    SampledPairs,
+    check_prompt_lengths,
+    disable_dropout,
+    render_prompts,
+    warn_truncated,
+)
 from drosim.llm.rollout_engines import RolloutEngine, check_rollout_engine, make_rollout_engine
 from drosim.llm.sharding import is_sharded, shard_policy
 from drosim.llm.update import (
@@ -89,14 +110,28 @@ from drosim.llm.update import (
     record_sampling_logprobs,
     update_step,
 )
-from drosim.output import ensure_writable
+from drosim.output import OutputError, ensure_writable, locked
 
 EVAL_SEED = 1234
 DEMO_TRAIN_PROMPT_SEED, DEMO_EVAL_PROMPT_SEED = 1, 2
 # What a run writes into its out_dir (a cached base model, base/, is not a run's output).
 INITIAL_EVAL_FILE = "eval_initial.pt"  # the initial policy's evaluation scores (win rates)
+RESUMES_FILE = "resumes.jsonl"  # one line per --resume: where it resumed, what it changed
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "tensorboard",
-               INITIAL_EVAL_FILE)
+               INITIAL_EVAL_FILE, RESUMES_FILE)
+# The keys naming what a run reads: saved as absolute paths when they are local paths, so
+# that a resume or an export does not depend on the folder it is started from.
+SOURCE_KEYS = ("model", "tokenizer", "reward", "prompts", "eval_prompts")
+# The keys a --resume may change. They say how long the run goes on, how often it evaluates
+# and saves, how it reports, and where or with how much memory it runs: none of them changes
+# what the remaining iterations compute from the checkpoint (out_dir is the same folder,
+# perhaps spelled another way). Every other key (method, radii, model, tokenizer, reward,
+# prompts, seeds, lr, batch shape, ...) defines the run: a resume changing one would continue
+# the checkpoint as another run, so it is refused.
+RESUME_MAY_CHANGE = frozenset({
+    "iterations", "eval_every", "checkpoint_every", "progress", "tensorboard", "device",
+    "gradient_checkpointing", "vllm_gpu_memory_utilization", "trust_remote_code", "out_dir",
+})
 
 
 # ------------------------------------------------------------------------ processes, devices
@@ -150,6 +185,15 @@ def resolve_device(config: TrainConfig, local_rank: int) -> str:
     if config.device == "auto":
         return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return f"cuda:{local_rank}" if config.device == "cuda" else config.device
+
+
+def use_device(config: TrainConfig, world: Distributed) -> str:
+    """This rank's training device, made CUDA's current device when it is one (before any
+    collective: NCCL talks to the current device)."""
+    device = resolve_device(config, world.local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -336,24 +380,227 @@ def previous_run(out_dir: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
 
 
-def prepare_out_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> list[str]:
-    """Check, before any rank joins the process group or writes anything, that the run may
-    use its ``out_dir``; returns the earlier run's outputs found there.
+def absolute_sources(config: TrainConfig) -> TrainConfig:
+    """``config`` with each of :data:`SOURCE_KEYS` that names an existing local path made
+    absolute (relative to the current folder); hub names and ``demo`` are kept as given.
+
+    Example:
+        >>> absolute_sources(TrainConfig(model="demo", reward="org/rm")).reward
+        'org/rm'
+    """
+    changes = {}
+    for key in SOURCE_KEYS:
+        source = getattr(config, key)
+        if source and source != "demo" and Path(source).expanduser().exists():
+            changes[key] = os.path.abspath(Path(source).expanduser())
+    return replace(config, **changes)
+
+
+def saved_config_changes(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """How ``config`` differs from the configuration saved in its ``out_dir``:
+    ``{key: (saved, requested)}``, empty when nothing is saved there. Local paths are
+    compared as absolute paths on both sides (:func:`absolute_sources`).
 
     Raises:
-        ValueError: a source that cannot work (:func:`check_sources`), or an ``out_dir``
-            holding an earlier run without ``resume`` or ``overwrite``.
-        OSError: an ``out_dir`` that cannot be written.
+        ValueError: a saved ``config.yaml`` that cannot be read.
+    """
+    saved_file = Path(config.out_dir) / "config.yaml"
+    if not saved_file.is_file():
+        return {}
+    try:
+        saved = load_config(saved_file)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read the saved configuration {saved_file} ({error}): the "
+                         "run cannot be checked or continued; start a new run") from None
+    before = config_to_dict(absolute_sources(saved))
+    now = config_to_dict(absolute_sources(config))
+    return {key: (before.get(key), value) for key, value in now.items()
+            if before.get(key) != value}
+
+
+def check_resume(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Refuse a ``--resume`` that changes what the saved run is; returns the changes it may
+    make (:data:`RESUME_MAY_CHANGE`), ``{key: (saved, requested)}``.
+
+    Raises:
+        ValueError: listing every refused change as ``key: saved -> requested``.
+    """
+    changes = saved_config_changes(config)
+    refused = [f"{key}: {saved!r} -> {requested!r}"
+               for key, (saved, requested) in changes.items() if key not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ValueError(f"--resume: {config.out_dir} holds a run of another configuration "
+                         f"({'; '.join(refused)}): resume with its saved values or start a "
+                         "new run (another out_dir, or --overwrite)")
+    return changes
+
+
+def check_model_folders(config: TrainConfig) -> None:
+    """Refuse a damaged local model, tokenizer or reward folder (:func:`check_model_folder`)
+    before anything is written.
+
+    Raises:
+        ValueError: naming the key, the file and what is wrong.
+    """
+    for key in ("model", "tokenizer", "reward"):
+        source = getattr(config, key)
+        if source and source != "demo":
+            check_model_folder(key, source)
+
+
+def check_model_folder(key: str, source: str) -> None:
+    """Refuse a local model folder whose files are damaged: every top-level ``.json`` file
+    must parse and every ``.safetensors`` file must be as long as its header says (a copy or
+    download cut short). A hub name is left to ``from_pretrained``, which checks what it
+    downloads.
+
+    Raises:
+        ValueError: naming ``key``, the file and what is wrong.
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{key}={source!r}: {file.name} is not valid JSON "
+                             f"({error}): copy or download the folder again") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{key}={source!r}: {file.name} is truncated or damaged "
+                             f"({problem}): copy or download the folder again")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file's layout (its 8-byte header length, JSON
+    header and the size its tensors' offsets imply), or None; reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"a header of {length} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
+                       if name != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError,
+                ValueError, AttributeError) as error:
+            return f"unreadable header: {error}"
+    if 8 + length + end != size:
+        return f"{size} bytes, but its header describes {8 + length + end}"
+    return None
+
+
+def prepare_out_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> list[str]:
+    """Check, before any rank joins the process group or anything is written, that the run
+    may use its ``out_dir``; returns the earlier run's outputs found there.
+
+    Raises:
+        ValueError: a source that cannot work (:func:`check_sources`), a damaged local
+            model folder (:func:`check_model_folders`), or an ``out_dir`` holding an earlier
+            run without ``resume`` or ``overwrite``.
     """
     out_dir = Path(config.out_dir)
     check_sources(config)
+    check_model_folders(config)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"cannot write to the output folder {out_dir}: not a folder")
     found = previous_run(out_dir)
     if found and not (resume or overwrite):
         raise ValueError(f"out_dir {out_dir} holds an earlier run ({', '.join(found)}): pass "
                          "--resume to continue it, --overwrite to replace it, or choose "
                          "another out_dir")
-    ensure_writable(out_dir)
     return found
+
+
+def load_run_prompts(config: TrainConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """The training prompts and the held-out prompts the run evaluates on (read before
+    anything is written, so that a bad row is refused first)."""
+    prompts = load_prompts(config.prompts, field=config.prompt_field, split=config.prompt_split,
+                           demo_seed=DEMO_TRAIN_PROMPT_SEED)
+    eval_prompts = load_prompts(config.eval_prompts, field=config.prompt_field,
+                                split=config.eval_prompt_split or config.prompt_split,
+                                demo_seed=DEMO_EVAL_PROMPT_SEED)
+    return prompts, eval_prompts[:config.num_eval_prompts]
+
+
+def check_prompts_fit(config: TrainConfig, policy: nn.Module, tokenizer,
+                      prompts: list[Prompt]) -> None:
+    """Refuse, before the run writes anything, prompts that the policy cannot be sampled on:
+    ``chat_template=true`` (or a conversation) without a chat template, a prompt whose
+    tokens plus ``max_new_tokens`` exceed the policy's positions, and ``stop_token_ids``
+    outside the tokenizer's vocabulary.
+
+    Raises:
+        ValueError: from :func:`drosim.llm.rollout.render_prompts`,
+            :func:`drosim.llm.rollout.check_prompt_lengths` (naming the prompt) and
+            :func:`drosim.llm.config.check_token_ids`.
+    """
+    # len(tokenizer), not the embedding's rows: those are often padded past the real tokens
+    check_token_ids(config, len(tokenizer))
+    tokens, _ = render_prompts(tokenizer, prompts, chat_template=config.chat_template,
+                               max_prompt_tokens=config.max_prompt_tokens)
+    positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    check_prompt_lengths([prompt_text(p) for p in prompts], [len(t) for t in tokens],
+                         config.max_new_tokens, positions)
+
+
+@contextlib.contextmanager
+def claimed_out_dir(out_dir: Path, world: Distributed):
+    """Rank 0 creates ``out_dir`` and holds its lock (:func:`drosim.output.locked`) for the
+    block: one writer per run. The other ranks learn whether rank 0 got it, and fail too if
+    not.
+
+    Raises:
+        OutputError: the folder cannot be written, or another process holds it (rank 0's
+            message names its pid).
+    """
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if world.is_main:
+            try:
+                ensure_writable(out_dir)
+                stack.enter_context(locked(out_dir))
+            except OutputError as error:
+                refusal = error
+        if world.largest(int(refusal is not None)):
+            raise refusal or OutputError(f"{out_dir} could not be claimed by rank 0")
+        yield
+
+
+def out_dir_entries(out_dir: Path) -> set[str] | None:
+    """The names in ``out_dir``, or None when it does not exist."""
+    return {path.name for path in out_dir.iterdir()} if out_dir.is_dir() else None
+
+
+@contextlib.contextmanager
+def undone_on_failure(out_dir: Path, before: set[str] | None, world: Distributed):
+    """If the block fails (a run that cannot start), rank 0 removes what the run created in
+    ``out_dir``: the folder itself when it was new (``before`` None), else the entries not
+    in ``before`` (the demo base, the lock file), so that the refusal leaves no trace."""
+    try:
+        yield
+    except BaseException:
+        if world.is_main:
+            if before is None:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                for name in out_dir_entries(out_dir) - before:
+                    remove_path(out_dir / name)
+        raise
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -391,19 +638,19 @@ class Run:
         return self.config.minibatch_size // self.world.world_size
 
 
-def set_up(config: TrainConfig, world: Distributed) -> Run:
+def set_up(config: TrainConfig, world: Distributed,
+           prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> Run:
     """Device, method, policy (dropout off; LoRA adapters with ``lora_rank``), reference
-    (none under LoRA), reward model, prompts, optimiser (of the trained parameters), rollout
-    engine.
+    (none under LoRA), reward model, prompts (``prompts``: the training and held-out ones
+    read already, else :func:`load_run_prompts`), optimiser (of the trained parameters),
+    rollout engine.
 
     Raises:
         ValueError: pairs or minibatches that do not split evenly over the ranks, or
             ``lora_target_modules`` that name no module of the policy.
     """
     out_dir = Path(config.out_dir)
-    device = resolve_device(config, world.local_rank)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
+    device = use_device(config, world)
     if config.pairs_per_iteration % world.world_size or config.minibatch_size % world.world_size:
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
@@ -438,12 +685,8 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
     alpha = mixture_weights(reward_model.objectives, config.train_mixture).to(device)
     minority_alpha = None if config.minority_mixture is None else mixture_weights(
         reward_model.objectives, config.minority_mixture).to(device)
-    stream = PromptStream(load_prompts(config.prompts, field=config.prompt_field,
-                                       split=config.prompt_split,
-                                       demo_seed=DEMO_TRAIN_PROMPT_SEED), seed=config.seed)
-    eval_prompts = load_prompts(config.eval_prompts, field=config.prompt_field,
-                                split=config.eval_prompt_split or config.prompt_split,
-                                demo_seed=DEMO_EVAL_PROMPT_SEED)
+    train_prompts, eval_prompts = prompts or load_run_prompts(config)
+    stream = PromptStream(train_prompts, seed=config.seed)
     # the trained parameters only: all of them, or a LoRA policy's adapters
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
@@ -452,7 +695,7 @@ def set_up(config: TrainConfig, world: Distributed) -> Run:
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
     return Run(config, out_dir, world, device, method, policy,
                maybe_compile(causal_lm(policy), config.compile), tokenizer, reference,
-               reward_model, alpha, stream, eval_prompts[:config.num_eval_prompts],
+               reward_model, alpha, stream, eval_prompts,
                optimizer, scheduler, make_rollout_engine(config, policy, tokenizer, device),
                minority_alpha)
 
@@ -723,26 +966,67 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
     The final policy and tokenizer are saved to ``<out_dir>/final``. An ``out_dir`` that
     holds an earlier run is refused unless ``resume`` (continue it from its latest
-    checkpoint; a run without one starts afresh, and says so) or ``overwrite`` (its outputs
-    are deleted first).
+    checkpoint, with the same configuration but :data:`RESUME_MAY_CHANGE`; a run without
+    one starts afresh, and says so) or ``overwrite`` (its outputs are deleted once the new
+    run has started).
+
+    Everything that can be checked is checked before anything is written (the config, the
+    sources and local model folders, the prompts, a resume's saved configuration); then
+    ``out_dir`` is created and locked for the whole run (one writer per run), and the
+    policy, reward model and the prompts' fit to the policy are checked before the earlier
+    outputs are touched. A run that fails to start removes what it created.
 
     Raises:
         ValueError: an invalid configuration, an ``out_dir`` holding an earlier run (without
-            ``resume`` or ``overwrite``), or bad data met during training (NaN rewards,
-            empty batches), with the rows named.
-        OSError: an ``out_dir`` that cannot be written.
+            ``resume`` or ``overwrite``), one in use by another process, a resume that
+            changes the run, or bad data met during training (NaN rewards, empty batches),
+            with the rows named.
+        OSError: an ``out_dir`` or checkpoint that cannot be written.
         SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
     """
+    validate_config(config)
+    config = absolute_sources(config)
+    out_dir = Path(config.out_dir)
     found = prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    changes = check_resume(config) if resume else {}
+    prompts = load_run_prompts(config)
     world = init_distributed(config.device if config.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu"), always=config.sharding == "fsdp2")
-    if overwrite and not resume and found and world.is_main:
-        for name in found:
-            path = Path(config.out_dir) / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    world.barrier()
-    run = set_up(config, world)
-    state = (resume_from(run) if resume else None) or TrainState(0, 0, {})
+    use_device(config, world)  # the claim's collective runs on it
+    before = out_dir_entries(out_dir)
+    with claimed_out_dir(out_dir, world):
+        with undone_on_failure(out_dir, before, world):
+            run = set_up(config, world, prompts)
+            check_prompts_fit(config, run.policy, run.tokenizer, [*prompts[0], *prompts[1]])
+            state = (resume_from(run) if resume else None) or TrainState(0, 0, {})
+        if world.is_main:
+            if overwrite and not resume:  # only now: the new run has started
+                for name in found:
+                    remove_path(out_dir / name)
+            if resume:
+                record_resume(out_dir, state.iteration, changes)
+        world.barrier()
+        run_loop(run, state)
+    return run.out_dir
+
+
+def record_resume(out_dir: Path, iteration: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the resume to ``out_dir/resumes.jsonl`` (the iteration it continues from and
+    the keys it changed, ``{key: [saved, requested]}``) and say once what changed."""
+    record = {"iteration": iteration, "changed": {k: list(v) for k, v in changes.items()}}
+    with (out_dir / RESUMES_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if changes:
+        print(f"drosim-llm: resuming {out_dir} at iteration {iteration} with "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+              + f" (recorded in {RESUMES_FILE})", file=sys.stderr)
+
+
+def run_loop(run: Run, state: TrainState) -> None:
+    """The iterations from ``state`` to ``config.iterations``: the initial evaluation (a new
+    run), then roll out, score, update, log, evaluate and checkpoint each; the final policy
+    at the end. Rank 0 writes the config and the metrics."""
+    config, world = run.config, run.world
     log = None
     if world.is_main:
         save_config(config, run.out_dir / "config.yaml")
@@ -788,7 +1072,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     finally:
         if log is not None:
             log.close()
-    return run.out_dir
 
 
 def _global_sums(values: list[float | torch.Tensor], device: str) -> list[float]:

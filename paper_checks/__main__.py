@@ -1,16 +1,19 @@
-"""Run the paper checks and write their results (``drosim run`` calls this).
+"""Run the paper checks and write their results (drosim run calls this).
 
     python -m drosim.paper_checks [--preset quick|full] [--out figures/PRESET] [--only NAME ...]
 
 Prints, for each check, the claim, what the paper says, what was measured and the verdict;
-writes ``<out>/claims.md`` (one short row per check: claim, verdict, why, headline number),
-``<out>/claims.csv`` (every field of every check), and for each check
-``<out>/checks/<name>.md`` (its full report: the paper's claim, what was measured, the
-verdict and the detail table) and ``<out>/checks/<name>.csv`` (the detail table). The
-output folder is checked for writing before any check runs, and the run's files are moved
-into it only once every check has finished: an interrupted run leaves the previous results
-untouched. Exits 0 whatever the verdicts (a claim that does not reproduce is a finding), 1
-if a check crashed, 2 if the output folder cannot be written and 130 on Ctrl-C.
+writes OUT/claims.md (one short row per check: claim, verdict, why, headline number),
+OUT/claims.csv (every field of every check), and for each check OUT/checks/NAME.md (its
+full report: the paper's claim, what was measured, the verdict and the detail table),
+OUT/checks/NAME.csv (the detail table), OUT/tables/NAME.csv (the per-x statistics of a swept
+study) and its figures. Before any check runs, OUT is refused if it cannot be written, if a
+file to be written is in the way (claims.csv a folder, checks a file, ...) or if another
+drosim process writes into it; staging folders left by a killed run are removed. The run's
+files are moved into OUT only once every check has finished: an interrupted run leaves the
+previous results untouched. Exits 0 whatever the verdicts (a claim that does not reproduce
+is a finding), 1 if a check crashed, 2 if OUT is refused or the results cannot be moved into
+it, and 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from drosim.output import OutputError, ensure_writable, staged
+from drosim.output import OutputError, check_targets, ensure_writable, exclusive, staged
 from drosim.paper_checks import CHECKS, PRESETS, CheckResult, load_check
 from drosim.paper_checks._framework import REASON_MAX_CHARS, clip
 
@@ -46,43 +50,85 @@ _WIDTH = 100
 _LABEL = 13  # width of the "paper says:" column in the printed report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     """Run the selected checks, print their reports and write the result files.
 
     Args:
         argv: command-line arguments (default: ``sys.argv[1:]``).
+        prog: the command's name in its messages (``drosim run`` passes "drosim").
 
     Returns:
-        The exit status: 0 if every check ran, 1 if any crashed, 2 if the output folder
-        cannot be written, 130 if interrupted (Ctrl-C) before the results were published.
+        The exit status: 0 if every check ran, 1 if any crashed, 2 if the output folder is
+        refused (cannot be written, a file in the way, another writer) or the results cannot
+        be moved into it, 130 if interrupted (Ctrl-C) before the results were published.
     """
     args = _parse_args(argv)
+    names = args.only or list(CHECKS)
     try:
+        check_targets(args.out, publish_targets(names))  # before anything is created
         ensure_writable(args.out)
+        with exclusive(args.out, prog):
+            return _run_and_publish(args.out, args.preset, names, bool(args.only), prog)
     except OutputError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def publish_targets(names: Sequence[str]) -> list[str]:
+    """The files a run of these checks may publish whose names are known before it runs.
+
+    The figures' names are not: :func:`drosim.output.publish` checks them before it moves
+    anything.
+
+    Args:
+        names: the checks to run.
+
+    Returns:
+        Paths relative to the output folder.
+    """
+    return ["claims.csv", "claims.md",
+            *(path for name in names
+              for path in (f"checks/{name}.csv", f"checks/{name}.md", f"tables/{name}.csv"))]
+
+
+def _run_and_publish(out: Path, preset: str, names: Sequence[str], merge: bool,
+                     prog: str) -> int:
+    """Run the checks into a staging folder and publish it into ``out`` (held locked).
+
+    Args:
+        out: the output folder, checked and locked.
+        preset: "quick" or "full".
+        names: the checks to run.
+        merge: keep the other checks' rows of ``out/claims.csv`` (``--only``).
+        prog: the command's name in its messages.
+
+    Returns:
+        The exit status (see :func:`main`).
+
+    Raises:
+        OutputError: the results cannot be moved into ``out``.
+    """
     start = time.perf_counter()
     interrupted = _InterruptFlag()
     try:
-        with interrupted, staged(args.out, last=("claims.csv", "claims.md")) as stage:
-            claims = _run_checks(args.only or list(CHECKS), args.preset, stage,
-                                 previous=args.out / "claims.csv" if args.only else None)
+        with interrupted, staged(out, last=("claims.csv", "claims.md")) as stage:
+            claims = _run_checks(names, preset, stage,
+                                 previous=out / "claims.csv" if merge else None, prog=prog)
             interrupted.raise_if_set()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing written, {args.out} holds the previous results",
+        print(f"\ninterrupted: nothing written, {out} holds the previous results",
               file=sys.stderr)
         return 130
     counts = claims["verdict"].value_counts()
     summary = ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
     checks = "1 check" if len(claims) == 1 else f"{len(claims)} checks"
-    print(f"\n{checks} ({args.preset}) in {time.perf_counter() - start:.1f} s: "
-          f"{summary}. Results in {args.out / 'claims.csv'} and {args.out / 'claims.md'}.")
+    print(f"\n{checks} ({preset}) in {time.perf_counter() - start:.1f} s: "
+          f"{summary}. Results in {out / 'claims.csv'} and {out / 'claims.md'}.")
     return 1 if (claims["verdict"] == "crashed").any() else 0
 
 
 def _run_checks(names: Sequence[str], preset: str, out: Path,
-                previous: Path | None = None) -> pd.DataFrame:
+                previous: Path | None = None, prog: str = PROG) -> pd.DataFrame:
     """Run the checks, print their reports and write every result file into ``out``.
 
     Args:
@@ -91,6 +137,7 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
         out: the (staging) folder the files are written to.
         previous: an earlier claims.csv of the same folder (``--only``): its rows of the
             checks not run now are kept, so rerunning one check updates its row alone.
+        prog: the command's name in its warnings.
 
     Returns:
         The claims of the checks run now, one row each.
@@ -125,7 +172,7 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
 
     claims = pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
     table = claims
-    earlier = _earlier_claims(previous) if previous is not None else None
+    earlier = _earlier_claims(previous, prog) if previous is not None else None
     if earlier is not None:
         order = {name: i for i, name in enumerate(CHECKS)}
         table = pd.concat([earlier[~earlier["check"].isin(names)], claims], ignore_index=True)
@@ -136,10 +183,19 @@ def _run_checks(names: Sequence[str], preset: str, out: Path,
     return claims
 
 
-def _earlier_claims(path: Path) -> pd.DataFrame | None:
+def _earlier_claims(path: Path, prog: str = PROG) -> pd.DataFrame | None:
     """The claims table at ``path``, or None when there is none or it is not one (a
     warning says so: its rows are then not kept). A table written before the
-    :data:`LATER_COLUMNS` existed is read with those cells empty (a note says so)."""
+    :data:`LATER_COLUMNS` existed is read with those cells empty (a note says so); rows
+    with a blank check name are dropped (a warning names them: no check could update them).
+
+    Args:
+        path: the earlier claims.csv.
+        prog: the command's name in its warnings.
+
+    Returns:
+        The table with the columns :data:`CLAIM_COLUMNS`, or None.
+    """
     if not path.is_file():
         return None
     try:
@@ -151,13 +207,19 @@ def _earlier_claims(path: Path) -> pd.DataFrame | None:
         reason = "it lacks the claims columns"
     required = set(CLAIM_COLUMNS) - set(LATER_COLUMNS)
     if earlier is None or not required <= set(earlier.columns):
-        tqdm.write(f"{PROG}: warning: {path} is not a claims table ({reason}); only the "
+        tqdm.write(f"{prog}: warning: {path} is not a claims table ({reason}); only the "
                    "checks run now are written")
         return None
     missing = [c for c in LATER_COLUMNS if c not in earlier.columns]
     if missing:
-        tqdm.write(f"{PROG}: note: {path} predates the columns {', '.join(missing)}; the "
+        tqdm.write(f"{prog}: note: {path} predates the columns {', '.join(missing)}; the "
                    "rows kept from it leave them empty until their checks run again")
+    blank = earlier["check"].astype(str).str.strip() == ""
+    if blank.any():
+        rows = ", ".join(str(row + 1) for row in np.flatnonzero(blank))
+        tqdm.write(f"{prog}: warning: {path}: dropped the rows with no check name (data rows "
+                   f"{rows}, counted from 1 below the header)")
+        earlier = earlier[~blank]
     return earlier.reindex(columns=list(CLAIM_COLUMNS), fill_value="")
 
 

@@ -4,6 +4,7 @@ hypothesis profile. Strategies and numeric helpers live in ``tests/helpers.py``.
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -51,3 +52,16 @@ _CUDA = torch.cuda.is_available()
 def device(request) -> torch.device:
     """Every device the solvers must work on: CPU always, CUDA where there is one."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs at ``tmp_path/fs`` (skipped where mounting is not permitted)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

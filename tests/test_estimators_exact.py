@@ -322,3 +322,24 @@ def test_a_well_fitted_regression_s_small_objective_is_certified():
         spec = KLTemperature(10 ** g.uniform(-4, 0))
         fit = rebel(torch.tensor(dphi)[None], torch.tensor(dr)[None], spec)
         _check(fit, 0, reference.rebel_fit(dphi, dr, spec))
+
+
+@pytest.mark.parametrize("divergence", ["chi2", "kl"])
+def test_closest_multipliers_reach_every_target_inside_the_hull(divergence):
+    # Targets inside the hull of the supported gradients always have multipliers; near the
+    # solution the potential's decrease falls below its rounding, where a line search that
+    # compares values stalled with the residual at 2e-9 (a DPO fit at w = 0 went uncertified).
+    gen = torch.Generator().manual_seed(0)
+    trials, t, d = 2000, 37, 3
+    grads = torch.randn(trials, t, d, dtype=torch.float64, generator=gen)
+    mix = torch.rand(trials, t, dtype=torch.float64, generator=gen) ** 4
+    prior = torch.rand(trials, t, dtype=torch.float64, generator=gen)
+    mix[:, -4:], prior[:, -4:] = 0, 0  # padded slots, as polish_ties gathers them
+    mix, prior = mix / mix.sum(-1, keepdim=True), prior / prior.sum(-1, keepdim=True)
+    target = (mix.unsqueeze(-1) * grads).sum(-2)
+    lam = certificates._closest_multipliers(grads, target, prior, divergence)
+    assert not torch.isnan(lam).any()
+    assert (lam >= 0).all() and (lam[:, -4:] == 0).all()
+    torch.testing.assert_close(lam.sum(-1), torch.ones(trials, dtype=torch.float64))
+    residual = ((lam.unsqueeze(-1) * grads).sum(-2) - target).norm(dim=-1)
+    assert float(residual.max()) <= 1e-9

@@ -353,3 +353,27 @@ def test_resume_candidates_are_latest_then_the_older_ones(tmp_path):
     assert checkpoints_newest_first(tmp_path) == []
     first, second = _save(tmp_path, 1), _save(tmp_path, 2)
     assert checkpoints_newest_first(tmp_path) == [second, first]
+
+
+def test_a_full_disk_in_torch_s_writer_is_one_oserror_and_keeps_the_previous(small_fs):
+    # torch's zip writer reports a full disk as a RuntimeError that does not say why
+    import errno
+
+    from drosim.llm.checkpoint import checkpoints_newest_first, verify_checkpoint
+
+    mount = small_fs
+    _save(mount, 1)
+    # room for model.safetensors (about 20 KB) but not for optimizer.pt
+    free = shutil.disk_usage(mount).free
+    (mount / "filler").write_bytes(b"\0" * (free - 28 * 1024))
+    with pytest.raises(OSError) as raised:
+        _save(mount, 2)
+    assert raised.value.errno == errno.ENOSPC
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert "cannot write the checkpoint of iteration 2" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    (newest,) = checkpoints_newest_first(mount)
+    assert newest.name == "iteration-000001"
+    verify_checkpoint(newest)
+    assert sorted(p.name for p in (mount / "checkpoints").iterdir()) == [
+        "iteration-000001", "latest"]

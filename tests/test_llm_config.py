@@ -157,7 +157,7 @@ def test_yaml_file_must_be_a_mapping(tmp_path):
     ({"warmup_iterations": -1}, "warmup_iterations must be >= 0"),
     ({"kl_tau": -1.0}, r"kl_tau: KLTemperature\.tau must be non-negative"),
     ({"eta": 0.0}, "eta must be > 0"),
-    ({"eta": float("nan")}, "eta must be > 0"),
+    ({"eta": float("nan")}, "eta must be a finite number, got nan"),
     ({"beta": -0.1}, "beta must be > 0"),
     ({"lr": 0.0}, "lr must be > 0"),
     ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),

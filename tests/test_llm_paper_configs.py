@@ -169,9 +169,15 @@ def test_a_missing_stage_0_model_is_named_with_its_key(tmp_path):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # local prompts: the hub dataset, read first, cannot be reached offline
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("i feel\nyou make me\n")
     result = subprocess.run([sys.executable, "-m", "drosim.llm.cli", "train", "--config",
-                             "emotion", f"out_dir={tmp_path / 'run'}", "device=cpu"],
+                             "emotion", f"out_dir={tmp_path / 'run'}", "device=cpu",
+                             f"prompts={prompts}", f"eval_prompts={prompts}",
+                             "eval_prompt_split=train"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert ("model='models/emotion-sft' (not a local folder, so read as a hub name)"
             in result.stderr)
+    assert not (tmp_path / "run").exists()

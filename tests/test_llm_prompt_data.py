@@ -84,7 +84,7 @@ def test_message_lists_and_text_files_load(tmp_path):
 @pytest.mark.parametrize(("name", "table", "kwargs", "message"), [
     ("missing.parquet", None, {}, "does not exist"),
     ("p.xml", None, {}, "does not exist"),
-    ("p.tsv", {}, {}, "prompts must be a .txt"),
+    ("p.tsv", {}, {}, r"prompts: .*p\.tsv must be a \.txt"),
     ("e.parquet", EMOTION, {"field": "prompt"}, "no field 'prompt'; columns: text, label"),
     ("h.parquet", HH, {}, "2 text columns; set prompt_field .*chosen, rejected"),
     ("bad.jsonl", {"prompt": ["fine", 3]}, {}, "row 1: a prompt must be a string"),
@@ -106,7 +106,7 @@ def test_bad_sources_are_clear_errors(tmp_path, name, table, kwargs, message):
 def test_an_empty_dataset_is_refused(tmp_path):
     header_only = tmp_path / "empty.csv"
     header_only.write_text("prompt,label\n")
-    with pytest.raises(ValueError, match=r"cannot read the prompt file .*empty.csv \(no rows"):
+    with pytest.raises(ValueError, match=r"prompts: cannot read the file .*empty.csv \(no rows"):
         load_prompts(str(header_only))
     blank = tmp_path / "blank.txt"
     blank.write_text("\n\n")
@@ -114,14 +114,15 @@ def test_an_empty_dataset_is_refused(tmp_path):
         load_prompts(str(blank))
     empty = _write({"prompt": ["x"]}, tmp_path / "e.jsonl")
     empty.write_text("")
-    with pytest.raises(ValueError, match=r"cannot read the prompt file .*e\.jsonl"):
+    with pytest.raises(ValueError, match=r"prompts: cannot read the file .*e\.jsonl"):
         load_prompts(str(empty))
 
 
 def test_an_offline_hub_name_is_named(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="cannot load the prompt dataset 'someone/no-such-set'"):
+    with pytest.raises(ValueError,
+                       match="prompts: cannot load the hub dataset 'someone/no-such-set'"):
         load_prompts("someone/no-such-set")
 
 
