@@ -11,8 +11,8 @@ the per-problem time (total / 64, median over repeats after one warm-up) is set 
 
 * cvxpy/Clarabel (drosim.reference.chi2_primal / kl_primal), one solve per problem,
   timed end to end (problem construction, canonicalisation and solve) on a few problems;
-* the published chi2-REBEL candidate search (drosim.published), O(n^2) with one host
-  sync per candidate, on a few problems; when one problem would take longer than
+* the published chi2-REBEL candidate search (drosim.paper_checks.published), O(n^2) with
+  one host sync per candidate, on a few problems; when one problem would take longer than
   ``--published-budget`` seconds, a prefix of its candidates is timed and the time is
   extrapolated linearly (the table says so).
 
@@ -50,7 +50,7 @@ from peak_memory import peak_extra_bytes  # bench/peak_memory.py, beside this sc
 from torch import Tensor
 
 from drosim.dro import DROResult, chi2_worst_case, kl_worst_case
-from drosim.published import (
+from drosim.paper_checks.published import (
     published_chi2_candidates,
     published_chi2_objective,
     published_chi2_value_at,
@@ -506,10 +506,10 @@ def write_results(timing: pd.DataFrame, memory: pd.DataFrame, header: str, lines
         f"Per-problem seconds; ours solves a batch of {timing['batch'].iloc[0]} problems in one "
         f"call (median time / batch, after a warm-up); cvxpy/Clarabel (drosim.reference, "
         f"construction + canonicalisation + solve; failed solves are timed too and counted "
-        f"in cvxpy_status) and the published chi2 candidate search (drosim.published) run "
-        f"one problem at a time on the CPU. rho = {RHO}, float64 Exp(1) losses, seed {SEED}. "
-        f"Ours on the CPU uses the torch thread count above (--threads; default 1, like the "
-        f"single-threaded baselines).",
+        f"in cvxpy_status) and the published chi2 candidate search "
+        f"(drosim.paper_checks.published) run one problem at a time on the CPU. "
+        f"rho = {RHO}, float64 Exp(1) losses, seed {SEED}. Ours on the CPU uses the torch "
+        f"thread count above (--threads; default 1, like the single-threaded baselines).",
         to_markdown(timing), "## Peak extra memory of one batched solve",
         "Each probe runs in a fresh Python process after a warm-up on a tiny slice; "
         "multiple_of_input = peak extra / input size. Rows marked 'breakdown' call private "

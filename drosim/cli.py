@@ -14,6 +14,10 @@ an --out another drosim process writes into, an unavailable --device, a losses f
 not one finite number per line) is refused before any work, with a one-line error and exit
 status 2, leaving nothing created or changed. ``run`` and ``study`` write into a staging
 folder and move their files into --out only when they have finished.
+
+``study`` and ``worst-case`` are defined here. Commands of the applications built on drosim
+(``run``: the paper checks) are registered from their side, as entry points of the group
+:data:`COMMANDS_GROUP` (pyproject.toml), so that this core module never imports them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import importlib
 import sys
 import warnings
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +47,19 @@ STUDY_ROOT = Path("figures") / "studies"
 DESCRIPTION = ("drosim: the paper checks of DRO-REBEL (run), one study (study) and the worst "
                "case of a file of losses (worst-case).")
 _WORST_CASES = {"chi2": chi2_worst_case, "kl": kl_worst_case, "kl-temperature": kl_tilted}
+# Entry points of this group add a command: each names a function that takes the parser's
+# subparsers action, adds its parser and sets its ``handler`` default (a function of the
+# parsed arguments returning the exit status; a ValueError it raises is reported as bad input).
+COMMANDS_GROUP = "drosim.commands"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``drosim`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # study and worst-case run without the registered commands: loading those imports their
+    # packages (the paper checks: pandas and more), a second's start-up for nothing.
+    registered = not argv or argv[0] not in ("study", "worst-case")
+    args = _parser(registered).parse_args(argv)
     try:
         return args.handler(args)
     except ValueError as err:  # bad input: say what is wrong, without a traceback
@@ -54,17 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(registered: bool = True) -> argparse.ArgumentParser:
+    """The ``drosim`` parser; with ``registered``, also the commands of :data:`COMMANDS_GROUP`."""
     parser = argparse.ArgumentParser(prog="drosim", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    run = commands.add_parser("run", help="every paper check, figure and the claims table")
-    run.add_argument("--preset", choices=("quick", "full"), default="quick")
-    run.add_argument("--out", type=Path, default=None, help="default: figures/<preset>")
-    run.add_argument("--only", nargs="+", metavar="CHECK",
-                     help="run only these checks (default: all; see drosim.paper_checks)")
-    run.set_defaults(handler=_run)
+    # The registered commands come first: ``run``, the main job, heads the --help list.
+    for entry in sorted(entry_points(group=COMMANDS_GROUP) if registered else (),
+                        key=lambda entry: entry.name):
+        entry.load()(commands)
 
     study = commands.add_parser("study", help="one study: its table (CSV) and figures")
     study.add_argument("name", choices=STUDIES)
@@ -82,20 +93,6 @@ def _parser() -> argparse.ArgumentParser:
     worst.add_argument("file", nargs="?", type=argparse.FileType("r"), default=sys.stdin)
     worst.set_defaults(handler=_worst_case)
     return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    from drosim.paper_checks import CHECKS
-    from drosim.paper_checks.__main__ import main as run_checks
-
-    unknown = sorted(set(args.only or ()) - set(CHECKS))
-    if unknown:
-        raise ValueError(f"unknown check {', '.join(unknown)} for --only (choose from "
-                         f"{', '.join(CHECKS)})")
-    out = args.out or Path("figures") / args.preset
-    only = ["--only", *args.only] if args.only else []
-    # The checks' command line checks --out, locks it and publishes, in drosim's own words.
-    return run_checks(["--preset", args.preset, "--out", str(out), *only], prog="drosim")
 
 
 def _study(args: argparse.Namespace) -> int:

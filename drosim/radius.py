@@ -135,6 +135,49 @@ def validated_radius(dphi: Tensor, target: Tensor, groups: Tensor, family: str,
     """
     dphi, target, labels = _as_batch(dphi, target, groups)
     candidates = _check_radii(radii)
+    _check_rule(family, loss, holdout, standard_errors)
+    held_out = _held_out_mask(labels, holdout, seed).to(dphi.device)
+    one_hot = torch.as_tensor(labels[..., None] == np.unique(labels), dtype=dphi.dtype)
+    held = one_hot * held_out[..., None].to(dphi)  # (T, n, G): held-out pairs per group
+    rows = [_held_out_score(dphi, target, held_out, held, family, float(rho), loss, beta)
+            for rho in candidates]  # one batched fit over all trials per candidate radius
+    certified = [row is not None for row in rows]
+    if not any(certified):
+        raise ValueError("no candidate radius could be fitted with a certificate")
+    uncertified = _HeldOutScore(torch.full_like(held[:, 0], torch.inf),
+                                torch.zeros_like(held[:, 0]),
+                                torch.full_like(held[:, 0, 0], torch.inf))
+    rows = [uncertified if row is None else row for row in rows]  # never chosen
+    worst, worst_group, error, chosen = _one_standard_error_choice(rows, standard_errors)
+    table = pd.DataFrame({
+        "trial": np.repeat(np.arange(dphi.shape[0]), len(candidates)),
+        "radius": np.tile(candidates, dphi.shape[0]),
+        "worst_group_loss": worst.flatten().cpu().numpy(),
+        "worst_group": np.unique(labels)[worst_group.flatten().cpu().numpy()],
+        "standard_error": error.flatten().cpu().numpy(),
+        "mean_loss": torch.stack([row.mean_loss for row in rows], 1).flatten().cpu().numpy(),
+        "certified": np.tile(certified, dphi.shape[0]),
+        "chosen": (torch.arange(len(candidates)) == chosen[:, None].cpu()).flatten().numpy()})
+    return RadiusChoice(np.asarray(candidates)[chosen.cpu().numpy()], table)
+
+
+def _one_standard_error_choice(rows: list[_HeldOutScore], standard_errors: float
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per trial and radius ``(T, R)``: the worst group's held-out loss, that group, its
+    standard error; and per trial ``(T,)`` the index of the smallest radius whose worst loss
+    is within ``standard_errors`` standard errors of the best one."""
+    group_means = torch.stack([row.group_means for row in rows], 1)  # (T, R, G)
+    worst, worst_group = group_means.max(-1)
+    error = torch.stack([row.error for row in rows], 1).gather(
+        -1, worst_group[..., None]).squeeze(-1)
+    best = worst.argmin(1, keepdim=True)
+    threshold = worst.gather(1, best) + standard_errors * error.gather(1, best)
+    chosen = (worst <= threshold).to(torch.int64).argmax(1)  # the first: the smallest radius
+    return worst, worst_group, error, chosen
+
+
+def _check_rule(family: str, loss: str, holdout: float, standard_errors: float) -> None:
+    """Refuse the rule's settings outside their domains (see :func:`validated_radius`)."""
     if family not in _SETS:
         raise ValueError(f"family must be one of {tuple(_SETS)}, got {family!r}")
     if loss not in ("rebel", "dpo"):
@@ -143,45 +186,31 @@ def validated_radius(dphi: Tensor, target: Tensor, groups: Tensor, family: str,
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     if not 0 <= standard_errors < math.inf:
         raise ValueError(f"standard_errors must be finite and >= 0, got {standard_errors}")
-    held_out = _held_out_mask(labels, holdout, seed).to(dphi.device)
-    one_hot = torch.as_tensor(labels[..., None] == np.unique(labels), dtype=dphi.dtype)
-    held = one_hot * held_out[..., None].to(dphi)  # (T, n, G): held-out pairs per group
-    counts = held.sum(1)  # (T, G)
-    present = counts > 0
-    scores, errors, overall, certified = [], [], [], []
-    for rho in candidates:  # one batched fit over all trials per candidate radius
-        w = _fit(dphi, target, ~held_out, family, float(rho), loss, beta)
-        certified.append(w is not None)
-        if w is None:  # never chosen: an infinite score
-            scores.append(torch.full_like(counts, torch.inf))
-            errors.append(torch.zeros_like(counts))
-            overall.append(torch.full_like(counts[:, 0], torch.inf))
-            continue
-        losses = _pointwise_loss(w, dphi, target, loss, beta)
-        overall.append((losses * held_out).sum(1) / held_out.sum(1))
-        means = (losses[..., None] * held).sum(1) / counts.clamp_min(1)
-        squares = (losses[..., None] ** 2 * held).sum(1) / counts.clamp_min(1)
-        sd = (squares - means**2).clamp_min(0).sqrt() / counts.clamp_min(1).sqrt()
-        scores.append(torch.where(present, means, -torch.inf))
-        errors.append(sd)
-    if not any(certified):
-        raise ValueError("no candidate radius could be fitted with a certificate")
-    group_means = torch.stack(scores, 1)  # (T, R, G)
-    worst, worst_group = group_means.max(-1)
-    error = torch.stack(errors, 1).gather(-1, worst_group[..., None]).squeeze(-1)
-    best = worst.argmin(1, keepdim=True)
-    threshold = worst.gather(1, best) + standard_errors * error.gather(1, best)
-    chosen = (worst <= threshold).to(torch.int64).argmax(1)  # the first: the smallest radius
-    table = pd.DataFrame({
-        "trial": np.repeat(np.arange(dphi.shape[0]), len(candidates)),
-        "radius": np.tile(candidates, dphi.shape[0]),
-        "worst_group_loss": worst.flatten().cpu().numpy(),
-        "worst_group": np.unique(labels)[worst_group.flatten().cpu().numpy()],
-        "standard_error": error.flatten().cpu().numpy(),
-        "mean_loss": torch.stack(overall, 1).flatten().cpu().numpy(),
-        "certified": np.tile(certified, dphi.shape[0]),
-        "chosen": (torch.arange(len(candidates)) == chosen[:, None]).flatten().numpy()})
-    return RadiusChoice(np.asarray(candidates)[chosen.cpu().numpy()], table)
+
+
+class _HeldOutScore(NamedTuple):
+    """One radius's held-out losses: per group ``(T, G)`` (-inf for a group without
+    held-out pairs), their standard errors ``(T, G)``, and over all pairs ``(T,)``."""
+
+    group_means: Tensor
+    error: Tensor
+    mean_loss: Tensor
+
+
+def _held_out_score(dphi: Tensor, target: Tensor, held_out: Tensor, held: Tensor, family: str,
+                    rho: float, loss: str, beta: float) -> _HeldOutScore | None:
+    """The fit at radius ``rho`` on the fitting pairs, scored on the held-out ones (``held``
+    ``(T, n, G)`` marks each group's); None where some trial's fit is not certified."""
+    w = _fit(dphi, target, ~held_out, family, rho, loss, beta)
+    if w is None:
+        return None
+    counts = held.sum(1).clamp_min(1)  # (T, G)
+    losses = _pointwise_loss(w, dphi, target, loss, beta)
+    means = (losses[..., None] * held).sum(1) / counts
+    squares = (losses[..., None] ** 2 * held).sum(1) / counts
+    error = (squares - means**2).clamp_min(0).sqrt() / counts.sqrt()
+    return _HeldOutScore(torch.where(held.sum(1) > 0, means, -torch.inf), error,
+                         (losses * held_out).sum(1) / held_out.sum(1))
 
 
 def _as_batch(dphi: Tensor, target: Tensor, groups: Tensor | np.ndarray | Sequence[int]

@@ -13,6 +13,8 @@ Components (small, pure, tested one by one):
   the batched Wasserstein input-gradient norms;
 - :mod:`~drosim.llm.update`: one optimiser step;
 - :mod:`~drosim.llm.sharding`: FSDP2 sharding of the policy (gradients summed over ranks);
+- :mod:`~drosim.llm.runtime`: process group, devices, seeding, signal handling, metrics log
+  and the collectives, shared by the trainer and the stage-0 recipes;
 - :mod:`~drosim.llm.rollout`, :mod:`~drosim.llm.rewards`, :mod:`~drosim.llm.evaluation`:
   sampling pairs, multi-objective rewards, evaluation under reward mixtures;
 - :mod:`~drosim.llm.batch`, :mod:`~drosim.llm.data`: the pair batch and the prompt stream;

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -186,11 +187,15 @@ def _write_failure_as_oserror(root: Path, iteration: int):
         for path in staging:
             shutil.rmtree(path, ignore_errors=True)
         reason = getattr(error, "strerror", None) or os.strerror(code)
-        kept = _read_latest(root) if root.is_dir() else None
-        raise OSError(code, f"cannot write the checkpoint of iteration {iteration} in {root} "
-                            f"({reason}); the previous checkpoint "
-                            f"({kept or 'none yet'}) is kept: free space or fix the "
-                            "folder's permissions, then --resume") from error
+        raise OSError(code, _failure_message(root, iteration, reason)) from error
+
+
+def _failure_message(root: Path, iteration: int, reason: str) -> str:
+    """The one line of a checkpoint that could not be written, naming the one kept."""
+    kept = _read_latest(root) if root.is_dir() else None
+    return (f"cannot write the checkpoint of iteration {iteration} in {root} ({reason}); the "
+            f"previous checkpoint ({kept or 'none yet'}) is kept: free space or fix the "
+            "folder's permissions, then --resume")
 
 
 def _full_disk_errno(root: Path) -> int:
@@ -219,30 +224,74 @@ def save_sharded_checkpoint(
     state_json = _state_json(state, keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
     main = dist.get_rank() == 0
-    tmp = [None]
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = [tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-",
-                                dir=root)]
-    dist.broadcast_object_list(tmp)
-    tmp = Path(tmp[0])
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state},
-             checkpoint_id=tmp / DCP_DIR)
-    rng_file = tmp / _rank_rng_file(dist.get_rank())
-    torch.save(_rng_state(), rng_file)
-    # Each rank flushes what it wrote (DCP its shards): on a filesystem shared by several
-    # nodes, rank 0's fsync in _commit need not reach another node's writes.
-    _fsync(rng_file)
-    dist.barrier()  # every rank's files are written
-    final = root / checkpoint_name(state.iteration)
-    if main:
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        (tmp / STATE_FILE).write_text(state_json)
-        _commit(tmp, iteration=state.iteration, keep=keep)
-    dist.barrier()  # the checkpoint is in place before any rank goes on
-    return final
+    staging: list[Path] = []
+    with _sharded_write_failure_as_oserror(root, state.iteration, staging, main):
+        tmp = [None]
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = [tempfile.mkdtemp(
+                prefix=f"{_TMP_PREFIX}{checkpoint_name(state.iteration)}-", dir=root)]
+            staging.append(Path(tmp[0]))
+        _agree_or_raise(False)  # rank 0 could make the temporary directory
+        dist.broadcast_object_list(tmp)
+        tmp = Path(tmp[0])
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=tmp / DCP_DIR)
+        rng_file = tmp / _rank_rng_file(dist.get_rank())
+        torch.save(_rng_state(), rng_file)
+        # Each rank flushes what it wrote (DCP its shards): on a filesystem shared by several
+        # nodes, rank 0's fsync in _commit need not reach another node's writes.
+        _fsync(rng_file)
+        _agree_or_raise(False)  # every rank's files are written
+        if main:
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / STATE_FILE).write_text(state_json)
+            _commit(tmp, iteration=state.iteration, keep=keep)
+        _agree_or_raise(False)  # the checkpoint is in place before any rank goes on
+    return root / checkpoint_name(state.iteration)
+
+
+class _PeerFailed(Exception):
+    """Another rank failed to write its part of a sharded checkpoint."""
+
+
+def _agree_or_raise(failed: bool) -> None:
+    """A barrier that also tells every rank whether one of them failed (``failed``), so that
+    all leave a sharded save together instead of hanging in the next collective."""
+    flags: list[bool | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, failed)
+    if any(flags):
+        raise _PeerFailed
+
+
+@contextlib.contextmanager
+def _sharded_write_failure_as_oserror(root: Path, iteration: int, staging: list[Path],
+                                      main: bool):
+    """:func:`_write_failure_as_oserror` for every rank of a sharded save: a rank whose write
+    failed tells the others at the next agreement (:func:`_agree_or_raise`), rank 0 removes
+    the temporary directory, and every rank raises the same one-line ``OSError``.
+
+    DCP reports a failed write on any rank to every rank as a ``CheckpointException``.
+    """
+    try:
+        yield
+    except _PeerFailed as error:
+        if main:
+            for path in staging:
+                shutil.rmtree(path, ignore_errors=True)
+        raise OSError(_full_disk_errno(root), _failure_message(
+            root, iteration, "another rank could not write its shards")) from error
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:
+        with contextlib.suppress(_PeerFailed):
+            _agree_or_raise(True)
+        if main:
+            for path in staging:
+                shutil.rmtree(path, ignore_errors=True)
+        code = getattr(error, "errno", None) or _full_disk_errno(root)
+        reason = getattr(error, "strerror", None) or os.strerror(code)
+        raise OSError(code, _failure_message(root, iteration, reason)) from error
 
 
 def _state_json(state: TrainState, keep: int) -> str:
@@ -551,3 +600,58 @@ def _set_rng_state(states: dict[str, Any]) -> None:
         # restore the devices that exist.
         for device, cuda_state in enumerate(states["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ------------------------------------------------------------------ a model folder's files
+
+
+def check_model_folder(key: str, source: str) -> None:
+    """Refuse a local model folder whose files are damaged: every top-level ``.json`` file
+    must parse and every ``.safetensors`` file must be as long as its header says (a copy or
+    download cut short). A hub name is left to ``from_pretrained``, which checks what it
+    downloads.
+
+    Args:
+        key: the config key or argument naming ``source`` (for the message).
+        source: a local folder or a hub name.
+
+    Raises:
+        ValueError: naming ``key``, the file and what is wrong.
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{key}={source!r}: {file.name} is not valid JSON "
+                             f"({error}): copy or download the folder again") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ValueError(f"{key}={source!r}: {file.name} is truncated or damaged "
+                             f"({problem}): copy or download the folder again")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file's layout (its 8-byte header length, JSON
+    header and the size its tensors' offsets imply), or None; reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"a header of {length} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
+                       if name != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError,
+                ValueError, AttributeError) as error:
+            return f"unreadable header: {error}"
+    if 8 + length + end != size:
+        return f"{size} bytes, but its header describes {8 + length + end}"
+    return None

@@ -41,6 +41,8 @@ SEED_LIMIT = 2**32  # numpy's seed range, as the config's seed key
 
 
 def _config_path(name: str) -> Path:
+    """``--config``'s file: a ``.yaml`` / ``.yml`` path as given, else the bundled config of
+    that name (:func:`drosim.llm.config.bundled_config_path` refuses an unknown one)."""
     return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
 
 
@@ -149,10 +151,35 @@ def _training_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``drosim-llm`` console script; returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 when the command has finished, 2 on bad input (one line on stderr, no traceback).
+    """
+    args = _parse(_parser(), argv)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as error:  # OSError: e.g. a hub name from_pretrained lacks
+        print(f"drosim-llm: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand, each with its handler as ``handler``."""
     parser = argparse.ArgumentParser(prog="drosim-llm", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_demo, _add_train, _add_export, _add_report, _add_sft,
+                        _add_train_reward):
+        add_command(commands)
+    return parser
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    """``demo``: the offline CPU demo."""
     demo = commands.add_parser("demo", help="the offline CPU demo: table and figure in --out")
     demo.add_argument("--out", required=True, help="output directory")
     demo.add_argument("--smoke", action="store_true", help="seconds-long configuration")
@@ -162,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seeds", default="0,1,2",
                       help="comma-separated RL seeds, integers >= 0 (default: 0,1,2)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=_demo)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    """``train``: one online training run, its config overridden by ``key=value`` items."""
     train = commands.add_parser("train", help="one online training run")
     train.add_argument("--config", default="demo",
                        help=f"bundled config name ({', '.join(bundled_config_names())}) or a "
@@ -174,22 +205,39 @@ def main(argv: list[str] | None = None) -> int:
                             "started")
     train.add_argument("overrides", nargs="*",
                        help="key=value overrides, before or after the flags; later ones win")
+    train.set_defaults(handler=_train)
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    """``export``: a run's policy as a Hugging Face model folder."""
     export = commands.add_parser("export", help="a run's policy as a Hugging Face model folder")
     export.add_argument("source", help="a run directory (its final/ folder, else its newest "
                                        "intact checkpoint) or one checkpoint directory")
     export.add_argument("--out", required=True, help="the folder to write (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(handler=_export)
 
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    """``report``: the tables and figure of several runs."""
     report = commands.add_parser("report", help="rewards.csv, summary.csv and rewards.png of "
                                                 "runs (several methods and seeds)")
     report.add_argument("runs", nargs="+", help="run directories (out_dir of train)")
     report.add_argument("--out", required=True, help="the folder to write the three files in")
+    report.set_defaults(handler=_report)
+
+
+def _add_sft(commands: argparse._SubParsersAction) -> None:
+    """``sft``: stage 0's supervised fine-tuning."""
     sft = commands.add_parser("sft", help="stage 0: supervised fine-tuning of a causal LM")
     _add_training_options(sft, lr=2e-5, batch_size=8, max_length=1024)
     sft.add_argument("--field", default=None,
                      help="the text or conversation column (default: text, else messages)")
+    sft.set_defaults(handler=_sft)
 
+
+def _add_train_reward(commands: argparse._SubParsersAction) -> None:
+    """``train-reward``: stage 0's reward model."""
     reward = commands.add_parser("train-reward",
                                  help="stage 0: a sequence classifier as a reward model")
     _add_training_options(reward, lr=2e-5, batch_size=16, max_length=512)
@@ -200,66 +248,87 @@ def main(argv: list[str] | None = None) -> int:
                              "ClassLabel names, else the sorted labels)")
     reward.add_argument("--eval-fraction", type=float, default=0.1,
                         help="held-out fraction for the accuracy (default: 0.1)")
+    reward.set_defaults(handler=_train_reward)
 
-    args = _parse(parser, argv)
-    try:
-        if args.command == "demo":
-            # checked before the demo's modules load or its base model is pre-trained
-            chosen_methods = parse_methods(args.methods) if args.methods else None
-            seeds = parse_seeds(args.seeds)
-            import pandas as pd
 
-            from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
+def _demo(args: argparse.Namespace) -> int:
+    """Run the demo into ``--out`` and print its table (and learning report).
 
-            methods = chosen_methods or DEMO_METHODS
-            run_demo(args.out, smoke=args.smoke, methods=methods, seeds=seeds,
-                     progress=not args.no_progress)
-            summary = pd.read_csv(Path(args.out) / "summary.csv")
-            trained = summary[summary.trained_on | summary.mixture.isin(["mean", "worst"])]
-            print(trained.drop(columns="trained_on").to_string(index=False,
-                                                                float_format="{:.3f}".format))
-            if "rebel" in methods and len(seeds) > 1:
-                print(learning_report(summary))
-            print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
-        elif args.command == "report":
-            from drosim.llm.report import report_runs
+    Raises:
+        ValueError: a bad ``--methods`` or ``--seeds``, refused before any work.
+    """
+    # checked before the demo's modules load or its base model is pre-trained
+    chosen_methods = parse_methods(args.methods) if args.methods else None
+    seeds = parse_seeds(args.seeds)
+    import pandas as pd
 
-            summary = report_runs(args.runs, args.out)
-            print(summary.to_string(index=False, float_format="{:.3f}".format))
-            print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
-        elif args.command == "sft":
-            from drosim.llm.sft import sft as run_sft
+    from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
 
-            out = run_sft(args.model, args.data, args.out, field=args.field,
-                          **_training_kwargs(args))
-            print(f"wrote the fine-tuned model to {out}")
-        elif args.command == "train-reward":
-            from drosim.llm.recipes import METRICS_FILE
-            from drosim.llm.reward_training import train_reward
+    methods = chosen_methods or DEMO_METHODS
+    run_demo(args.out, smoke=args.smoke, methods=methods, seeds=seeds,
+             progress=not args.no_progress)
+    summary = pd.read_csv(Path(args.out) / "summary.csv")
+    trained = summary[summary.trained_on | summary.mixture.isin(["mean", "worst"])]
+    print(trained.drop(columns="trained_on").to_string(index=False,
+                                                        float_format="{:.3f}".format))
+    if "rebel" in methods and len(seeds) > 1:
+        print(learning_report(summary))
+    print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+    return 0
 
-            labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
-            out = train_reward(args.model, args.data, args.out, text_field=args.text_field,
-                               label_field=args.label_field, labels=labels,
-                               eval_fraction=args.eval_fraction, **_training_kwargs(args))
-            metrics = json.loads((out / METRICS_FILE).read_text())
-            if "eval_accuracy" in metrics:
-                print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on "
-                      f"{metrics['eval_rows']} rows")
-            print(f"wrote the reward model ({', '.join(metrics['labels'])}) to {out}")
-        elif args.command == "export":
-            from drosim.llm.export import export_model
 
-            weights = export_model(args.source, args.out, overwrite=args.overwrite)
-            print(f"exported {weights} to {args.out}")
-        else:
-            from drosim.llm.trainer import train as run_training
+def _train(args: argparse.Namespace) -> int:
+    """One training run from ``--config`` and the overrides; prints its final folder."""
+    from drosim.llm.trainer import train as run_training
 
-            config = load_config(_config_path(args.config), args.overrides)
-            out = run_training(config, resume=args.resume, overwrite=args.overwrite)
-            print(f"finished: {out / 'final'}")
-    except (ValueError, OSError) as error:  # OSError: e.g. a hub name from_pretrained lacks
-        print(f"drosim-llm: error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(_config_path(args.config), args.overrides)
+    out = run_training(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"finished: {out / 'final'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export a run's (or checkpoint's) policy to ``--out``."""
+    from drosim.llm.export import export_model
+
+    weights = export_model(args.source, args.out, overwrite=args.overwrite)
+    print(f"exported {weights} to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the runs' rewards, summary and figure to ``--out``; print the summary."""
+    from drosim.llm.report import report_runs
+
+    summary = report_runs(args.runs, args.out)
+    print(summary.to_string(index=False, float_format="{:.3f}".format))
+    print(f"wrote {Path(args.out) / 'rewards.csv'}, summary.csv and rewards.png")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    """Fine-tune ``--model`` on ``--data`` into ``--out``."""
+    from drosim.llm.sft import sft as run_sft
+
+    out = run_sft(args.model, args.data, args.out, field=args.field, **_training_kwargs(args))
+    print(f"wrote the fine-tuned model to {out}")
+    return 0
+
+
+def _train_reward(args: argparse.Namespace) -> int:
+    """Train a reward model into ``--out``; print its held-out accuracy when measured."""
+    from drosim.llm.recipes import METRICS_FILE
+    from drosim.llm.reward_training import train_reward
+
+    labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
+    out = train_reward(args.model, args.data, args.out, text_field=args.text_field,
+                       label_field=args.label_field, labels=labels,
+                       eval_fraction=args.eval_fraction, **_training_kwargs(args))
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    if "eval_accuracy" in metrics:
+        print(f"held-out accuracy {metrics['eval_accuracy']:.3f} on "
+              f"{metrics['eval_rows']} rows")
+    print(f"wrote the reward model ({', '.join(metrics['labels'])}) to {out}")
     return 0
 
 

@@ -457,26 +457,10 @@ def validate_config(config: TrainConfig) -> None:
     # A longer warmup never reaches lr: the run would end on a fraction of it.
     _require(config, "warmup_iterations", lambda v: v <= config.iterations,
              f"<= iterations ({config.iterations}): the learning rate would never reach lr")
-    method = config_method(config)
-    _check_robust_scope(config, method)
-    wasserstein = method.spec is not None and method.spec.needs_input_gradients
-    if config.compile and wasserstein:
-        raise ValueError(f"compile=true cannot run {config.method} yet: its input-embedding "
-                         "hook, added per step, is not seen by a compiled graph (and the "
-                         "exact gradient's double backward has none); use compile=false")
-    if config.sharding == "fsdp2" and wasserstein and config.w_gradient == "exact":
-        raise ValueError(f"sharding=fsdp2 cannot run {config.method} with w_gradient=exact "
-                         "(a double backward through FSDP's gradient hooks): use "
-                         "w_gradient=finite-difference or sharding=none")
+    method = _check_method_keys(config)
     _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
     _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
-    _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
-             f"<= pairs_per_iteration ({config.pairs_per_iteration})")
-    # Otherwise the last pairs of every epoch would never be trained on.
-    _require(config, "minibatch_size", lambda v: config.pairs_per_iteration % v == 0,
-             f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
-             f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
-             "every epoch)")
+    _check_batch_shape(config)
     _check_prompt_keys(config)
     _check_rollout_keys(config)
     _check_reward_heads(config)
@@ -488,6 +472,34 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
     for i, mixture in enumerate(config.eval_mixtures):
         _check_mixture(f"eval_mixtures[{i}]", mixture)
+
+
+def _check_method_keys(config: TrainConfig) -> Method:
+    """The run's method (:func:`config_method`), once its robust scope and what the
+    Wasserstein methods cannot run with (compile, FSDP2's exact gradient) are checked."""
+    method = config_method(config)
+    _check_robust_scope(config, method)
+    wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    if config.compile and wasserstein:
+        raise ValueError(f"compile=true cannot run {config.method} yet: its input-embedding "
+                         "hook, added per step, is not seen by a compiled graph (and the "
+                         "exact gradient's double backward has none); use compile=false")
+    if config.sharding == "fsdp2" and wasserstein and config.w_gradient == "exact":
+        raise ValueError(f"sharding=fsdp2 cannot run {config.method} with w_gradient=exact "
+                         "(a double backward through FSDP's gradient hooks): use "
+                         "w_gradient=finite-difference or sharding=none")
+    return method
+
+
+def _check_batch_shape(config: TrainConfig) -> None:
+    """minibatch_size at most pairs_per_iteration, and a divisor of it."""
+    _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
+             f"<= pairs_per_iteration ({config.pairs_per_iteration})")
+    # Otherwise the last pairs of every epoch would never be trained on.
+    _require(config, "minibatch_size", lambda v: config.pairs_per_iteration % v == 0,
+             f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
+             f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
+             "every epoch)")
 
 
 def _check_finite(config: TrainConfig) -> None:

@@ -26,40 +26,13 @@ from pathlib import Path
 import pandas as pd
 
 from drosim.llm.config import TrainConfig, bundled_config_path, load_config
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.report import COLUMNS, plot_rewards, read_eval_metrics, summarise
 from drosim.llm.rewards import mixture_name
+from drosim.llm.trainer import previous_run, saved_config_changes, train
 from drosim.output import ensure_writable, locked
 
 DEMO_METHODS = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
-
-
-def build_demo_base(path: str | Path, *, seed: int = 0, corpus_size: int = 4000,
-                    pretrain_steps: int = 300, progress: bool = False) -> Path:
-    """Pre-train the demo's base policy and tokenizer into ``path`` (once: an existing base
-    is reused) and return ``path``."""
-    from transformers.utils import logging as hf_logging
-
-    from drosim.llm.demo_world import (
-        demo_corpus,
-        demo_model_config,
-        pretrain_demo_model,
-        train_demo_tokenizer,
-    )
-
-    path = Path(path)
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return path
-    if not progress:
-        hf_logging.disable_progress_bar()
-    corpus = demo_corpus(corpus_size, seed=seed)
-    tokenizer = train_demo_tokenizer(corpus)
-    model = pretrain_demo_model(demo_model_config(tokenizer), tokenizer, corpus,
-                                steps=pretrain_steps, seed=seed, progress=progress)
-    staging = path.with_name(path.name + ".tmp")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.replace(path)
-    return path
 
 
 def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = DEMO_METHODS,
@@ -78,8 +51,6 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
         Columns method, seed, iteration, mixture, reward, win_rate (also written to
         ``rewards.csv``; see :mod:`drosim.llm.report`).
     """
-    from drosim.llm.trainer import previous_run, train
-
     out = Path(out)
     # The smoke configuration keeps its own base and runs: a later full demo into the same
     # folder must not reuse them.
@@ -127,8 +98,6 @@ def check_same_configuration(run_dir: Path, config: TrainConfig) -> None:
     Raises:
         ValueError: naming the keys that differ.
     """
-    from drosim.llm.trainer import saved_config_changes
-
     # out_dir aside: the same folder may be named from another current folder
     changed = sorted(key for key in saved_config_changes(replace(config, out_dir=str(run_dir)))
                      if key != "out_dir")

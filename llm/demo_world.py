@@ -20,6 +20,9 @@ run needs in-process:
 * :func:`train_demo_tokenizer`, :func:`demo_model_config`, :func:`pretrain_demo_model` --
   a word-level tokenizer, a 2-layer GPT-2 configuration and a short causal-LM pretraining
   run on the corpus (about ten seconds on one CPU thread), the reference policy of the demo.
+* :func:`build_demo_base` -- all three, saved once as a Hugging Face folder: the concrete
+  ``model`` a ``model: demo`` run (:mod:`drosim.llm.trainer`) and the demo's runs
+  (:mod:`drosim.llm.demo`) load.
 
 Everything is deterministic in its seed: the grammar draws from ``random.Random(seed)`` and
 pretraining from ``torch.manual_seed(seed)`` and a seeded ``torch.Generator``.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "OBJECTIVES",
+    "build_demo_base",
     "demo_corpus",
     "demo_model_config",
     "demo_prompts",
@@ -424,3 +429,38 @@ def pretrain_demo_model(config: transformers.GPT2Config,
         if progress:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
+
+
+def build_demo_base(path: str | Path, *, seed: int = 0, corpus_size: int = 4000,
+                    pretrain_steps: int = 300, progress: bool = False) -> Path:
+    """Pre-train the demo's base policy and tokenizer into ``path``, once: an existing base
+    is reused.
+
+    The folder is written whole or not at all (staged beside ``path``, then renamed).
+
+    Args:
+        path: the Hugging Face folder to write.
+        seed: seeds the corpus and the pretraining.
+        corpus_size: sentences of :func:`demo_corpus`.
+        pretrain_steps: optimiser steps of :func:`pretrain_demo_model`.
+        progress: show transformers' and the pretraining's progress bars.
+
+    Returns:
+        ``path``.
+    """
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    if not progress:
+        hf_logging.disable_progress_bar()
+    corpus = demo_corpus(corpus_size, seed=seed)
+    tokenizer = train_demo_tokenizer(corpus)
+    model = pretrain_demo_model(demo_model_config(tokenizer), tokenizer, corpus,
+                                steps=pretrain_steps, seed=seed, progress=progress)
+    staging = path.with_name(path.name + ".tmp")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.replace(path)
+    return path

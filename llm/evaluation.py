@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from drosim.llm.data import Prompt, prompt_text
 from drosim.llm.rewards import RewardModel, mixture_name, mixture_weights, score
 from drosim.llm.rollout import sample_pairs, warn_truncated
+from drosim.llm.runtime import all_gather_equal, is_distributed
 
 
 @torch.no_grad()
@@ -190,9 +190,6 @@ def gather_scores(local: Tensor, total: int, device: torch.device | str = "cpu")
     Returns:
         ``(total, m, objectives)`` scores on the CPU (``local`` itself in one process).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return local[:total]
-    local = local.to(device)
-    shares = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(shares, local)
-    return torch.cat(shares)[:total].cpu()
+    return torch.cat(all_gather_equal(local.to(device)))[:total].cpu()

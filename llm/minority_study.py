@@ -75,9 +75,11 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from drosim.llm.config import TrainConfig, bundled_config_path, load_config
-from drosim.llm.demo import build_demo_base, check_same_configuration
+from drosim.llm.demo import check_same_configuration
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.report import read_eval_metrics
 from drosim.llm.rewards import mixture_name
+from drosim.llm.trainer import previous_run, train
 from drosim.radius import smallest_group_share
 
 STUDY_METHODS = ("rebel", "chi2-rebel", "kl-rebel")
@@ -172,8 +174,6 @@ def train_runs(out: Path, *, methods: Sequence[str], seeds: Sequence[int], fract
     Returns:
         Columns variant, method, seed and those of :func:`final_rewards`.
     """
-    from drosim.llm.trainer import previous_run, train
-
     suffix = "-smoke" if smoke else ""
     base = build_demo_base(out / f"base{suffix}", pretrain_steps=40 if smoke else 300,
                            corpus_size=500 if smoke else 4000, progress=progress)

@@ -39,10 +39,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from drosim.dro import KL, AmbiguitySet, Chi2, DROResult, as_ambiguity_set
+from drosim.llm.runtime import gather_detached
 
 ROBUST_SCOPES: tuple[str, ...] = ("minibatch", "iteration")
 
@@ -127,31 +127,6 @@ def input_grad_sq_norms(losses: Tensor, inputs: Tensor) -> Tensor:
                          f"{losses.shape[0]} losses")
     (grad,) = torch.autograd.grad(losses.sum(), inputs, create_graph=True)
     return grad.reshape(losses.shape[0], -1).square().sum(-1)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_detached(local: Tensor) -> tuple[Tensor, slice]:
-    """All ranks' ``(n,)`` tensors concatenated in rank order, and this rank's slice.
-
-    Raises:
-        ValueError: ranks hold different numbers of samples.
-    """
-    local = local.detach()
-    if not _distributed():
-        return local, slice(0, local.shape[0])
-    world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"every rank must hold the same number of samples, got "
-                         f"{[int(s) for s in sizes]}")
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local.contiguous())
-    n = local.shape[0]
-    return torch.cat(parts), slice(rank * n, (rank + 1) * n)
 
 
 def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,

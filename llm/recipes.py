@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from drosim.llm.export import claimed_output, holds_files, write_pretrained
-from drosim.llm.trainer import StopFlag
+from drosim.llm.runtime import StopFlag
 
 WORK_SUFFIX = ".work"
 METRICS_FILE = "train_metrics.json"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from drosim.llm.checkpoint import check_model_folder
 from drosim.llm.data import read_table
 from drosim.llm.recipes import (
     check_hyperparameters,
@@ -32,7 +33,6 @@ from drosim.llm.recipes import (
     training_arguments,
 )
 from drosim.llm.rewards import refuse_untrusted_code
-from drosim.llm.trainer import check_model_folder
 
 
 def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "text",
@@ -89,15 +89,8 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
     work = prepare_out(out, overwrite=overwrite, resume=resume)
     refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
     check_model_folder("model", model)
-    table = read_table(data, split)
-    for field in (text_field, label_field):
-        if field not in table.column_names:
-            raise ValueError(f"{data}: no field {field!r}; columns: "
-                             f"{', '.join(table.column_names)}")
-    texts = list(table[text_field])
-    check_rows("the text", texts, where=f"{data} field {text_field!r}")
-    names, ids = label_ids(list(table[label_field]), table.features[label_field], labels,
-                           where=f"{data} field {label_field!r}")
+    texts, names, ids = read_labelled(data, split, text_field=text_field,
+                                      label_field=label_field, labels=labels)
     train_idx, eval_idx = eval_rows(len(texts), eval_fraction, seed)
     set_seed(seed)  # the new head is initialised while loading
     classifier, tokenizer = load_classifier(model, names, trust_remote_code=trust_remote_code)
@@ -117,6 +110,37 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
             metrics=metrics, evaluate=(lambda: {"eval_accuracy": accuracy(trainer, held_out)})
             if held_out else None)
     return out
+
+
+def read_labelled(data: str, split: str, *, text_field: str, label_field: str,
+                  labels: Sequence[str] | None) -> tuple[list[str], list[str], list[int]]:
+    """The texts of ``data``'s table, its class names and each row's class id.
+
+    Args:
+        data: a table (see :func:`drosim.llm.data.read_table`).
+        split: the split of a ``DatasetDict`` folder or hub dataset.
+        text_field: the column of the texts.
+        label_field: the column of the labels.
+        labels: the class names in id order, or None (see :func:`label_ids`).
+
+    Returns:
+        (texts, class names in id order, each row's class id).
+
+    Raises:
+        FileNotFoundError: a missing data file.
+        ValueError: an unreadable or empty table, an unknown column (the columns named), an
+            empty or missing text, or a label refused by :func:`label_ids`.
+    """
+    table = read_table(data, split)
+    for field in (text_field, label_field):
+        if field not in table.column_names:
+            raise ValueError(f"{data}: no field {field!r}; columns: "
+                             f"{', '.join(table.column_names)}")
+    texts = list(table[text_field])
+    check_rows("the text", texts, where=f"{data} field {text_field!r}")
+    names, ids = label_ids(list(table[label_field]), table.features[label_field], labels,
+                           where=f"{data} field {label_field!r}")
+    return texts, names, ids
 
 
 def label_ids(values: Sequence[Any], feature: Any, labels: Sequence[str] | None, *,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from drosim.llm.checkpoint import check_model_folder
 from drosim.llm.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
 from drosim.llm.recipes import (
     check_hyperparameters,
@@ -36,7 +37,6 @@ from drosim.llm.recipes import (
     training_arguments,
 )
 from drosim.llm.rewards import refuse_untrusted_code
-from drosim.llm.trainer import check_model_folder
 
 IGNORE = -100  # the label transformers' LM loss skips
 DEFAULT_FIELDS = ("text", "messages")

@@ -36,6 +36,10 @@ share of the prompts and the robust objective is global over ranks (see
 others wait. With ``sharding: fsdp2`` the policy and reference are sharded over the ranks
 (:mod:`drosim.llm.sharding`): every forward is then a collective, and checkpoints are written
 by all ranks together. Evaluation splits the held-out prompts over the ranks.
+
+The process group, devices, seeds, signals, metrics file and collectives are the runtime's
+(:mod:`drosim.llm.runtime`); ``model: demo`` is built by :mod:`drosim.llm.demo_world`, so
+the trainer never imports the demo that calls it.
 """
 
 from __future__ import annotations
@@ -45,9 +49,7 @@ import copy
 import json
 import os
 import pickle
-import random
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -55,9 +57,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ from drosim.llm.batch import PairBatch
 from drosim.llm.checkpoint import (
     CorruptCheckpointError,
     TrainState,
+    check_model_folder,
     checkpoints_newest_first,
     load_checkpoint,
     save_checkpoint,
@@ -103,6 +104,17 @@ from drosim.llm.rollout import (
     warn_truncated,
 )
 from drosim.llm.rollout_engines import RolloutEngine, check_rollout_engine, make_rollout_engine
+from drosim.llm.runtime import (
+    Distributed,
+    MetricsLog,
+    StopFlag,
+    global_sums,
+    init_distributed,
+    iteration_seed,
+    resolve_device,
+    seed_everything,
+    use_device,
+)
 from drosim.llm.sharding import is_sharded, shard_policy
 from drosim.llm.update import (
     StepStats,
@@ -134,79 +146,6 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-# ------------------------------------------------------------------------ processes, devices
-
-
-@dataclass
-class Distributed:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        """Wait for every rank (nothing to wait for on one process)."""
-        if self.world_size > 1:
-            dist.barrier()
-
-    def largest(self, value: int) -> int:
-        """The largest of the ranks' ``value`` (``value`` itself on one process)."""
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor)
-
-
-def init_distributed(device: str, *, always: bool = False) -> Distributed:
-    """Join the ``torchrun`` process group if the environment describes one.
-
-    Uses NCCL when training on CUDA and gloo otherwise.
-
-    Args:
-        device: the training device ("cuda..." or "cpu").
-        always: join even a one-process job (FSDP2 needs a process group; outside
-            ``torchrun`` :func:`check_sources` has refused it already).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and not always:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(config: TrainConfig, local_rank: int) -> str:
-    if config.device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if config.device == "cuda" else config.device
-
-
-def use_device(config: TrainConfig, world: Distributed) -> str:
-    """This rank's training device, made CUDA's current device when it is one (before any
-    collective: NCCL talks to the current device)."""
-    device = resolve_device(config, world.local_rank)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - the global state user reward code may draw from
-    torch.manual_seed(seed)
-
-
-def iteration_seed(seed: int, rank: int, iteration: int) -> int:
-    """The RNG seed of one rank's iteration (distinct across ranks and iterations)."""
-    return ((seed * 1_000_003 + iteration) * 4096 + rank) % 2**32
-
-
 # ---------------------------------------------------------------------------- models, data
 
 
@@ -233,7 +172,9 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
     hf_logging.disable_progress_bar()
     source = config.model
     if source == "demo":
-        from drosim.llm.demo import build_demo_base
+        # imported here: the demo world needs transformers' tokenizer training, which a
+        # run on a real model never loads
+        from drosim.llm.demo_world import build_demo_base
 
         world = world or Distributed()
         if world.is_main:
@@ -274,67 +215,6 @@ def score_pairs(reward_model: RewardModel, prompts: list[str], pairs: SampledPai
     flat = score(reward_model, [p for p in prompts for _ in range(2)],
                  [r for pair in pairs.responses for r in pair])
     return flat.view(len(prompts), 2, -1)
-
-
-# ----------------------------------------------------------------------- signals and metrics
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT while in its ``with`` block; a second signal falls back to the
-    default action. The handlers in place before are restored on leaving the block."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-        signal.signal(signum, signal.SIG_DFL)
-
-
-class MetricsLog:
-    """Append-only JSONL metrics (rank 0), optionally mirrored to TensorBoard."""
-
-    def __init__(self, path: Path, *, keep_until: int | None, tensorboard: bool):
-        self.path = path
-        if keep_until is not None and path.exists():
-            # lines written after the checkpoint we resume from are replayed by the resumed run
-            kept = [line for line in path.read_text().splitlines()
-                    if json.loads(line)["iteration"] <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif keep_until is None:
-            path.write_text("")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed: metrics go to JSONL only", file=sys.stderr)
-            else:
-                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, record["iteration"])
 
 
 # --------------------------------------------------------------------------------- the steps
@@ -436,8 +316,8 @@ def check_resume(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 
 def check_model_folders(config: TrainConfig) -> None:
-    """Refuse a damaged local model, tokenizer or reward folder (:func:`check_model_folder`)
-    before anything is written.
+    """Refuse a damaged local model, tokenizer or reward folder
+    (:func:`drosim.llm.checkpoint.check_model_folder`) before anything is written.
 
     Raises:
         ValueError: naming the key, the file and what is wrong.
@@ -446,54 +326,6 @@ def check_model_folders(config: TrainConfig) -> None:
         source = getattr(config, key)
         if source and source != "demo":
             check_model_folder(key, source)
-
-
-def check_model_folder(key: str, source: str) -> None:
-    """Refuse a local model folder whose files are damaged: every top-level ``.json`` file
-    must parse and every ``.safetensors`` file must be as long as its header says (a copy or
-    download cut short). A hub name is left to ``from_pretrained``, which checks what it
-    downloads.
-
-    Raises:
-        ValueError: naming ``key``, the file and what is wrong.
-    """
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        return
-    for file in sorted(folder.glob("*.json")):
-        try:
-            json.loads(file.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{key}={source!r}: {file.name} is not valid JSON "
-                             f"({error}): copy or download the folder again") from None
-    for file in sorted(folder.glob("*.safetensors")):
-        problem = safetensors_problem(file)
-        if problem:
-            raise ValueError(f"{key}={source!r}: {file.name} is truncated or damaged "
-                             f"({problem}): copy or download the folder again")
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a ``.safetensors`` file's layout (its 8-byte header length, JSON
-    header and the size its tensors' offsets imply), or None; reads the header only."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than the 8-byte header length"
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            return f"a header of {length} bytes in a file of {size}"
-        try:
-            header = json.loads(f.read(length))
-            end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
-                       if name != "__metadata__"), default=0)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError,
-                ValueError, AttributeError) as error:
-            return f"unreadable header: {error}"
-    if 8 + length + end != size:
-        return f"{size} bytes, but its header describes {8 + length + end}"
-    return None
 
 
 def prepare_out_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> list[str]:
@@ -650,7 +482,7 @@ def set_up(config: TrainConfig, world: Distributed,
             ``lora_target_modules`` that name no module of the policy.
     """
     out_dir = Path(config.out_dir)
-    device = use_device(config, world)
+    device = use_device(config.device, world)
     if config.pairs_per_iteration % world.world_size or config.minibatch_size % world.world_size:
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
@@ -862,7 +694,7 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
     ``robust/effective_pairs`` (1 / sum_i q_i^2).
     """
     # one all-reduce and one host sync for every count of the line, over all ranks
-    reward_sum, pair_count, empty, truncated, minority, rate = _global_sums([
+    reward_sum, pair_count, empty, truncated, minority, rate = global_sums([
         batch.rewards.sum(), batch.rewards.numel(), pairs.empty.sum(), pairs.truncated,
         local_minority_pairs(run.config, run.world),
         pairs.response_mask.sum() / max(generation_seconds, 1e-9)], run.device)
@@ -990,9 +822,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     found = prepare_out_dir(config, resume=resume, overwrite=overwrite)
     changes = check_resume(config) if resume else {}
     prompts = load_run_prompts(config)
-    world = init_distributed(config.device if config.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu"), always=config.sharding == "fsdp2")
-    use_device(config, world)  # the claim's collective runs on it
+    world = init_distributed(resolve_device(config.device, 0),
+                             always=config.sharding == "fsdp2")
+    use_device(config.device, world)  # the claim's collective runs on it
     before = out_dir_entries(out_dir)
     with claimed_out_dir(out_dir, world):
         with undone_on_failure(out_dir, before, world):
@@ -1073,11 +905,3 @@ def run_loop(run: Run, state: TrainState) -> None:
         if log is not None:
             log.close()
 
-
-def _global_sums(values: list[float | torch.Tensor], device: str) -> list[float]:
-    """Each value summed over the ranks (itself on one process), in one all-reduce."""
-    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                          for v in values])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    return totals.tolist()

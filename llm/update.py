@@ -50,6 +50,7 @@ from drosim.llm.objective import (
     robust_coefficients,
     robust_objective,
 )
+from drosim.llm.runtime import all_reduce, sum_gradients_over_ranks
 from drosim.llm.sharding import is_sharded
 
 WGradient = Literal["exact", "finite-difference"]
@@ -280,11 +281,11 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
         [losses.detach(), grad_sq_norms], method.spec)
     # kappa from global statistics, the same on every rank: a run on R ranks then computes
     # what one process computes on the whole batch.
-    largest = _all_reduce((slopes * per_sample.square().mean(-1).sqrt()).max(),
-                          dist.ReduceOp.MAX)
+    largest = all_reduce((slopes * per_sample.square().mean(-1).sqrt()).max(),
+                         dist.ReduceOp.MAX)
     if bool(largest > 0):
         z = embeddings.detach()
-        moments = _all_reduce(torch.stack([z.square().sum(), z.new_tensor(z.numel())]))
+        moments = all_reduce(torch.stack([z.square().sum(), z.new_tensor(z.numel())]))
         scale = (moments[0] / moments[1]).sqrt().clamp_min(torch.finfo(z.dtype).tiny)
         eps = math.sqrt(torch.finfo(compute_dtype or v.dtype).eps * torch.finfo(v.dtype).eps)
         kappa = float(math.sqrt(eps) * scale / largest)
@@ -301,27 +302,7 @@ def finite_difference_backward(policy: nn.Module, batch: PairBatch, method: Meth
 
 def _global_count(losses: Tensor) -> int:
     """The number of samples over every rank."""
-    return int(_all_reduce(torch.tensor(losses.shape[0], device=losses.device)))
-
-
-def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
-    """``tensor`` reduced over every rank (itself on one process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def sum_gradients_over_ranks(parameters: list[nn.Parameter]) -> None:
-    """All-reduce (sum) the parameters' gradients in one flattened buffer."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    return int(all_reduce(torch.tensor(losses.shape[0], device=losses.device)))
 
 
 def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PairBatch,
@@ -384,8 +365,7 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     optimizer.step()
-    total = torch.stack([losses.detach().sum(), losses.new_tensor(float(len(batch)))])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
+    total = all_reduce(torch.stack([losses.detach().sum(),
+                                    losses.new_tensor(float(len(batch)))]))
     return StepStats(float(objective.value), float(total[0] / total[1]), float(norm),
                      float(objective.weights.max()), objective.diagnostics)

@@ -74,6 +74,45 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return 2
 
 
+def add_run_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``drosim run`` to the ``drosim`` command line.
+
+    pyproject.toml registers this function as the entry point ``run`` of the group
+    ``drosim.commands``, which :mod:`drosim.cli` loads: the core never imports the checks.
+
+    Args:
+        commands: the subparsers action of ``drosim``'s parser.
+    """
+    run = commands.add_parser("run", help="every paper check, figure and the claims table")
+    run.add_argument("--preset", choices=("quick", "full"), default="quick")
+    run.add_argument("--out", type=Path, default=None, help="default: figures/<preset>")
+    run.add_argument("--only", nargs="+", metavar="CHECK",
+                     help="run only these checks (default: all; see drosim.paper_checks)")
+    run.set_defaults(handler=_drosim_run)
+
+
+def _drosim_run(args: argparse.Namespace) -> int:
+    """``drosim run``: :func:`main` under the name "drosim".
+
+    Args:
+        args: the parsed ``drosim run`` arguments (preset, out, only).
+
+    Returns:
+        :func:`main`'s exit status.
+
+    Raises:
+        ValueError: ``--only`` names an unknown check (``drosim`` reports it as bad input).
+    """
+    unknown = sorted(set(args.only or ()) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown check {', '.join(unknown)} for --only (choose from "
+                         f"{', '.join(CHECKS)})")
+    out = args.out or Path("figures") / args.preset
+    only = ["--only", *args.only] if args.only else []
+    # main checks --out, locks it and publishes, in drosim's own words.
+    return main(["--preset", args.preset, "--out", str(out), *only], prog="drosim")
+
+
 def publish_targets(names: Sequence[str]) -> list[str]:
     """The files a run of these checks may publish whose names are known before it runs.
 

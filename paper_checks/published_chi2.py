@@ -7,15 +7,16 @@ D = 1/2 E(dQ/dP - 1)^2 <= rho) has sqrt(1 + 2 rho) in place of sqrt(2 rho). Belo
 smallest loss the published expression is eta + sqrt(2 rho) sqrt(Var + (mean - eta)^2),
 which behaves like (1 - sqrt(2 rho)) eta + sqrt(2 rho) mean: for sqrt(2 rho) < 1 it is
 unbounded below, so its value at the candidate min - 1 can drop below the empirical mean,
-which no worst-case expectation can do. ``drosim.published`` re-implements that code as a baseline.
+which no worst-case expectation can do. ``drosim.paper_checks.published`` re-implements that
+code as a baseline.
 
 "Anchors" are reference values of that code: the table ``ANCHORS`` holds, for three
 (rho, n), the exact worst case, the public code's value and the mean of exponential(1)
 losses, as measured on the public code. This check re-measures them: for each (rho, n),
 exponential(1) losses from a fixed seed, it computes the exact worst case (drosim), the
-cvxpy primal, the public code's value (``drosim.published``) and the mean. The reference
-values came from unknown seeds, so the numbers differ except where the sample happens to
-coincide; the pattern is what is checked.
+cvxpy primal, the public code's value (``drosim.paper_checks.published``) and the mean. The
+reference values came from unknown seeds, so the numbers differ except where the sample
+happens to coincide; the pattern is what is checked.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from drosim.paper_checks._framework import (
     Preset,
     spread,
 )
-from drosim.published import published_chi2_objective
+from drosim.paper_checks.published import published_chi2_objective
 
 # Reference values of the public code: (rho, n, exact worst case, its chi2 value, mean).
 ANCHORS = (

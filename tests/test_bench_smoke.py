@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from drosim.dro import chi2_worst_case
-from drosim.published import (
+from drosim.paper_checks.published import (
     published_chi2_candidates,
     published_chi2_objective,
     published_chi2_value_at,
@@ -159,7 +159,7 @@ def test_llm_bench_quick(bench_llm: ModuleType, tmp_path: Path) -> None:
 def test_llm_bench_memory_worker(bench_llm: ModuleType) -> None:
     """A fresh worker process measures one step's peak extra memory."""
     settings, _ = bench_llm.parse_args(["--quick"])
-    result = bench_llm.run_worker("w-rebel", settings, timeout_s=120)
+    result = bench_llm.memory.run_worker("w-rebel", settings, timeout_s=120)
     assert result["method"] == "w-rebel" and result["before_bytes"] > 0
     assert result["extra_bytes"] > 0
 
@@ -168,7 +168,7 @@ def test_llm_bench_loop_extrapolation(bench_llm: ModuleType) -> None:
     """Over its time budget the per-sample loop runs one sample and is extrapolated."""
     settings, _ = bench_llm.parse_args(["--quick", "--loop-budget", "0"])
     model = bench_llm.build_model(settings, bench_llm.demo_tokenizer())
-    row = bench_llm.penalty_row(model, 4, settings, full_loop=False)
+    row = bench_llm.penalty.penalty_row(model, 4, settings, full_loop=False)
     assert row["loop_timing"] == "1 of 4 samples, extrapolated"
     assert row["checked"] == "norms of 1 samples" and row["max_rel_err"] < 1e-3
     assert row["loop_s"] > 0 and math.isfinite(row["loop/batched"])

@@ -19,7 +19,7 @@ MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
            "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update",
            "drosim.llm.recipes", "drosim.llm.sft", "drosim.llm.reward_training",
            "drosim.llm.evaluation", "drosim.llm.lora", "drosim.llm.config",
-           "drosim.llm.cli"]
+           "drosim.llm.cli", "drosim.llm.runtime"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -20,7 +20,7 @@ from llm_helpers import (
 
 from drosim.llm.batch import PairBatch
 from drosim.llm.methods import make_method
-from drosim.llm.objective import gather_detached
+from drosim.llm.runtime import gather_detached
 from drosim.llm.update import StepStats, update_step
 
 METHOD_NAMES = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")

@@ -19,7 +19,7 @@ import torch
 from llm_helpers import flat_param_grads, random_pair_batch, tiny_model, trainable
 
 from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo import build_demo_base
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.methods import Method, make_method
 from drosim.llm.trainer import train
 from drosim.llm.update import maybe_compile, record_sampling_logprobs, update_step

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from drosim.llm.batch import PairBatch
 from drosim.llm.cli import main as cli_main
 from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo import build_demo_base
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.methods import METHODS, make_method
 from drosim.llm.sharding import is_sharded, shard_policy, transformer_blocks
 from drosim.llm.update import StepStats, update_step

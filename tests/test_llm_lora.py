@@ -38,7 +38,8 @@ from drosim.llm.lora import (
     reference_model,
 )
 from drosim.llm.methods import Method, make_method
-from drosim.llm.trainer import Distributed, set_up, train, update
+from drosim.llm.runtime import Distributed
+from drosim.llm.trainer import set_up, train, update
 from drosim.llm.update import update_step
 
 RANK, ALPHA = 4, 8.0

@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo import build_demo_base
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.methods import make_method
 from drosim.llm.rewards import CallableReward
 from drosim.llm.rollout import SampledPairs
-from drosim.llm.trainer import Distributed, local_minority_pairs, minority_rows, score_batch
+from drosim.llm.runtime import Distributed
+from drosim.llm.trainer import local_minority_pairs, minority_rows, score_batch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 MINORITY = ["minority_mixture={formal: 1.0}", "minority_fraction=0.25"]

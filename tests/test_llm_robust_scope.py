@@ -46,7 +46,7 @@ from drosim.llm.config import (
     load_config,
     save_config,
 )
-from drosim.llm.demo import build_demo_base
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.methods import Method, make_method
 from drosim.llm.objective import IterationLosses, RobustDiagnostics
 from drosim.llm.update import pair_logprobs, update_step

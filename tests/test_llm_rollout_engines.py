@@ -354,7 +354,7 @@ def test_vllm_on_the_cpu_is_refused_before_out_dir(tmp_path, monkeypatch):
 
 
 def test_generation_rate_is_in_the_metrics(tmp_path):
-    from drosim.llm.demo import build_demo_base
+    from drosim.llm.demo_world import build_demo_base
     from drosim.llm.trainer import train
 
     base = build_demo_base(tmp_path / "base", pretrain_steps=20, corpus_size=300)

@@ -21,7 +21,7 @@ import pytest
 
 from drosim.llm.checkpoint import CHECKPOINTS_DIR, checkpoints_newest_first, verify_checkpoint
 from drosim.llm.cli import main
-from drosim.llm.demo import build_demo_base
+from drosim.llm.demo_world import build_demo_base
 from drosim.output import locked
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drosim.llm.demo import DEMO_METHODS, build_demo_base, learning_report, run_demo
+from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
+from drosim.llm.demo_world import build_demo_base
 from drosim.llm.report import summarise
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -252,7 +253,7 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before_exactly(
 
 
 def test_the_stop_flag_restores_the_signal_handlers_it_replaced():
-    from drosim.llm.trainer import StopFlag
+    from drosim.llm.runtime import StopFlag
 
     def mine(signum, frame):
         pass
