@@ -516,12 +516,17 @@ def _warn_if_separable(w: Tensor, dphi: Tensor, pref: Tensor) -> None:
     mean, a ball's, a temperature's) increases and nothing bounds ||w|| (the caller skips
     the objectives with a ridge or a penalty); the fit's norm is where the solver stopped.
     """
-    scores = (dphi @ w.unsqueeze(-1)).squeeze(-1)
+    scores = (w.unsqueeze(-2) @ dphi.mT).squeeze(-2)
     margins = torch.where(pref == 1, scores, -scores)
-    informative = (dphi != 0).any(-1)
-    separated = ((margins > 0) | ~informative).all(-1) & informative.any(-1)
+    # A pair with dphi = 0 scores exactly 0: only trials passing this cheap test can be
+    # separated, and only theirs need the pass over dphi.
+    suspects = ((margins > 0) | (scores == 0)).all(-1).nonzero().flatten()
+    if not suspects.numel():
+        return
+    informative = (dphi[suspects] != 0).any(-1)
+    separated = ((margins[suspects] > 0) | ~informative).all(-1) & informative.any(-1)
     if bool(separated.any()):
-        trials = separated.nonzero().flatten()
+        trials = suspects[separated]
         warnings.warn(
             f"dpo: the labels of {trials.numel()} of {w.shape[0]} trials (first "
             f"{trials[:5].tolist()}) are separable: the fitted w classifies every pair with "

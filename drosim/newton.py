@@ -260,15 +260,20 @@ class Problem:
         # A trial that is done stays put while it waits in the batch for the others to
         # finish: a batch then gives each trial the fit it gets alone.
         live = torch.ones_like(floor, dtype=torch.bool)
+        # Where the dual is not re-solved after a step, the line search's value at the new
+        # point is the next iteration's objective.
+        carried = not (a.shape[-1] and not self.spec.dual_is_strictly_convex)
+        current = None
         for _ in range(_NEWTON_ITERATIONS):
+            if current is None:
+                current = problem.objective(s, w, a)
             grad, step = problem.newton_direction(s, w, a)
             step_w, step_a = step[..., :d], step[..., d:]
             ds = problem.scores(step_w)
-            current = problem.objective(s, w, a)
             slope = (grad * step).sum(-1)
             scale = current.abs() + _SCALE_FLOOR
             moving = (-slope > 1e-13 * scale) & live
-            alpha = problem.line_search(s, w, a, step, ds, current, slope, moving)
+            alpha, reached = problem.line_search(s, w, a, step, ds, current, slope, moving)
             decrement = -slope / scale
             constant = torch.where((decrement <= _QUADRATIC_PHASE) & (last > 0),
                                    decrement / last.square(), 100.0)
@@ -279,6 +284,7 @@ class Problem:
                 # objective, and it keeps Newton off a flat face of the dual objective (chi2:
                 # eta >= max(l)), where the joint Hessian vanishes.
                 a = problem.solve_dual(s, a)
+            current = torch.where(alpha > 0, reached, current) if carried else None
             done = (alpha == 1) & (constant * decrement.square() <= final_decrement)
             live = (alpha > 0) & ~done & (w.norm(dim=-1) > floor)
             last = torch.where(alpha == 1, decrement, math.nan)
@@ -288,15 +294,17 @@ class Problem:
                 out[index[~live]], out_dual[index[~live]] = w[~live], a[~live]
                 index, w, s, a = index[live], w[live], s[live], a[live]
                 floor, last = floor[live], last[live]
+                current = current[live] if carried else None
                 problem, live = problem.subset(live), live[live]
         out[index], out_dual[index] = w, a
         return out, out_dual
 
     def line_search(self, s: Tensor, w: Tensor, a: Tensor, step: Tensor, ds: Tensor,
-                    current: Tensor, slope: Tensor, moving: Tensor) -> Tensor:
+                    current: Tensor, slope: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
         """``(T,)`` step sizes on the grid 1, 1/2, 1/4, ...: per trial, halving until the
         Armijo condition holds and then on while the objective still decreases (0 for trials
-        not ``moving`` and for those no step size decreases).
+        not ``moving`` and for those no step size decreases); and ``(T,)`` the objective
+        there (inf where the step size is 0).
 
         Taking the best grid point rather than the first acceptable one matters at the kink
         of the robust DPO objectives at w = 0 (every loss is log 2 there, and the worst case
@@ -337,7 +345,7 @@ class Problem:
             searching = ~found | (improved & ~trusted)
             alpha[pending[improved]] = t[improved, 0]
             pending = pending[searching]
-        return torch.where(torch.isfinite(best), alpha, 0.0)
+        return torch.where(torch.isfinite(best), alpha, 0.0), best
 
     def robust_objective(self, w: Tensor, dual_start: Tensor | None = None
                          ) -> tuple[Tensor, Tensor]:
@@ -398,6 +406,22 @@ class Problem:
         objective = objectives.gather(0, best)[0]
         return Fit(w, objective, dual, torch.full_like(objective, math.inf))
 
+    def or_zero(self, fit: Fit) -> Fit:
+        """``fit``, or w = 0 for the trials where that is lower. At the logistic loss's kink
+        every loss is l(0) = log 2, so every worst case (a ball's, a temperature's, a
+        penalised mean) is that value: no dual to solve but for the trials it wins."""
+        at_zero = self.loss.value(torch.zeros_like(self.loss.target))  # (T, n), all log 2
+        wins = at_zero[:, 0] < fit.objective
+        if not bool(wins.any()):
+            return fit
+        rows = wins.nonzero().squeeze(-1)
+        dual = fit.dual.clone()
+        if self.spec.dual_size:
+            dual[rows] = self.spec.worst_case(at_zero[rows],
+                                              weights=self._rows(self.weights, rows)).dual
+        return Fit(torch.where(wins.unsqueeze(-1), 0.0, fit.w),
+                   torch.where(wins, at_zero[:, 0], fit.objective), dual, fit.gap)
+
     def fit(self, w0: Tensor, kink_at_zero: bool) -> Fit:
         """Newton from w0 on the set's own dual objective.
 
@@ -416,14 +440,14 @@ class Problem:
         if not self.spec.dual_size:  # the objective is cheap: compare the two starts
             w0 = self.best_of([w0, self.step_out_of_zero()]).w
         w, a = self.minimise(w0, kink_at_zero=True)
-        fit = self.best_of([w, torch.zeros_like(w)], a)
+        fit = self.or_zero(self.best_of([w], a))
         collapsed = (fit.w.norm(dim=-1) <= _COLLAPSE * w0.norm(dim=-1)) & (w0.norm(dim=-1) > 0)
         if bool(collapsed.any()):
             sub = self.subset(collapsed)
             rays = (w0[collapsed], sub.step_out_of_zero())
             start = sub.best_of([t * u for t in _RAY for u in rays]).w
             w, a = sub.minimise(start, kink_at_zero=True)
-            retry = sub.best_of([w, torch.zeros_like(w)], a)
+            retry = sub.or_zero(sub.best_of([w], a))
             fit = put_trials(fit, collapsed, retry)
         return fit
 
