@@ -1,10 +1,13 @@
-"""Training configuration: one dataclass, read from YAML and ``key=value`` overrides.
+"""Training configuration: typed sections, read from YAML and ``key=value`` overrides.
 
-Values are layered as defaults <- YAML file <- command-line overrides, type-checked against the
-dataclass annotations and validated, so a typo or a nonsensical value fails before any model
-is loaded::
+:class:`TrainConfig` is the flat composition of the sections of
+:mod:`drosim.llm.config_sections`, where every key's type, default and doc live. Values are
+layered as defaults <- YAML file <- command-line overrides, a key written flat (``lr``) or in
+its section (``loop.lr``, ``loop: {lr: ...}``), type-checked against the annotations and
+validated, so a typo or a nonsensical value fails before any model is loaded; parsing imports
+no model or update code::
 
-    config = load_config(bundled_config_path("smoke"), ["lr=3e-4", "method=chi2-rebel"])
+    config = load_config(bundled_config_path("smoke"), ["lr=3e-4", "algorithm.method=dpo"])
 """
 
 from __future__ import annotations
@@ -15,151 +18,55 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from drosim.llm.config_sections import (
+    KEY_SECTIONS,
+    SECTIONS,
+    AlgorithmSection,
+    DataSection,
+    LoopSection,
+    LoraSection,
+    MixtureSection,
+    PolicySection,
+    RewardSection,
+    RolloutSection,
+    SystemSection,
+    require,
+    require_choice,
+)
 from drosim.llm.data import read_text
-from drosim.llm.methods import METHODS, Method, make_method
+from drosim.llm.methods import METHODS, W_GRADIENTS, Method
 from drosim.llm.objective import ROBUST_SCOPES
-from drosim.llm.rollout_engines import DTYPES as ROLLOUT_DTYPES
-from drosim.llm.rollout_engines import ENGINES
-from drosim.llm.sharding import SHARDINGS
-from drosim.llm.update import W_GRADIENTS
 
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SystemSection, LoraSection, RolloutSection, LoopSection, AlgorithmSection,
+                  MixtureSection, RewardSection, DataSection, PolicySection):
     """Everything that defines a training run; see ``llm/configs/*.yaml`` for examples.
 
-    The world (policy, prompts, reward model, mixtures) has no default: a run names it, e.g.
-    ``model: demo`` and the rest of ``llm/configs/demo.yaml`` for the built-in tiny world.
+    The flat composition of the sections of :mod:`drosim.llm.config_sections` (the bases,
+    listed last section first so that the fields come in ``SECTIONS`` order), which hold every
+    key's type, default and documentation. The world (policy, prompts, reward model,
+    mixtures) has no default: a run names it, e.g. ``model: demo`` and the rest of
+    ``llm/configs/demo.yaml`` for the built-in tiny world.
     """
 
-    # policy / data (required)
-    model: str | None = None  # "demo" (the built-in tiny world) or a local path / hub name
-    tokenizer: str | None = None  # None: the same as `model`
-    # "demo", a .txt (one prompt per line), a .parquet / .jsonl / .json / .csv file, a
-    # save_to_disk folder or a hub dataset name
-    prompts: str | None = None
-    eval_prompts: str | None = None  # held-out prompts, as `prompts`
-    # the prompts' column (strings, chat message lists or HH transcripts); None: "prompt",
-    # else the only text column
-    prompt_field: str | None = None
-    prompt_split: str = "train"  # the split of a hub dataset or a saved DatasetDict
-    eval_prompt_split: str | None = None  # eval_prompts' split; None: prompt_split
-    # keep the last max_prompt_tokens tokens of a longer (rendered) prompt; None: no cut
-    max_prompt_tokens: int | None = None
-    # render prompts with the tokenizer's chat template: None when it has one, true (required),
-    # false (never)
-    chat_template: bool | None = None
-    reward: str | None = None  # "demo" (rule-based word lists) or a HF sequence classifier
-    # run the custom code (config.json `auto_map`) of the policy and the reward model; a
-    # folder with such code is refused without it, before any of it is imported
-    trust_remote_code: bool = False
-    # the reward model's output attribute holding the scores: "logits", or e.g. "rewards"
-    # (ArmoRM's objective heads) or "score"
-    reward_output: str = "logits"
-    # objective name -> head index or id2label name; None: every head the config's id2label
-    # names
-    reward_heads: dict[str, int | str] | None = None
-    # objective -> [shift, scale]: the reward model's score r_j is used as (r_j - shift) /
-    # scale, a fixed affine map (e.g. ArmoRM's heads to a common scale); None: raw scores
-    reward_normalization: dict[str, list[float]] | None = None
-    # the reward model's input tokens, at most its positions (longer inputs lose their first
-    # tokens, counted and warned); None: the model's own limit
-    reward_max_length: int | None = 1024
-    # weights: the policy's (and the DPO reference's) "float32" or "bfloat16" (then the
-    # optimiser state is bf16 too); the reward model's "auto" (bf16 on CUDA), "float32" or
-    # "bfloat16"
-    dtype: str = "float32"
-    reward_dtype: str = "auto"
-    # transformers' attention kernel of the policy ("sdpa", "eager", "flash_attention_2",
-    # ...); None: transformers' default (the reward model always gets the default)
-    attn_implementation: str | None = None
-    train_mixture: dict[str, float] = field(default_factory=dict)  # objective -> weight
-    eval_mixtures: list[dict[str, float]] = field(default_factory=list)
-    # heterogeneous annotators: each iteration round(minority_fraction * pairs_per_iteration)
-    # pairs, drawn at random (dealt over the ranks as evenly as integers allow), are scored
-    # under minority_mixture instead of train_mixture (None / 0: none)
-    minority_mixture: dict[str, float] | None = None
-    minority_fraction: float = 0.0
-    # method
-    method: str = "rebel"  # one of METHODS
-    eta: float = 0.1  # REBEL step size
-    beta: float = 0.1  # DPO / IPO
-    # the radii of the chi2-* and kl-rebel balls; null: 0.01 (DEFAULT_RADIUS), or the ball
-    # protect_fraction sets
-    chi2_rho: float | None = None
-    kl_rho: float | None = None
-    # f in (0, 1]: the ball's radius is the smallest that holds every reweighting onto a
-    # subpopulation of mass f (Chi2.protecting(f): rho = (1/f - 1) / 2; KL.protecting(f):
-    # rho = log(1/f)); chi2-* and kl-rebel only, not with their own chi2_rho / kl_rho
-    protect_fraction: float | None = None
-    # the ambiguity set's support: "minibatch" (each optimiser step's pairs) or "iteration"
-    # (all of the iteration's pairs, each step weighting its pairs by that worst case; the
-    # methods with pair weights only: chi2-*, kl-rebel, kltemp-rebel, kl-dpo)
-    robust_scope: str = "minibatch"
-    kl_tau: float = 0.1
-    w_rho: float = 0.01
-    w_p: float = 2.0
-    # the Wasserstein penalty's gradient: "finite-difference" (of two first-order gradients)
-    # or "exact" (a double backward, for verification)
-    w_gradient: str = "finite-difference"
-    # loop
-    iterations: int = 30
-    pairs_per_iteration: int = 32  # prompts per iteration (two responses each), over all ranks
-    epochs: int = 2  # passes over each iteration's pairs
-    minibatch_size: int = 16  # pairs per optimiser step, over all ranks
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # .inf: no clipping
-    warmup_iterations: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 12
-    # what samples the training pairs: "hf" (transformers' generate on the policy) or "vllm"
-    # (a vLLM engine on the same GPU, its weights synced every iteration; CUDA only,
-    # pip install 'drosim[vllm]'); evaluation always uses "hf"
-    rollout_engine: str = "hf"
-    # the sampling precision: "auto" (bfloat16 on CUDA, float32 on CPU), "float32" or
-    # "bfloat16"; pi_t's log-probabilities are recomputed by the update whatever it is
-    rollout_dtype: str = "auto"
-    # extra token ids that end a response as EOS does (counted in it), e.g. an end-of-turn id
-    stop_token_ids: list[int] | None = None
-    # the fraction of the GPU's memory the vLLM engine may take (weights and KV cache)
-    vllm_gpu_memory_utilization: float = 0.3
-    eval_every: int = 5
-    num_eval_prompts: int = 64
-    checkpoint_every: int = 10
-    seed: int = 0
-    device: str = "auto"  # one of DEVICES
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    # torch.compile the update's forward and backward (not sampling); not with the
-    # Wasserstein methods (their input-embedding hook is added per step)
-    compile: bool = False
-    sharding: str = "none"  # one of SHARDINGS: "fsdp2" shards weights, gradients, optimiser
-    # LoRA (PEFT): train rank-`lora_rank` adapters on frozen weights; None: full fine-tuning.
-    # The DPO-type methods' reference is then the policy with its adapter disabled.
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0  # an adapter adds (lora_alpha / lora_rank) B A x
-    # dropout on the adapters' input, for the DPO-type methods without a Wasserstein set only
-    # (REBEL's pi_t and the Wasserstein finite difference need the same network every forward)
-    lora_dropout: float = 0.0
-    # the modules to adapt (names or suffixes, or [all-linear]); None: PEFT's default for the
-    # architecture (Llama: q_proj, v_proj), else every linear layer but the output head
-    lora_target_modules: list[str] | None = None
-    tensorboard: bool = False
-    progress: bool = True
-    out_dir: str = "runs/default"
+    def section(self, name: str) -> Any:
+        """The section ``name`` of :data:`SECTIONS` (e.g. ``"loop"``), a copy of its keys.
+
+        Raises:
+            KeyError: an unknown section name.
+        """
+        section = SECTIONS[name]
+        return section(**{f.name: getattr(self, f.name) for f in dataclasses.fields(section)})
 
 
 # Resolved once: with `from __future__ import annotations` the field types are strings.
@@ -174,11 +81,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     Later sources win: defaults <- YAML file <- overrides. Override values are parsed as YAML,
     so ``lr=3e-4``, ``bf16=true``, ``tokenizer=null`` and ``train_mixture={joy: 0.7, calm: 0.3}``
-    all work.
+    all work. A key is named flat (``lr``) or in its section (``loop.lr=3e-4`` in an override,
+    ``loop: {lr: 3e-4}`` in a file; :data:`drosim.llm.config_sections.SECTIONS`).
 
     Args:
-        path: a YAML mapping of field names to values, or ``None`` for the defaults alone.
-        overrides: ``key=value`` strings, applied in order.
+        path: a YAML mapping of keys (or sections of keys) to values, or ``None`` for the
+            defaults alone.
+        overrides: ``key=value`` or ``section.key=value`` strings, applied in order.
 
     Returns:
         The validated :class:`TrainConfig`.
@@ -261,18 +170,66 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got "
                          f"{type(values).__name__}")
-    for key in values:
-        _check_known(key, where=str(path))
-    return values
+    return _flatten(values, where=str(path))
+
+
+def _flatten(values: Mapping[Any, Any], *, where: str) -> dict[str, Any]:
+    """The flat keys of a file's mapping, whose entries are keys (``lr: 0.01``) or sections
+    of keys (``loop: {lr: 0.01}``, :data:`SECTIONS`), the two forms mixed as needed.
+
+    Args:
+        values: the file's top-level mapping.
+        where: the file, for the messages.
+
+    Returns:
+        Flat key -> value, in the file's order.
+
+    Raises:
+        ValueError: an unknown key or section, a key outside its section, a section that is
+            not a mapping, or a key set twice (flat and in its section).
+    """
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{where}: section {name!r} must be a mapping of its keys, "
+                                 f"got {type(value).__name__}")
+            entries = [(_section_key(name, key, where=where), item)
+                       for key, item in value.items()]
+        else:
+            _check_known(name, where=where)
+            entries = [(name, value)]
+        for key, item in entries:
+            if key in flat:
+                raise ValueError(f"{where}: {key!r} is set twice (flat and in its section "
+                                 f"{KEY_SECTIONS[key]!r}); keep one")
+            flat[key] = item
+    return flat
+
+
+def _section_key(section: str, key: Any, *, where: str) -> str:
+    """``key`` once it is known to be a key of ``section`` (the close matches suggested)."""
+    keys = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in keys:
+        raise ValueError(f"unknown key {key!r} of section {section!r} in {where}; "
+                         f"{suggest(str(key), keys, plural=f'{section} keys')}")
+    return key
 
 
 def _parse_override(override: str) -> tuple[str, Any]:
-    """Split ``key=value`` and parse the value as YAML."""
+    """Split ``key=value`` (or ``section.key=value``) and parse the value as YAML."""
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"override {override!r} is not of the form key=value")
-    _check_known(key, where=f"override {override!r}")
+    section, dot, name = key.partition(".")
+    if dot and section in SECTIONS:
+        key = _section_key(section, name, where=f"override {override!r}")
+    elif key in SECTIONS:
+        raise ValueError(f"override {override!r} names the section {key!r}: set one of its "
+                         f"keys at a time, {key}.KEY=value")
+    else:
+        _check_known(key, where=f"override {override!r}")
     try:
         return key, yaml.load(text, Loader=_Loader)
     except DuplicateKeyError as err:
@@ -292,10 +249,11 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def _check_known(key: Any, *, where: str) -> None:
-    """Reject a key that is not a TrainConfig field, suggesting the fields it resembles."""
+    """Reject a key that is not a TrainConfig field (nor, in a file, a section), suggesting
+    the keys and sections it resembles."""
     if key not in _FIELD_TYPES:
         raise ValueError(f"unknown config key {key!r} in {where}; "
-                         f"{suggest(str(key), list(_FIELD_TYPES), plural='keys')}")
+                         f"{suggest(str(key), [*_FIELD_TYPES, *SECTIONS], plural='keys')}")
 
 
 def suggest(name: str, choices: Sequence[str], *, plural: str) -> str:
@@ -396,14 +354,20 @@ _METHOD_KEYS = ("chi2_rho", "kl_rho", "kl_tau", "w_rho", "w_p", "protect_fractio
 _MAY_BE_INFINITE = ("max_grad_norm",)
 
 
-def validate_config(config: TrainConfig) -> None:
-    """Check every field's type and range.
+def validate_config(config: TrainConfig) -> Method:
+    """Check every field's type and range, and build the run's method.
 
     Comparisons are written so that NaN fails them; every float key is checked first to be
-    a number, finite but where infinity means something (:func:`_check_finite`).
+    a number, finite but where infinity means something (:func:`_check_finite`). Each section
+    checks its own keys (its ``check_*`` method, e.g. :meth:`LoraSection.check_lora`); the
+    checks that span sections are here.
 
     Args:
         config: the config to check.
+
+    Returns:
+        The run's :class:`~drosim.llm.methods.Method` (:func:`config_method`), built once here
+        for the trainer to use.
 
     Raises:
         ValueError: naming the first offending field and what it must be: a world field (model,
@@ -422,15 +386,15 @@ def validate_config(config: TrainConfig) -> None:
             or ``eval_prompt_split``, ``max_prompt_tokens`` or ``reward_max_length`` below 1, an
             unknown ``dtype`` or ``reward_dtype``, an empty ``attn_implementation``, a
             ``reward_normalization`` entry that is not [shift, scale] with a finite shift and a
-            finite scale > 0, a LoRA key out of range or not allowed (:func:`_check_lora`), an
-            unknown ``rollout_engine`` or ``rollout_dtype``, a negative stop id, a
+            finite scale > 0, a LoRA key out of range or not allowed, an unknown
+            ``rollout_engine`` or ``rollout_dtype``, a negative stop id, a
             ``vllm_gpu_memory_utilization`` outside (0, 1), ``rollout_engine=vllm`` with
             ``sharding=fsdp2`` or LoRA, a ``minority_fraction`` outside [0, 1) or too small for
             one pair per iteration, or a ``minority_mixture`` without a fraction > 0 or the
-            other way round (:func:`_check_minority`), an unknown ``robust_scope`` or
-            ``robust_scope=iteration`` for a method without pair weights, a ``protect_fraction``
-            outside (0, 1] (NaN included), or given to a method without a ball or together with
-            its ball's radius (:func:`config_method`).
+            other way round, an unknown ``robust_scope`` or ``robust_scope=iteration`` for a
+            method without pair weights, a ``protect_fraction`` outside (0, 1] (NaN included),
+            or given to a method without a ball or together with its ball's radius
+            (:func:`config_method`).
     """
     for f in dataclasses.fields(config):
         _coerce(f.name, getattr(config, f.name), _FIELD_TYPES[f.name])
@@ -443,35 +407,30 @@ def validate_config(config: TrainConfig) -> None:
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; valid methods: "
                          f"{', '.join(METHODS)}")
-    _require_choice(config, "w_gradient", W_GRADIENTS)
-    _require_choice(config, "sharding", SHARDINGS)
-    if config.device not in DEVICES:
-        raise ValueError(f"unknown device {config.device!r}; valid devices: "
-                         f"{', '.join(DEVICES)}")
+    require_choice(config, "w_gradient", W_GRADIENTS)
+    config.check_system()
     for name in _POSITIVE:
-        _require(config, name, lambda v: v > 0, "> 0")
+        require(config, name, lambda v: v > 0, "> 0")
     for name in _NON_NEGATIVE:
-        _require(config, name, lambda v: v >= 0, ">= 0")
+        require(config, name, lambda v: v >= 0, ">= 0")
     for name in _AT_LEAST_ONE:
-        _require(config, name, lambda v: v >= 1, ">= 1")
+        require(config, name, lambda v: v >= 1, ">= 1")
     # A longer warmup never reaches lr: the run would end on a fraction of it.
-    _require(config, "warmup_iterations", lambda v: v <= config.iterations,
-             f"<= iterations ({config.iterations}): the learning rate would never reach lr")
+    require(config, "warmup_iterations", lambda v: v <= config.iterations,
+            f"<= iterations ({config.iterations}): the learning rate would never reach lr")
     method = _check_method_keys(config)
-    _require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-    _require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
+    require(config, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    require(config, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
     _check_batch_shape(config)
-    _check_prompt_keys(config)
-    _check_rollout_keys(config)
-    _check_reward_heads(config)
-    _check_model_keys(config)
-    _check_lora(config, method)
-    _check_mixture("train_mixture", config.train_mixture)
-    _check_minority(config)
-    if not config.eval_mixtures:
-        raise ValueError("eval_mixtures is empty; give at least one mixture to evaluate")
-    for i, mixture in enumerate(config.eval_mixtures):
-        _check_mixture(f"eval_mixtures[{i}]", mixture)
+    config.check_data()
+    config.check_rollout()
+    _check_rollout_fits(config)
+    config.check_reward_model()
+    config.check_lora()
+    _check_lora_fits(config, method)
+    config.check_mixtures()
+    _check_minority_fits(config)
+    return method
 
 
 def _check_method_keys(config: TrainConfig) -> Method:
@@ -479,7 +438,7 @@ def _check_method_keys(config: TrainConfig) -> Method:
     Wasserstein methods cannot run with (compile, FSDP2's exact gradient) are checked."""
     method = config_method(config)
     _check_robust_scope(config, method)
-    wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    wasserstein = method.needs_input_gradients
     if config.compile and wasserstein:
         raise ValueError(f"compile=true cannot run {config.method} yet: its input-embedding "
                          "hook, added per step, is not seen by a compiled graph (and the "
@@ -493,10 +452,10 @@ def _check_method_keys(config: TrainConfig) -> Method:
 
 def _check_batch_shape(config: TrainConfig) -> None:
     """minibatch_size at most pairs_per_iteration, and a divisor of it."""
-    _require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
+    require(config, "minibatch_size", lambda v: v <= config.pairs_per_iteration,
              f"<= pairs_per_iteration ({config.pairs_per_iteration})")
     # Otherwise the last pairs of every epoch would never be trained on.
-    _require(config, "minibatch_size", lambda v: config.pairs_per_iteration % v == 0,
+    require(config, "minibatch_size", lambda v: config.pairs_per_iteration % v == 0,
              f"a divisor of pairs_per_iteration ({config.pairs_per_iteration}; "
              f"{config.pairs_per_iteration % config.minibatch_size} pairs would be dropped "
              "every epoch)")
@@ -539,7 +498,8 @@ def check_token_ids(config: TrainConfig, vocab_size: int) -> None:
 
 
 def config_method(config: TrainConfig) -> Method:
-    """The config's method, its radii resolved by :func:`drosim.llm.methods.make_method`.
+    """The config's method (its ``algorithm`` section), its radii resolved by
+    :func:`drosim.llm.methods.make_method`, with its ``w_gradient``.
 
     A radius left null is not given: ``protect_fraction`` may then set the method's ball,
     else it is ``DEFAULT_RADIUS``; a given one is exclusive with ``protect_fraction``.
@@ -548,14 +508,12 @@ def config_method(config: TrainConfig) -> Method:
         ValueError: as :func:`make_method` (a bad radius, a ``protect_fraction`` out of
             range, for a method without a ball, or with that ball's own radius).
     """
-    return make_method(config.method, chi2_rho=config.chi2_rho, kl_rho=config.kl_rho,
-                       kl_tau=config.kl_tau, w_rho=config.w_rho, w_p=config.w_p,
-                       protect_fraction=config.protect_fraction)
+    return config.build_method()
 
 
 def _check_robust_scope(config: TrainConfig, method: Method) -> None:
     """A known scope; ``iteration`` only for a method whose set weighs the pairs."""
-    _require_choice(config, "robust_scope", ROBUST_SCOPES)
+    require_choice(config, "robust_scope", ROBUST_SCOPES)
     if config.robust_scope == "iteration" and not method.reweights:
         raise ValueError(f"robust_scope=iteration shares worst-case pair weights over an "
                          f"iteration, and {config.method} has none (the mean, or a "
@@ -563,38 +521,9 @@ def _check_robust_scope(config: TrainConfig, method: Method) -> None:
                          "kltemp-rebel or kl-dpo, or robust_scope=minibatch")
 
 
-def _require_choice(config: TrainConfig, name: str, choices: Sequence[str]) -> None:
-    """Refuse a value of ``name`` that is not one of ``choices``."""
-    _require(config, name, lambda v: v in choices, f"one of {', '.join(choices)}")
-
-
-def _require(config: TrainConfig, name: str, ok: Callable[[Any], bool], requirement: str) -> None:
-    value = getattr(config, name)
-    if not ok(value):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}")
-
-
-def _check_prompt_keys(config: TrainConfig) -> None:
-    """A prompt field and split are non-empty names, a prompt token budget is >= 1."""
-    if config.prompt_field is not None and not config.prompt_field:
-        raise ValueError("prompt_field is empty; name a column, or null to pick 'prompt' or "
-                         "the only text column")
-    if not config.prompt_split:
-        raise ValueError("prompt_split is empty; name a split such as 'train'")
-    if config.eval_prompt_split is not None and not config.eval_prompt_split:
-        raise ValueError("eval_prompt_split is empty; name a split such as 'test', or null "
-                         "for prompt_split")
-    _require(config, "max_prompt_tokens", lambda v: v is None or v >= 1, ">= 1 or null")
-
-
-def _check_rollout_keys(config: TrainConfig) -> None:
-    """A known engine and dtype, token ids >= 0, a memory fraction in (0, 1), and no vLLM
-    engine over a sharded policy (whose state_dict holds shards, not the weights)."""
-    _require_choice(config, "rollout_engine", ENGINES)
-    _require_choice(config, "rollout_dtype", ROLLOUT_DTYPES)
-    if config.stop_token_ids is not None and any(i < 0 for i in config.stop_token_ids):
-        raise ValueError(f"stop_token_ids must be token ids >= 0, got {config.stop_token_ids}")
-    _require(config, "vllm_gpu_memory_utilization", lambda v: 0 < v < 1, "in (0, 1)")
+def _check_rollout_fits(config: TrainConfig) -> None:
+    """No vLLM engine over a sharded policy (whose state_dict holds shards, not the weights)
+    or a LoRA one."""
     if config.rollout_engine == "vllm" and config.sharding == "fsdp2":
         raise ValueError("rollout_engine=vllm cannot sample for sharding=fsdp2 yet (the "
                          "engine is loaded from a whole state_dict): use rollout_engine=hf")
@@ -604,64 +533,12 @@ def _check_rollout_keys(config: TrainConfig) -> None:
                          "loads): use rollout_engine=hf")
 
 
-def _check_reward_heads(config: TrainConfig) -> None:
-    """The reward keys that can be checked without the model: the output attribute is an
-    identifier, every head is an index >= 0 or a non-empty label, and the rule-based demo
-    reward (which has neither) is not given them."""
-    if not config.reward_output.isidentifier():
-        raise ValueError(f"reward_output must be an attribute name such as 'logits' or "
-                         f"'rewards', got {config.reward_output!r}")
-    heads = config.reward_heads
-    if heads is not None:
-        if not heads:
-            raise ValueError("reward_heads is empty; give objective -> head index or label, "
-                             "or null for every head the model's id2label names")
-        for name, head in heads.items():
-            if (head < 0) if isinstance(head, int) else not head:
-                raise ValueError(f"reward_heads[{name!r}] must be a head index >= 0 or an "
-                                 f"id2label name, got {head!r}")
-    if config.reward == "demo" and (heads is not None or config.reward_output != "logits"):
-        raise ValueError("reward_output and reward_heads choose a model's output heads; the "
-                         "rule-based reward=demo has none: leave them unset")
-
-
-def _check_model_keys(config: TrainConfig) -> None:
-    """Known weight dtypes, a reward input budget >= 1, a named attention kernel, and affine
-    reward maps that keep every score finite and its order (scale > 0)."""
-    _require_choice(config, "dtype", DTYPES)
-    _require_choice(config, "reward_dtype", ("auto", *DTYPES))
-    _require(config, "reward_max_length", lambda v: v is None or v >= 1, ">= 1 or null")
-    if config.attn_implementation is not None and not config.attn_implementation:
-        raise ValueError("attn_implementation is empty; name a kernel such as 'sdpa', or null "
-                         "for transformers' default")
-    for objective, pair in (config.reward_normalization or {}).items():
-        if not (len(pair) == 2 and math.isfinite(pair[0]) and math.isfinite(pair[1])
-                and pair[1] > 0):
-            raise ValueError(f"reward_normalization[{objective!r}] must be [shift, scale] with "
-                             f"a finite shift and a finite scale > 0, got {pair!r}")
-
-
-def _check_lora(config: TrainConfig, method: Method) -> None:
-    """The LoRA keys: a rank >= 1, an alpha > 0, a dropout in [0, 1) and only with a DPO-type
-    method without a Wasserstein set, a non-empty target list, no adapter keys without a
-    rank, and no FSDP2 sharding. (Target modules that name nothing are refused when the
-    adapter is built, by :func:`drosim.llm.lora.apply_lora`.)"""
+def _check_lora_fits(config: TrainConfig, method: Method) -> None:
+    """A LoRA adapter's dropout only with a DPO-type method without a Wasserstein set, and
+    no FSDP2 sharding (the adapter's own keys: :meth:`LoraSection.check_lora`)."""
     if config.lora_rank is None:
-        defaults = TrainConfig()
-        changed = [name for name in ("lora_alpha", "lora_dropout", "lora_target_modules")
-                   if getattr(config, name) != getattr(defaults, name)]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} configure a LoRA adapter, but lora_rank "
-                             "is null (full fine-tuning): set lora_rank, or leave them unset")
         return
-    _require(config, "lora_rank", lambda v: v >= 1, ">= 1 (or null: full fine-tuning)")
-    _require(config, "lora_alpha", lambda v: 0 < v < math.inf, "finite and > 0")
-    _require(config, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
-    if config.lora_target_modules is not None and not config.lora_target_modules:
-        raise ValueError("lora_target_modules is empty; name modules to adapt, or null for "
-                         "PEFT's default for the architecture")
-    wasserstein = method.spec is not None and method.spec.needs_input_gradients
-    if config.lora_dropout > 0 and (wasserstein or method.pointwise == "rebel"):
+    if config.lora_dropout > 0 and (method.needs_input_gradients or method.pointwise == "rebel"):
         # The trainer turns every other dropout off for the same reasons (disable_dropout).
         raise ValueError(f"lora_dropout > 0 cannot run {config.method}: REBEL's first step "
                          "needs log pi_theta = log pi_t exactly, and the Wasserstein finite "
@@ -674,53 +551,44 @@ def _check_lora(config: TrainConfig, method: Method) -> None:
                          "optimiser holds the adapters' state only) or lora_rank=null")
 
 
-def _check_minority(config: TrainConfig) -> None:
-    """A minority fraction in [0, 1) (a minority of the pairs; 1 would leave no training
-    mixture) that gives at least one pair, a minority mixture exactly when the fraction is
-    > 0, and a valid mixture.
-    (Its objectives are checked against the reward model's with the training mixture's.)"""
-    _require(config, "minority_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
-    if (config.minority_mixture is None) != (config.minority_fraction == 0):
-        raise ValueError("minority_mixture and minority_fraction go together: a mixture with "
-                         f"a fraction > 0, or neither (got minority_mixture="
-                         f"{config.minority_mixture}, minority_fraction="
-                         f"{config.minority_fraction})")
+def _check_minority_fits(config: TrainConfig) -> None:
+    """A minority fraction large enough for at least one pair per iteration (its own range:
+    :meth:`MixtureSection.check_mixtures`)."""
     if config.minority_mixture is not None:
-        _check_mixture("minority_mixture", config.minority_mixture)
         # a minority that never scores a pair would pass silently for one that does
-        _require(config, "minority_fraction",
-                 lambda v: round(v * config.pairs_per_iteration) >= 1,
-                 f"large enough for at least one of the {config.pairs_per_iteration} pairs "
-                 "per iteration (round(minority_fraction * pairs_per_iteration) >= 1)")
-
-
-def _check_mixture(name: str, mixture: dict[str, float]) -> None:
-    """A mixture weighs objectives: finite, non-negative weights with a positive sum."""
-    for objective, weight in mixture.items():
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{name}: the weight of {objective!r} must be finite and >= 0, "
-                             f"got {weight!r}")
-    if not sum(mixture.values()) > 0:
-        raise ValueError(f"{name}: the weights must sum to a positive number, got {mixture}")
+        require(config, "minority_fraction",
+                lambda v: round(v * config.pairs_per_iteration) >= 1,
+                f"large enough for at least one of the {config.pairs_per_iteration} pairs "
+                "per iteration (round(minority_fraction * pairs_per_iteration) >= 1)")
 
 
 # ------------------------------------------------------------------------------ saving / files
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config as plain dicts, lists and scalars (JSON- and YAML-serialisable), a copy."""
+    """The config as plain dicts, lists and scalars (JSON- and YAML-serialisable), a copy,
+    keyed by the flat key names."""
     return dataclasses.asdict(config)
 
 
+def config_to_sections(config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The config's canonical form: section -> its keys -> values (a copy, as
+    :func:`config_to_dict`), in the order of :data:`SECTIONS`."""
+    flat = config_to_dict(config)
+    return {name: {f.name: flat[f.name] for f in dataclasses.fields(section)}
+            for name, section in SECTIONS.items()}
+
+
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    """Write the config as YAML that :func:`load_config` reads back to an equal config.
+    """Write the config's canonical form (:func:`config_to_sections`) as YAML that
+    :func:`load_config` reads back to an equal config.
 
     Args:
         config: the config to write.
         path: the YAML file to (over)write; its directory must exist.
     """
     with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+        yaml.safe_dump(config_to_sections(config), f, sort_keys=False)
 
 
 def bundled_config_path(name: str) -> Path:

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from drosim.llm.checkpoint import check_model_folder
 from drosim.llm.export import claimed_output, holds_files, write_pretrained
+from drosim.llm.rewards import refuse_untrusted_code
 from drosim.llm.runtime import StopFlag
 
 WORK_SUFFIX = ".work"
@@ -91,6 +93,25 @@ def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> Path:
         raise FileExistsError(f"{work} holds the checkpoints of an interrupted run (or of "
                               "one still running): pass --resume to continue it or "
                               "--overwrite to start over")
+    return work
+
+
+def check_recipe(out: Path, model: str, *, epochs: float, lr: float, batch_size: int,
+                 max_length: int, save_steps: int, overwrite: bool, resume: bool,
+                 trust_remote_code: bool) -> Path:
+    """Everything a stage-0 recipe checks before it reads its data: the hyperparameters
+    (:func:`check_hyperparameters`), ``out`` and its work dir (:func:`prepare_out`), and the
+    model (custom code needs ``trust_remote_code``; a local folder's files must be whole);
+    returns the work dir.
+
+    Raises:
+        ValueError, FileExistsError: as the checks named above.
+    """
+    check_hyperparameters(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                          save_steps=save_steps)
+    work = prepare_out(out, overwrite=overwrite, resume=resume)
+    refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
+    check_model_folder("model", model)
     return work
 
 

@@ -21,18 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from drosim.llm.checkpoint import check_model_folder
 from drosim.llm.data import read_table
 from drosim.llm.recipes import (
-    check_hyperparameters,
+    check_recipe,
     check_rows,
     claimed,
     eval_rows,
     fit,
-    prepare_out,
     training_arguments,
 )
-from drosim.llm.rewards import refuse_untrusted_code
 
 
 def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "text",
@@ -84,11 +81,9 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     out = Path(out)
-    check_hyperparameters(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                          save_steps=save_steps)
-    work = prepare_out(out, overwrite=overwrite, resume=resume)
-    refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
-    check_model_folder("model", model)
+    work = check_recipe(out, model, epochs=epochs, lr=lr, batch_size=batch_size,
+                        max_length=max_length, save_steps=save_steps, overwrite=overwrite,
+                        resume=resume, trust_remote_code=trust_remote_code)
     texts, names, ids = read_labelled(data, split, text_field=text_field,
                                       label_field=label_field, labels=labels)
     train_idx, eval_idx = eval_rows(len(texts), eval_fraction, seed)

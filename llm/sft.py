@@ -27,16 +27,13 @@ from typing import Any
 
 import torch
 
-from drosim.llm.checkpoint import check_model_folder
 from drosim.llm.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
 from drosim.llm.recipes import (
-    check_hyperparameters,
+    check_recipe,
     claimed,
     fit,
-    prepare_out,
     training_arguments,
 )
-from drosim.llm.rewards import refuse_untrusted_code
 
 IGNORE = -100  # the label transformers' LM loss skips
 DEFAULT_FIELDS = ("text", "messages")
@@ -92,11 +89,9 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
     from drosim.llm.export import load_pretrained_policy
 
     out = Path(out)
-    check_hyperparameters(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                          save_steps=save_steps)
-    work = prepare_out(out, overwrite=overwrite, resume=resume)
-    refuse_untrusted_code("model", model, trust_remote_code=trust_remote_code)
-    check_model_folder("model", model)
+    work = check_recipe(out, model, epochs=epochs, lr=lr, batch_size=batch_size,
+                        max_length=max_length, save_steps=save_steps, overwrite=overwrite,
+                        resume=resume, trust_remote_code=trust_remote_code)
     table = read_table(data, split)
     column = sft_column(table.column_names, field, where=data)
     examples = [as_example(value, row=i, where=f"{data} field {column!r}")

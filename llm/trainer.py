@@ -471,8 +471,10 @@ class Run:
 
 
 def set_up(config: TrainConfig, world: Distributed,
-           prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> Run:
-    """Device, method, policy (dropout off; LoRA adapters with ``lora_rank``), reference
+           prompts: tuple[list[Prompt], list[Prompt]] | None = None,
+           method: Method | None = None) -> Run:
+    """Device, method (``method``: the one :func:`validate_config` built, else
+    :func:`config_method`), policy (dropout off; LoRA adapters with ``lora_rank``), reference
     (none under LoRA), reward model, prompts (``prompts``: the training and held-out ones
     read already, else :func:`load_run_prompts`), optimiser (of the trained parameters),
     rollout engine.
@@ -487,7 +489,7 @@ def set_up(config: TrainConfig, world: Distributed,
         raise ValueError(f"pairs_per_iteration ({config.pairs_per_iteration}) and "
                          f"minibatch_size ({config.minibatch_size}) must be multiples of the "
                          f"{world.world_size} ranks")
-    method = config_method(config)
+    method = config_method(config) if method is None else method
     seed_everything(config.seed)
     policy, tokenizer = load_policy(config, out_dir, world)
     policy.to(device)
@@ -635,7 +637,7 @@ def update(run: Run, batch: PairBatch) -> list[StepStats]:
             steps.append(update_step(
                 run.update_policy, run.optimizer, batch.select(rows), run.method,
                 eta=config.eta, beta=config.beta, max_grad_norm=config.max_grad_norm,
-                autocast_dtype=autocast_dtype, w_gradient=config.w_gradient,
+                autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient,
                 aggregate=aggregate))
     run.scheduler.step()
     return steps
@@ -670,7 +672,7 @@ def start_iteration(run: Run, batch: PairBatch, order: torch.Tensor,
         return batch, None
     logprobs = record_sampling_logprobs(
         run.update_policy, batch, order, run.local_minibatch, method=run.method,
-        autocast_dtype=autocast_dtype, w_gradient=run.config.w_gradient)
+        autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient)
     if rebel:
         batch = replace(batch, sampling_logprobs=logprobs)
     if not iteration:
@@ -816,7 +818,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         OSError: an ``out_dir`` or checkpoint that cannot be written.
         SystemExit: after SIGTERM / SIGINT, once the checkpoint is written (code 128 + signal).
     """
-    validate_config(config)
+    method = validate_config(config)
     config = absolute_sources(config)
     out_dir = Path(config.out_dir)
     found = prepare_out_dir(config, resume=resume, overwrite=overwrite)
@@ -828,7 +830,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     before = out_dir_entries(out_dir)
     with claimed_out_dir(out_dir, world):
         with undone_on_failure(out_dir, before, world):
-            run = set_up(config, world, prompts)
+            run = set_up(config, world, prompts, method)
             check_prompts_fit(config, run.policy, run.tokenizer, [*prompts[0], *prompts[1]])
             state = (resume_from(run) if resume else None) or TrainState(0, 0, {})
         if world.is_main:

@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from drosim.llm.batch import PairBatch
 from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import Method
+from drosim.llm.methods import W_GRADIENTS, Method
 from drosim.llm.objective import (
     Aggregate,
     RobustDiagnostics,
@@ -54,7 +54,6 @@ from drosim.llm.runtime import all_reduce, sum_gradients_over_ranks
 from drosim.llm.sharding import is_sharded
 
 WGradient = Literal["exact", "finite-difference"]
-W_GRADIENTS: tuple[str, ...] = ("finite-difference", "exact")
 
 
 class StepStats(NamedTuple):
@@ -138,7 +137,7 @@ def method_objective(policy: nn.Module, batch: PairBatch, method: Method, *, eta
     the forward (:func:`input_embeddings`). ``aggregate`` replaces the minibatch's own worst
     case (:func:`robust_objective`) for a set with pair weights (``update_step`` checks).
     """
-    if method.spec is None or not method.spec.needs_input_gradients:
+    if not method.needs_input_gradients:
         logprobs = pair_logprobs(policy, batch)
         losses = method.losses(logprobs, batch, eta=eta, beta=beta)
         if aggregate is not None:
@@ -159,7 +158,7 @@ def attention_kernels(method: Method, w_gradient: WGradient = "exact"
     backward needs the same context because gradient checkpointing recomputes the forward
     inside it. The finite-difference gradient needs first derivatives only: every kernel.
     """
-    if method.spec is not None and method.spec.needs_input_gradients and w_gradient == "exact":
+    if method.needs_input_gradients and w_gradient == "exact":
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
@@ -342,7 +341,7 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
     autocast = autocast_context(batch, autocast_dtype)
     if w_gradient not in W_GRADIENTS:
         raise ValueError(f"w_gradient must be one of {W_GRADIENTS}, got {w_gradient!r}")
-    wasserstein = method.spec is not None and method.spec.needs_input_gradients
+    wasserstein = method.needs_input_gradients
     if wasserstein and hasattr(policy, "_orig_mod"):  # a torch.compile wrapper
         raise ValueError(f"a torch.compile'd policy cannot run {method.name}: see maybe_compile")
     if aggregate is not None and not method.reweights:

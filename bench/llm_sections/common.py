@@ -15,12 +15,20 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from drosim.llm.batch import PairBatch
 from drosim.llm.demo_world import demo_corpus, demo_model_config, train_demo_tokenizer
 from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import make_method
+from drosim.llm.methods import (
+    DEFAULT_KL_TAU,
+    DEFAULT_RADIUS,
+    DEFAULT_W_P,
+    DEFAULT_W_RHO,
+    make_method,
+)
 
 BASELINES = ("rebel", "dpo")
 ROBUST = ("chi2-rebel", "kl-rebel", "kltemp-rebel", "w-rebel", "wdpo", "kl-dpo", "chi2-dpo")
-# The demo's radii (llm/configs/demo.yaml).
-RADII = {"chi2_rho": 0.01, "kl_rho": 0.01, "kl_tau": 0.1, "w_rho": 0.01, "w_p": 2.0}
+# The demo's radii (llm/configs/demo.yaml): the trainer's defaults, which drosim.llm.methods
+# holds, the balls' radii spelled out.
+RADII = {"chi2_rho": DEFAULT_RADIUS, "kl_rho": DEFAULT_RADIUS, "kl_tau": DEFAULT_KL_TAU,
+         "w_rho": DEFAULT_W_RHO, "w_p": DEFAULT_W_P}
 ETA, BETA, LR, MAX_GRAD_NORM = 0.1, 0.1, 1e-5, 1.0
 # At most, over the plain method: chi2 / KL 1.05x on CPU and 1.03x on CUDA (time and
 # memory), W 2.0x the time and 1.5x the peak memory.

@@ -42,7 +42,7 @@ def penalty_forward(model: GPT2LMHeadModel, batch: PairBatch, method: Method
 
 def penalty_of(sq_norms: Tensor, method: Method) -> Tensor:
     """The Wasserstein penalty of the per-sample squared input-gradient norms."""
-    assert method.spec is not None and method.spec.needs_input_gradients
+    assert method.needs_input_gradients
     return wasserstein_penalty(sq_norms, method.spec.rho, method.spec.p)
 
 
