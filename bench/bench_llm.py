@@ -16,8 +16,8 @@ offline demo's 2 layers x 64 dims over the demo tokenizer's vocabulary; small = 
 256 dims x 4 heads, vocabulary 4096 (the CPU default); gpt2-small = GPT-2 small's
 architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
 
-1. Step time. ``drosim.llm.update.update_step`` (forward, backward, clipping, AdamW step) of
-   every robust method against its plain counterpart (chi2 / KL / KL-temperature / W-REBEL
+1. Step time. ``drosim.llm.components.update.update_step`` (forward, backward, clipping, AdamW step)
+   of every robust method against its plain counterpart (chi2 / KL / KL-temperature / W-REBEL
    over REBEL; WDPO, KL-DPO, chi2-DPO over DPO). Every method is warmed up once on a 2-pair
    slice (and one full-size step is taken), then timed in ``--repeats`` round-robin rounds
    (each round starts one method later, so machine noise hits every method alike); the
@@ -35,8 +35,8 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
    device's dense bf16 peak) and ``attention_tflops`` (stated apart; see ``flop_rates``).
 2. Wasserstein penalty. rho * sqrt(mean_i ||grad_z l_i||^2) and its back-propagation to the
    parameters (forward included) at 8, 32 and 128 pairs: one batched
-   ``autograd.grad(sum_i l_i, z, create_graph=True)`` (``drosim.llm.objective``) against the
-   authors' loop of one ``autograd.grad(l_i, z, create_graph=True)`` per sample (as their
+   ``autograd.grad(sum_i l_i, z, create_graph=True)`` (``drosim.llm.components.objective``) against
+   the authors' loop of one ``autograd.grad(l_i, z, create_graph=True)`` per sample (as their
    public code does it, re-implemented here). Each loop call is a full backward over the
    whole batch and keeps its graph, so the loop's time (and memory) grows linearly in the
    samples it has done: when the full loop would exceed ``--loop-budget`` seconds, only its
@@ -44,8 +44,8 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
    extrapolated as forward + (n / k) * (the rest), which, if anything, favours the loop.
    Before a time is reported the two must agree: the per-sample squared norms always, and at
    full loops also the penalty and every parameter gradient.
-3. Log-probabilities. ``drosim.llm.logprobs.sequence_logprobs`` against the authors' layout
-   and loop (one forward, log-softmax, then a Python loop that re-tokenises each prompt to
+3. Log-probabilities. ``drosim.llm.components.logprobs.sequence_logprobs`` against the authors'
+   layout and loop (one forward, log-softmax, then a Python loop that re-tokenises each prompt to
    find where its response starts and sums that response's log-probabilities), both under
    ``torch.no_grad`` and both including the forward, on 2 * ``--pairs`` real sequences:
    prompts from ``demo_prompts``, responses cut from ``demo_corpus``, tokenised by the demo
@@ -60,8 +60,8 @@ architecture, 12 x 768 x 12 heads, vocabulary 50257 (the CUDA default).
    threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once
    and the RSS tracks the tensors alive. Targets as for the step time.
 5. Generation rate. Response tokens sampled per second by each rollout engine available here
-   (``drosim.llm.rollout_engines``), on ``--pairs`` demo prompts, two responses each, up to
-   the response positions of ``--seq-len`` new tokens: the HF engine (``generate``, KV
+   (``drosim.llm.components.rollout_engines``), on ``--pairs`` demo prompts, two responses each, up
+   to the response positions of ``--seq-len`` new tokens: the HF engine (``generate``, KV
    cache) in float32, plus bf16 autocast on CUDA; on CUDA with vLLM installed, the vLLM
    engine too, built from the same random model saved to a temporary folder. Each engine
    samples once untimed (warm-up), then ``--repeats`` times; the rate is of the median.
@@ -106,7 +106,7 @@ from llm_sections.report import header, summary, to_markdown, write_results
 from llm_sections.timing import StepRunner
 from transformers.utils import logging as hf_logging
 
-from drosim.llm.batch import PairBatch
+from drosim.llm.components.batch import PairBatch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -55,7 +55,7 @@ def build_world(folder: Path, *, tiny: bool, rows: int) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from drosim.llm.demo_world import demo_model_config, train_demo_tokenizer
+    from drosim.llm.components.demo_world import demo_model_config, train_demo_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     table = emotion_table(rows)

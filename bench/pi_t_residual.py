@@ -11,7 +11,7 @@ Two ways of recording pi_t are compared on the same model and synthetic batch
 
 - ``rollout fp32``: one forward over the whole batch in float32, as a rollout records it
   while the update runs under bf16 autocast in minibatches;
-- ``trainer's own forward``: ``drosim.llm.update.record_sampling_logprobs``, the update's
+- ``trainer's own forward``: ``drosim.llm.components.update.record_sampling_logprobs``, the update's
   own minibatches, dtype and kernels.
 
 For each, the largest |log pi_theta - log pi_t| over the first minibatch's responses (from a
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from bench_llm import MODELS, Settings, build_model, demo_tokenizer, synthetic_batch
 
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import make_method
-from drosim.llm.update import autocast_context, pair_logprobs, record_sampling_logprobs
+from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.update import autocast_context, pair_logprobs, record_sampling_logprobs
 
 ETA = 0.01  # the paper's REBEL step size
 

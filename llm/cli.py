@@ -13,9 +13,9 @@
         [--labels a,b,c] [--eval-fraction X] [the training options of sft]
 
 ``train`` overrides take YAML values (``lr=3e-4``, ``bf16=true``,
-``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.config.TrainConfig`.
-``sft`` and ``train-reward`` are the stage-0 recipes (:mod:`drosim.llm.sft`,
-:mod:`drosim.llm.reward_training`): their ``--out`` folders are ``train``'s ``model`` and
+``"train_mixture={joy: 0.7, calm: 0.3}"``); see :class:`drosim.llm.components.config.TrainConfig`.
+``sft`` and ``train-reward`` are the stage-0 recipes (:mod:`drosim.llm.recipes.sft`,
+:mod:`drosim.llm.recipes.reward_training`): their ``--out`` folders are ``train``'s ``model`` and
 ``reward``.
 """
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from drosim import __version__
-from drosim.llm.config import (
+from drosim.llm.components.config import (
     METHODS,
     bundled_config_names,
     bundled_config_path,
@@ -42,7 +42,7 @@ SEED_LIMIT = 2**32  # numpy's seed range, as the config's seed key
 
 def _config_path(name: str) -> Path:
     """``--config``'s file: a ``.yaml`` / ``.yml`` path as given, else the bundled config of
-    that name (:func:`drosim.llm.config.bundled_config_path` refuses an unknown one)."""
+    that name (:func:`drosim.llm.components.config.bundled_config_path` refuses an unknown one)."""
     return Path(name) if name.endswith((".yaml", ".yml")) else bundled_config_path(name)
 
 
@@ -83,7 +83,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """``--methods``: distinct method names of :data:`drosim.llm.methods.METHODS`.
+    """``--methods``: distinct method names of :data:`drosim.llm.components.methods.METHODS`.
 
     Raises:
         ValueError: an unknown name (the close matches suggested), an empty or repeated item.
@@ -262,7 +262,7 @@ def _demo(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     import pandas as pd
 
-    from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
+    from drosim.llm.recipes.demo import DEMO_METHODS, learning_report, run_demo
 
     methods = chosen_methods or DEMO_METHODS
     run_demo(args.out, smoke=args.smoke, methods=methods, seeds=seeds,
@@ -279,7 +279,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """One training run from ``--config`` and the overrides; prints its final folder."""
-    from drosim.llm.trainer import train as run_training
+    from drosim.llm.recipes.trainer import train as run_training
 
     config = load_config(_config_path(args.config), args.overrides)
     out = run_training(config, resume=args.resume, overwrite=args.overwrite)
@@ -289,7 +289,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Export a run's (or checkpoint's) policy to ``--out``."""
-    from drosim.llm.export import export_model
+    from drosim.llm.recipes.export import export_model
 
     weights = export_model(args.source, args.out, overwrite=args.overwrite)
     print(f"exported {weights} to {args.out}")
@@ -298,7 +298,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """Write the runs' rewards, summary and figure to ``--out``; print the summary."""
-    from drosim.llm.report import report_runs
+    from drosim.llm.recipes.report import report_runs
 
     summary = report_runs(args.runs, args.out)
     print(summary.to_string(index=False, float_format="{:.3f}".format))
@@ -308,7 +308,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _sft(args: argparse.Namespace) -> int:
     """Fine-tune ``--model`` on ``--data`` into ``--out``."""
-    from drosim.llm.sft import sft as run_sft
+    from drosim.llm.recipes.sft import sft as run_sft
 
     out = run_sft(args.model, args.data, args.out, field=args.field, **_training_kwargs(args))
     print(f"wrote the fine-tuned model to {out}")
@@ -317,8 +317,8 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _train_reward(args: argparse.Namespace) -> int:
     """Train a reward model into ``--out``; print its held-out accuracy when measured."""
-    from drosim.llm.recipes import METRICS_FILE
-    from drosim.llm.reward_training import train_reward
+    from drosim.llm.recipes.reward_training import train_reward
+    from drosim.llm.recipes.stage0 import METRICS_FILE
 
     labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
     out = train_reward(args.model, args.data, args.out, text_field=args.text_field,

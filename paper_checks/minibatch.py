@@ -117,8 +117,8 @@ def trainer_sentence(stats: pd.DataFrame) -> str:
 
     Returns:
         One sentence: the relative gradient bias at minibatch_size TRAINER_MINIBATCH of
-        pairs_per_iteration TRAINER_PAIRS (drosim.llm.config.TrainConfig's defaults), at each
-        family's default radius, or why it was not measured.
+        pairs_per_iteration TRAINER_PAIRS (drosim.llm.components.config.TrainConfig's defaults), at
+        each family's default radius, or why it was not measured.
     """
     rows = stats[(stats["pairs"] == minibatch.TRAINER_PAIRS)
                  & (stats["x"] == minibatch.TRAINER_MINIBATCH)

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import make_method
-from drosim.llm.update import update_step
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.update import update_step
 
 F64 = torch.float64
 PAD, BOS, EOS = 0, 1, 2

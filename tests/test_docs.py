@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LLM = "drosim.llm."
 MODULES = ["drosim.dro", "drosim.world", "drosim.estimators", "drosim.online",
-           "drosim.stats", "drosim.chunks", "drosim.studies.targets", "drosim.llm.data",
-           "drosim.llm.demo_world", "drosim.llm.logprobs", "drosim.llm.losses",
-           "drosim.llm.methods", "drosim.llm.objective", "drosim.llm.rewards",
-           "drosim.llm.rollout", "drosim.llm.sharding", "drosim.llm.update",
-           "drosim.llm.recipes", "drosim.llm.sft", "drosim.llm.reward_training",
-           "drosim.llm.evaluation", "drosim.llm.lora", "drosim.llm.config",
-           "drosim.llm.cli", "drosim.llm.runtime"]
+           "drosim.stats", "drosim.chunks", "drosim.studies.targets",
+           *(f"{LLM}components.{name}" for name in (
+               "data", "demo_world", "logprobs", "losses", "methods", "objective", "rewards",
+               "rollout", "sharding", "update", "evaluation", "lora", "config", "runtime")),
+           *(f"{LLM}recipes.{name}" for name in ("stage0", "sft", "reward_training")),
+           "drosim.llm.cli"]
 
 
 @pytest.mark.parametrize("name", MODULES)

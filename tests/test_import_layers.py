@@ -32,11 +32,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("studies", ("drosim.studies", "drosim.studies.*")),
     # drosim study / worst-case; drosim run is added from paper_checks by an entry point
     ("core command line", ("drosim.cli",)),
-    ("llm", ("drosim.llm", "drosim.llm.*")),
+    # llm/: drosim.llm.components and any module of llm/ not placed above or below
+    ("llm components", ("drosim.llm", "drosim.llm.*")),
+    # whole runs built from the components: trainer, stage-0 recipes, export, demo, reports
+    ("llm recipes", ("drosim.llm.recipes", "drosim.llm.recipes.*")),
     # the cvxpy oracle: for tests, paper checks and benchmarks, never for the library or llm
     ("oracle", ("drosim.reference",)),
     ("paper checks", ("drosim.paper_checks", "drosim.paper_checks.*")),
-    ("command lines", ("drosim.llm.cli", "drosim.llm.minority_study",
+    # the minority study runs the demo many times and is started from the command line
+    ("command lines", ("drosim.llm.cli", "drosim.llm.studies", "drosim.llm.studies.*",
                        "drosim.paper_checks.__main__")),
 )
 

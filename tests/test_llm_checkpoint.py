@@ -1,4 +1,4 @@
-"""Checkpoints of drosim.llm.checkpoint: exact round trips, exact resumption, atomicity.
+"""Checkpoints of drosim.llm.components.checkpoint: exact round trips, exact resumption, atomicity.
 
 The model is a one-layer GPT-2 with tied embedding and output weights and dropout on, so a
 resumed run only matches an uninterrupted one if weights, AdamW moments, the LR schedule and
@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from drosim.llm.checkpoint import (
+from drosim.llm.components.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -328,7 +328,7 @@ def _overwrite_first_weight(path):
     (lambda p: (p / "manifest.json").write_text("{"), "unreadable manifest"),
 ])
 def test_a_damaged_checkpoint_is_detected_before_anything_is_loaded(tmp_path, damage, message):
-    from drosim.llm.checkpoint import CorruptCheckpointError, verify_checkpoint
+    from drosim.llm.components.checkpoint import CorruptCheckpointError, verify_checkpoint
 
     path = _save(tmp_path, 3)
     verify_checkpoint(path)
@@ -338,7 +338,7 @@ def test_a_damaged_checkpoint_is_detected_before_anything_is_loaded(tmp_path, da
 
 
 def test_a_state_without_a_key_is_detected_even_without_a_manifest(tmp_path):
-    from drosim.llm.checkpoint import CorruptCheckpointError, verify_checkpoint
+    from drosim.llm.components.checkpoint import CorruptCheckpointError, verify_checkpoint
 
     path = _save(tmp_path, 3)
     (path / "manifest.json").unlink()  # as written before manifests existed
@@ -348,7 +348,7 @@ def test_a_state_without_a_key_is_detected_even_without_a_manifest(tmp_path):
 
 
 def test_resume_candidates_are_latest_then_the_older_ones(tmp_path):
-    from drosim.llm.checkpoint import checkpoints_newest_first
+    from drosim.llm.components.checkpoint import checkpoints_newest_first
 
     assert checkpoints_newest_first(tmp_path) == []
     first, second = _save(tmp_path, 1), _save(tmp_path, 2)
@@ -359,7 +359,7 @@ def test_a_full_disk_in_torch_s_writer_is_one_oserror_and_keeps_the_previous(sma
     # torch's zip writer reports a full disk as a RuntimeError that does not say why
     import errno
 
-    from drosim.llm.checkpoint import checkpoints_newest_first, verify_checkpoint
+    from drosim.llm.components.checkpoint import checkpoints_newest_first, verify_checkpoint
 
     mount = small_fs
     _save(mount, 1)

@@ -63,8 +63,8 @@ def test_a_full_disk_is_one_clear_message_and_keeps_the_last_checkpoint(capsys, 
                                                                          monkeypatch):
     import errno
 
-    import drosim.llm.trainer as trainer
-    from drosim.llm.checkpoint import checkpoints_newest_first, verify_checkpoint
+    import drosim.llm.recipes.trainer as trainer
+    from drosim.llm.components.checkpoint import checkpoints_newest_first, verify_checkpoint
 
     original, calls = trainer.save_checkpoint, []
 

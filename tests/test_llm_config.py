@@ -1,4 +1,5 @@
-"""Training configs of drosim.llm.config: layering, type checks, validation, bundled files."""
+"""Training configs of drosim.llm.components.config: layering, type checks, validation, bundled
+files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drosim.llm.config import (
+from drosim.llm.components.config import (
     CONFIGS_DIR,
     METHODS,
     TrainConfig,

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from drosim.llm import methods
-from drosim.llm.config import (
+from drosim.llm.components import methods
+from drosim.llm.components.config import (
     TrainConfig,
     bundled_config_path,
     config_to_dict,
@@ -20,8 +20,8 @@ from drosim.llm.config import (
     save_config,
     validate_config,
 )
-from drosim.llm.config_docs import expected_texts
-from drosim.llm.config_sections import KEY_SECTIONS, SECTIONS, AlgorithmSection
+from drosim.llm.components.config_docs import expected_texts
+from drosim.llm.components.config_sections import KEY_SECTIONS, SECTIONS, AlgorithmSection
 
 DEMO_PATH = bundled_config_path("demo")
 DEMO = load_config(DEMO_PATH)
@@ -85,7 +85,8 @@ def test_bad_dotted_overrides_are_refused_in_one_line():
 
 def test_the_committed_readme_table_and_demo_comments_are_generated():
     for path, text in expected_texts().items():
-        assert path.read_text() == text, f"{path} is stale: python -m drosim.llm.config_docs"
+        assert path.read_text() == text, \
+            f"{path} is stale: python -m drosim.llm.components.config_docs"
 
 
 def test_the_method_is_built_once_with_what_the_trainer_needs():
@@ -106,10 +107,11 @@ def test_the_method_defaults_have_one_home():
 
 
 def test_parsing_a_config_imports_no_update_or_transformers():
-    code = ("import sys; from drosim.llm.config import bundled_config_path, load_config; "
+    code = ("import sys; "
+            "from drosim.llm.components.config import bundled_config_path, load_config; "
             "load_config(bundled_config_path('demo'), ['method=w-rebel']); "
-            "print(sorted(m for m in ('drosim.llm.update', 'drosim.llm.trainer', "
-            "'transformers', 'peft') if m in sys.modules))")
+            "print(sorted(m for m in ('drosim.llm.components.update', "
+            "'drosim.llm.recipes.trainer', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

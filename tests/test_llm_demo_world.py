@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from drosim.llm.demo_world import (
+from drosim.llm.components.demo_world import (
     OBJECTIVES,
     demo_corpus,
     demo_model_config,

@@ -18,10 +18,10 @@ from llm_helpers import (
     tiny_model,
 )
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import make_method
-from drosim.llm.runtime import gather_detached
-from drosim.llm.update import StepStats, update_step
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.runtime import gather_detached
+from drosim.llm.components.update import StepStats, update_step
 
 METHOD_NAMES = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
 RADII = dict(chi2_rho=0.1, kl_rho=0.1, kl_tau=0.5, w_rho=0.1)

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from llm_helpers import run_on_two_ranks, shared_pair_batch
 from llm_stand_ins import char_tokenizer, tiny_classifier_folder
 
-from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, win_rate
-from drosim.llm.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
+from drosim.llm.components.evaluation import gather_scores, mixture_report, prompt_shard, win_rate
+from drosim.llm.components.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
 
 
 def test_win_rate_counts_every_pair_and_ties_half():
@@ -87,8 +87,8 @@ def test_normalised_rewards_are_a_fixed_affine_map():
 
 
 def test_train_normalises_the_rewards_it_logs(tmp_path):
-    from drosim.llm.config import bundled_config_path, load_config
-    from drosim.llm.trainer import train
+    from drosim.llm.components.config import bundled_config_path, load_config
+    from drosim.llm.recipes.trainer import train
 
     runs = {}
     for name, extra in [("raw", []), ("scaled", ["reward_normalization={joy: [1.0, 0.5], "
@@ -138,15 +138,15 @@ def test_the_reward_dtype_is_the_weights_dtype(tmp_path):
     ("reward_max_length=0", "reward_max_length must be >= 1"),
 ])
 def test_bad_model_keys_are_refused(override, match):
-    from drosim.llm.config import bundled_config_path, load_config
+    from drosim.llm.components.config import bundled_config_path, load_config
 
     with pytest.raises(ValueError, match=match):
         load_config(bundled_config_path("smoke"), [override])
 
 
 def test_win_rates_survive_a_resume_and_a_damaged_baseline_only_costs_them(tmp_path, capsys):
-    from drosim.llm.config import bundled_config_path, load_config
-    from drosim.llm.trainer import INITIAL_EVAL_FILE, train
+    from drosim.llm.components.config import bundled_config_path, load_config
+    from drosim.llm.recipes.trainer import INITIAL_EVAL_FILE, train
 
     def run(iterations: int, out) -> list[dict]:
         train(load_config(bundled_config_path("smoke"), [

@@ -18,11 +18,11 @@ import pytest
 import torch
 from llm_helpers import flat_param_grads, random_pair_batch, tiny_model, trainable
 
-from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.methods import Method, make_method
-from drosim.llm.trainer import train
-from drosim.llm.update import maybe_compile, record_sampling_logprobs, update_step
+from drosim.llm.components.config import bundled_config_path, load_config
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.methods import Method, make_method
+from drosim.llm.components.update import maybe_compile, record_sampling_logprobs, update_step
+from drosim.llm.recipes.trainer import train
 
 F32 = torch.float32
 PAIRS, MINIBATCH = 8, 4

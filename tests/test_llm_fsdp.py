@@ -1,4 +1,4 @@
-"""FSDP2 sharding (drosim.llm.sharding) of update_step over two gloo processes.
+"""FSDP2 sharding (drosim.llm.components.sharding) of update_step over two gloo processes.
 
 Each rank builds the same float64 tiny GPT-2 and optimiser from one seed, takes its half of a
 shared minibatch and runs ``update_step`` twice, once with the policy sharded by
@@ -32,13 +32,13 @@ from llm_helpers import (
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from drosim.llm.batch import PairBatch
 from drosim.llm.cli import main as cli_main
-from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.methods import METHODS, make_method
-from drosim.llm.sharding import is_sharded, shard_policy, transformer_blocks
-from drosim.llm.update import StepStats, update_step
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.config import bundled_config_path, load_config
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.methods import METHODS, make_method
+from drosim.llm.components.sharding import is_sharded, shard_policy, transformer_blocks
+from drosim.llm.components.update import StepStats, update_step
 
 RADII = dict(chi2_rho=0.1, kl_rho=0.1, kl_tau=0.5, w_rho=0.1)
 ETA, BETA = 1.0, 1.0
@@ -243,7 +243,7 @@ def test_export_names_a_corrupt_or_missing_checkpoint(runs, tmp_path, capsys):
 def test_a_sharded_checkpoint_is_not_loaded_into_an_unsharded_model(runs):
     from transformers import AutoModelForCausalLM
 
-    from drosim.llm.checkpoint import load_checkpoint
+    from drosim.llm.components.checkpoint import load_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(runs["fsdp2"] / "final")
     optimizer = torch.optim.AdamW(model.parameters())

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from drosim.llm.checkpoint import CHECKPOINTS_DIR, checkpoints_newest_first, verify_checkpoint
-from drosim.llm.demo_world import build_demo_base
+from drosim.llm.components.checkpoint import (
+    CHECKPOINTS_DIR,
+    checkpoints_newest_first,
+    verify_checkpoint,
+)
+from drosim.llm.components.demo_world import build_demo_base
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -10,8 +10,8 @@ import torch
 from llm_helpers import attention_ops, near_policy, random_pair_batch, tiny_model
 from torch.distributed.tensor import DTensor
 
-from drosim.llm.methods import make_method
-from drosim.llm.update import update_step
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.update import update_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
@@ -88,7 +88,7 @@ def _sharded_worker(rank: int, store: str, out: str) -> None:
     mixed precision) and not; the results go to ``out``."""
     import torch.distributed as dist
 
-    from drosim.llm.sharding import shard_policy
+    from drosim.llm.components.sharding import shard_policy
 
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=1)
     torch.cuda.set_device(0)

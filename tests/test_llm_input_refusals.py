@@ -19,7 +19,7 @@ from llm_helpers import tiny_config, tiny_tokenizer
 from transformers import GPT2ForSequenceClassification
 
 from drosim.llm.cli import main
-from drosim.llm.config import (
+from drosim.llm.components.config import (
     TrainConfig,
     bundled_config_names,
     bundled_config_path,
@@ -27,8 +27,8 @@ from drosim.llm.config import (
     load_config,
     validate_config,
 )
-from drosim.llm.data import check_split, load_prompts, read_table
-from drosim.llm.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
+from drosim.llm.components.data import check_split, load_prompts, read_table
+from drosim.llm.components.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
 
 DEMO = load_config(bundled_config_path("demo"))
 SMOKE = str(bundled_config_path("smoke"))
@@ -269,7 +269,7 @@ def test_reward_max_length_null_is_the_models_limit_and_zero_is_refused():
 # ------------------------------------------------------------------------------ command line
 
 def test_flags_may_follow_overrides_and_overrides_keep_their_order(monkeypatch, tmp_path):
-    import drosim.llm.trainer as trainer
+    import drosim.llm.recipes.trainer as trainer
 
     seen = {}
 
@@ -310,7 +310,7 @@ def test_an_override_after_a_flag_is_validated_and_unknown_flags_still_refused(c
 ])
 def test_demo_seeds_and_methods_are_checked_before_any_work(capsys, tmp_path, monkeypatch,
                                                             flag, value, message):
-    import drosim.llm.demo as demo
+    import drosim.llm.recipes.demo as demo
 
     def no_work(*args, **kwargs):
         raise AssertionError("the demo started")

@@ -12,19 +12,24 @@ from llm_helpers import F64, random_pair_batch, tiny_config, tiny_model, tiny_to
 from transformers import GPT2ForSequenceClassification
 
 from drosim.dro import KL, Chi2, KLTemperature, Wasserstein
-from drosim.llm.batch import PairBatch
-from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
-from drosim.llm.methods import make_method
-from drosim.llm.objective import robust_objective
-from drosim.llm.rewards import (
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.losses import (
+    dpo_losses,
+    ipo_losses,
+    preferences_from_rewards,
+    rebel_losses,
+)
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.objective import robust_objective
+from drosim.llm.components.rewards import (
     CallableReward,
     SequenceClassifierReward,
     WordListReward,
     mixture_weights,
     score,
 )
-from drosim.llm.rollout import sample_pairs
-from drosim.llm.update import method_objective
+from drosim.llm.components.rollout import sample_pairs
+from drosim.llm.components.update import method_objective
 
 NAN, INF = math.nan, math.inf
 

@@ -1,4 +1,4 @@
-"""drosim.llm.logprobs and rollout.response_mask_after against per-row references.
+"""drosim.llm.components.logprobs and rollout.response_mask_after against per-row references.
 
 The reference runs the model on every row alone, with its padding stripped, and sums the
 log-softmax of its response tokens one by one; the batched code must agree with it to
@@ -24,7 +24,7 @@ from llm_helpers import (
     trainable,
 )
 
-from drosim.llm.logprobs import (
+from drosim.llm.components.logprobs import (
     accepts_logits_to_keep,
     check_sequence_batch,
     prediction_columns,
@@ -32,7 +32,7 @@ from drosim.llm.logprobs import (
     sequence_logprobs,
     token_logprobs,
 )
-from drosim.llm.rollout import response_mask_after, sample_pairs
+from drosim.llm.components.rollout import response_mask_after, sample_pairs
 
 RTOL = 1e-10
 

@@ -25,11 +25,9 @@ from llm_helpers import near_policy, random_pair_batch, tiny_model
 from llm_stand_ins import tiny_classifier_folder, tiny_llama_folder, write_helpsteer
 from safetensors.torch import load_file
 
-from drosim.llm import trainer
-from drosim.llm.config import load_config
-from drosim.llm.export import export_model
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.lora import (
+from drosim.llm.components.config import load_config
+from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.lora import (
     ADAPTER_DIR,
     apply_lora,
     causal_lm,
@@ -37,10 +35,12 @@ from drosim.llm.lora import (
     merged_copy,
     reference_model,
 )
-from drosim.llm.methods import Method, make_method
-from drosim.llm.runtime import Distributed
-from drosim.llm.trainer import set_up, train, update
-from drosim.llm.update import update_step
+from drosim.llm.components.methods import Method, make_method
+from drosim.llm.components.runtime import Distributed
+from drosim.llm.components.update import update_step
+from drosim.llm.recipes import trainer
+from drosim.llm.recipes.export import export_model
+from drosim.llm.recipes.trainer import set_up, train, update
 
 RANK, ALPHA = 4, 8.0
 
@@ -300,7 +300,7 @@ def _c_compiler() -> bool:
 @pytest.mark.skipif(not _c_compiler(), reason="torch.compile's inductor backend needs a C "
                     "compiler on CPU")
 def test_a_compiled_lora_update_equals_the_eager_one():
-    from drosim.llm.update import maybe_compile
+    from drosim.llm.components.update import maybe_compile
 
     steps = []
     for compiled in (False, True):

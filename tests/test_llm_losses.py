@@ -42,10 +42,15 @@ from drosim.dro import (
     robust_mean,
     wasserstein_penalty,
 )
-from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
-from drosim.llm.methods import METHODS, make_method
-from drosim.llm.objective import input_grad_sq_norms, robust_objective
-from drosim.llm.update import method_objective, pair_logprobs
+from drosim.llm.components.losses import (
+    dpo_losses,
+    ipo_losses,
+    preferences_from_rewards,
+    rebel_losses,
+)
+from drosim.llm.components.methods import METHODS, make_method
+from drosim.llm.components.objective import input_grad_sq_norms, robust_objective
+from drosim.llm.components.update import method_objective, pair_logprobs
 
 ETA, BETA = 1.0, 0.5
 RADII = dict(chi2_rho=0.1, kl_rho=0.1, kl_tau=0.5, w_rho=0.1)

@@ -1,6 +1,6 @@
 """Heterogeneous annotators: the minority's rows are mixed by its own mixture (exactly), its
 count over the ranks, bad keys refused, exact resume with a minority, and the study recipe
-(:mod:`drosim.llm.minority_study`) in its smoke configuration."""
+(:mod:`drosim.llm.studies.minority_study`) in its smoke configuration."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.methods import make_method
-from drosim.llm.rewards import CallableReward
-from drosim.llm.rollout import SampledPairs
-from drosim.llm.runtime import Distributed
-from drosim.llm.trainer import local_minority_pairs, minority_rows, score_batch
+from drosim.llm.components.config import bundled_config_path, load_config
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.rewards import CallableReward
+from drosim.llm.components.rollout import SampledPairs
+from drosim.llm.components.runtime import Distributed
+from drosim.llm.recipes.trainer import local_minority_pairs, minority_rows, score_batch
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 MINORITY = ["minority_mixture={formal: 1.0}", "minority_fraction=0.25"]
@@ -149,7 +149,7 @@ def test_resume_with_a_minority_is_bitwise_exact(base, tmp_path):
 
 
 def test_the_study_smoke_writes_its_tables_and_figure(tmp_path):
-    from drosim.llm.minority_study import main
+    from drosim.llm.studies.minority_study import main
 
     assert main(["--out", str(tmp_path), "--smoke", "--seeds", "0,1"]) == 0
     table = pd.read_csv(tmp_path / "minority.csv")
@@ -194,7 +194,7 @@ def test_the_study_smoke_writes_its_tables_and_figure(tmp_path):
 
 
 def test_the_frontier_is_interpolated_in_the_training_reward_and_held_flat_beyond():
-    from drosim.llm.minority_study import frontier_gain
+    from drosim.llm.studies.minority_study import frontier_gain
 
     frontier = pd.DataFrame({"train": [0.4, 0.0, 0.2], "formal": [0.0, 0.2, 0.1]})
     assert frontier_gain(0.3, 0.5, frontier, "formal") == (pytest.approx(0.45), False)
@@ -203,7 +203,7 @@ def test_the_frontier_is_interpolated_in_the_training_reward_and_held_flat_beyon
 
 
 def test_the_frontier_gain_pairs_each_robust_run_with_its_own_seed():
-    from drosim.llm.minority_study import add_frontier_gains
+    from drosim.llm.studies.minority_study import add_frontier_gains
 
     rows = []
     for seed, shift in [(0, 0.0), (1, 1.0)]:
@@ -223,7 +223,7 @@ def test_the_frontier_gain_pairs_each_robust_run_with_its_own_seed():
 def test_the_sign_test_is_exact_and_drops_ties():
     import numpy as np
 
-    from drosim.llm.minority_study import sign_test
+    from drosim.llm.studies.minority_study import sign_test
 
     assert sign_test(np.array([1.0] * 10)) == (10, 0, pytest.approx(2 / 2**10))
     assert sign_test(np.array([1.0, -1.0, 0.0])) == (1, 1, 1.0)
@@ -239,7 +239,7 @@ def summary_row(variant, method, metric, median, p):
 
 
 def test_the_verdict_says_whether_the_objective_was_seen_and_reads_the_frontier():
-    from drosim.llm.minority_study import verdict
+    from drosim.llm.studies.minority_study import verdict
 
     rows = []
     for variant, frontier in [("seen", 0.1), ("unseen", -0.02)]:

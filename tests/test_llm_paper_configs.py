@@ -22,7 +22,7 @@ from llm_stand_ins import (
 )
 
 from drosim.llm.cli import main
-from drosim.llm.config import bundled_config_path, load_config
+from drosim.llm.components.config import bundled_config_path, load_config
 
 # The loop shrunk to seconds; everything else comes from the bundled config.
 SMALL = ["iterations=2", "pairs_per_iteration=4", "minibatch_size=2", "epochs=1",

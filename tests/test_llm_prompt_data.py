@@ -11,9 +11,9 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from drosim.llm.cli import main  # noqa: E402
-from drosim.llm.data import hh_messages, load_prompts, prompt_text  # noqa: E402
-from drosim.llm.demo_world import demo_prompts  # noqa: E402
-from drosim.llm.rollout import render_prompts  # noqa: E402
+from drosim.llm.components.data import hh_messages, load_prompts, prompt_text  # noqa: E402
+from drosim.llm.components.demo_world import demo_prompts  # noqa: E402
+from drosim.llm.components.rollout import render_prompts  # noqa: E402
 
 EMOTION = {"text": ["i feel calm today", "i am so angry"], "label": [1, 3]}
 HELPSTEER = {"prompt": ["Write a poem.", "Explain tides."], "response": ["r1", "r2"],

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, GPT2ForSequenceClassification
 
 from drosim.llm.cli import main
-from drosim.llm.rewards import SequenceClassifierReward, score
+from drosim.llm.components.rewards import SequenceClassifierReward, score
 
 LABELS = stand_ins.ARMOLIKE_LABELS
 HIDDEN = 8

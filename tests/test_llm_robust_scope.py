@@ -38,18 +38,18 @@ from llm_helpers import (
 from safetensors.torch import load_file
 
 from drosim.dro import KL, Chi2, chi2_worst_case, robust_mean
-from drosim.llm import trainer
-from drosim.llm.batch import PairBatch
-from drosim.llm.config import (
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.config import (
     bundled_config_path,
     config_method,
     load_config,
     save_config,
 )
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.methods import Method, make_method
-from drosim.llm.objective import IterationLosses, RobustDiagnostics
-from drosim.llm.update import pair_logprobs, update_step
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.methods import Method, make_method
+from drosim.llm.components.objective import IterationLosses, RobustDiagnostics
+from drosim.llm.components.update import pair_logprobs, update_step
+from drosim.llm.recipes import trainer
 
 ETA, BETA, LR = 1.0, 0.5, 1e-2
 RHO = 0.5  # large enough that the worst-case weights are far from uniform

@@ -1,4 +1,4 @@
-"""Rollout engines (drosim.llm.rollout_engines): the HF engine against sample_pairs, stop
+"""Rollout engines (drosim.llm.components.rollout_engines): the HF engine against sample_pairs, stop
 tokens, bf16 sampling on the CPU, the vLLM output conversion and the vLLM engine's wiring
 (against a stand-in ``vllm`` module: vLLM itself needs CUDA), the config keys, the clean
 refusal of vLLM where it cannot run, and the generation rate in a run's metrics."""
@@ -18,14 +18,14 @@ import pytest
 import torch
 from llm_helpers import EOS, PAD, tiny_model, tiny_tokenizer
 
-from drosim.llm.config import bundled_config_path, load_config
-from drosim.llm.rollout import (
+from drosim.llm.components.config import bundled_config_path, load_config
+from drosim.llm.components.rollout import (
     SampledPairs,
     pairs_from_completions,
     render_prompts,
     sample_pairs,
 )
-from drosim.llm.rollout_engines import (
+from drosim.llm.components.rollout_engines import (
     HFGenerateEngine,
     RolloutEngine,
     SamplingSettings,
@@ -336,8 +336,8 @@ def test_vllm_not_installed_is_refused_in_one_line_before_out_dir(tmp_path):
 
 
 def test_vllm_on_the_cpu_is_refused_before_out_dir(tmp_path, monkeypatch):
-    from drosim.llm import rollout_engines
-    from drosim.llm.trainer import train
+    from drosim.llm.components import rollout_engines
+    from drosim.llm.recipes.trainer import train
 
     monkeypatch.setattr(rollout_engines, "vllm_available", lambda: True)
     out = tmp_path / "run"
@@ -354,8 +354,8 @@ def test_vllm_on_the_cpu_is_refused_before_out_dir(tmp_path, monkeypatch):
 
 
 def test_generation_rate_is_in_the_metrics(tmp_path):
-    from drosim.llm.demo_world import build_demo_base
-    from drosim.llm.trainer import train
+    from drosim.llm.components.demo_world import build_demo_base
+    from drosim.llm.recipes.trainer import train
 
     base = build_demo_base(tmp_path / "base", pretrain_steps=20, corpus_size=300)
     config = load_config(bundled_config_path("smoke"),
@@ -371,7 +371,7 @@ def test_generation_rate_is_in_the_metrics(tmp_path):
 
 
 def test_docstring_examples_run():
-    module = importlib.import_module("drosim.llm.rollout_engines")
+    module = importlib.import_module("drosim.llm.components.rollout_engines")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
 

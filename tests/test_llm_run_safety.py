@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from drosim.llm.checkpoint import CHECKPOINTS_DIR, checkpoints_newest_first, verify_checkpoint
 from drosim.llm.cli import main
-from drosim.llm.demo_world import build_demo_base
+from drosim.llm.components.checkpoint import (
+    CHECKPOINTS_DIR,
+    checkpoints_newest_first,
+    verify_checkpoint,
+)
+from drosim.llm.components.demo_world import build_demo_base
 from drosim.output import locked
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -318,7 +322,7 @@ def fill(folder: Path, leave: int) -> None:
 @pytest.mark.parametrize("failure", ["full", "read-only"])
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
         capsys, base, small_fs, monkeypatch, failure):
-    import drosim.llm.trainer as trainer
+    import drosim.llm.recipes.trainer as trainer
 
     original, saves = trainer.checkpoint, []
 

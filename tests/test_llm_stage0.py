@@ -26,11 +26,11 @@ from llm_stand_ins import (  # noqa: E402
 )
 
 from drosim.llm.cli import main  # noqa: E402
-from drosim.llm.export import load_pretrained_policy  # noqa: E402
-from drosim.llm.recipes import METRICS_FILE, work_dir  # noqa: E402
-from drosim.llm.reward_training import label_ids, train_reward  # noqa: E402
-from drosim.llm.rewards import SequenceClassifierReward  # noqa: E402
-from drosim.llm.sft import IGNORE, as_example, sft, tokenize_examples  # noqa: E402
+from drosim.llm.components.rewards import SequenceClassifierReward  # noqa: E402
+from drosim.llm.recipes.export import load_pretrained_policy  # noqa: E402
+from drosim.llm.recipes.reward_training import label_ids, train_reward  # noqa: E402
+from drosim.llm.recipes.sft import IGNORE, as_example, sft, tokenize_examples  # noqa: E402
+from drosim.llm.recipes.stage0 import METRICS_FILE, work_dir  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "a happy dog runs home", "we like warm bread",
          "rain falls on the sea"]

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drosim.llm.demo import DEMO_METHODS, learning_report, run_demo
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.report import summarise
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.recipes.demo import DEMO_METHODS, learning_report, run_demo
+from drosim.llm.recipes.report import summarise
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # 12 short iterations, a checkpoint every 4: a kill lands between checkpoints
@@ -152,8 +152,8 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
 
 
 def test_a_run_of_another_configuration_is_never_reused(tmp_path):
-    from drosim.llm.config import bundled_config_path, load_config, save_config
-    from drosim.llm.demo import check_same_configuration
+    from drosim.llm.components.config import bundled_config_path, load_config, save_config
+    from drosim.llm.recipes.demo import check_same_configuration
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -253,7 +253,7 @@ def test_a_corrupted_newest_checkpoint_resumes_from_the_one_before_exactly(
 
 
 def test_the_stop_flag_restores_the_signal_handlers_it_replaced():
-    from drosim.llm.runtime import StopFlag
+    from drosim.llm.components.runtime import StopFlag
 
     def mine(signum, frame):
         pass

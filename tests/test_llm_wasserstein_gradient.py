@@ -9,8 +9,8 @@ import pytest
 import torch
 from llm_helpers import F64, attention_ops, near_policy, random_pair_batch, tiny_model
 
-from drosim.llm.methods import make_method
-from drosim.llm.update import update_step
+from drosim.llm.components.methods import make_method
+from drosim.llm.components.update import update_step
 
 ETA, BETA = 1.0, 0.5
 

@@ -160,8 +160,8 @@ def test_iteration_estimator_is_at_its_monte_carlo_floor(written: Path) -> None:
 
 
 def test_the_trainer_defaults_are_those_of_the_llm_config() -> None:
-    config = pytest.importorskip("drosim.llm.config")
-    methods = pytest.importorskip("drosim.llm.methods")
+    config = pytest.importorskip("drosim.llm.components.config")
+    methods = pytest.importorskip("drosim.llm.components.methods")
     defaults = {f.name: f.default for f in dataclasses.fields(config.TrainConfig)}
     assert defaults["pairs_per_iteration"] == minibatch.TRAINER_PAIRS
     assert defaults["minibatch_size"] == minibatch.TRAINER_MINIBATCH

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.demo_world import demo_corpus, demo_model_config, train_demo_tokenizer
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import (
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.demo_world import demo_corpus, demo_model_config, train_demo_tokenizer
+from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.methods import (
     DEFAULT_KL_TAU,
     DEFAULT_RADIUS,
     DEFAULT_W_P,
@@ -25,8 +25,8 @@ from drosim.llm.methods import (
 
 BASELINES = ("rebel", "dpo")
 ROBUST = ("chi2-rebel", "kl-rebel", "kltemp-rebel", "w-rebel", "wdpo", "kl-dpo", "chi2-dpo")
-# The demo's radii (llm/configs/demo.yaml): the trainer's defaults, which drosim.llm.methods
-# holds, the balls' radii spelled out.
+# The demo's radii (llm/configs/demo.yaml): the trainer's defaults, which
+# drosim.llm.components.methods holds, the balls' radii spelled out.
 RADII = {"chi2_rho": DEFAULT_RADIUS, "kl_rho": DEFAULT_RADIUS, "kl_tau": DEFAULT_KL_TAU,
          "w_rho": DEFAULT_W_RHO, "w_p": DEFAULT_W_P}
 ETA, BETA, LR, MAX_GRAD_NORM = 0.1, 0.1, 1e-5, 1.0

@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from drosim.llm.demo_world import demo_prompts
-from drosim.llm.rollout_engines import (
+from drosim.llm.components.demo_world import demo_prompts
+from drosim.llm.components.rollout_engines import (
     HFGenerateEngine,
     RolloutEngine,
     SamplingSettings,

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from transformers import GPT2LMHeadModel
 
-from drosim.llm.demo_world import demo_corpus, demo_prompts
-from drosim.llm.logprobs import sequence_logprobs
+from drosim.llm.components.demo_world import demo_corpus, demo_prompts
+from drosim.llm.components.logprobs import sequence_logprobs
 
 from .common import PAD, Settings, autocast, max_rel_err
 from .timing import timed

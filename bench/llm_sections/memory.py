@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 from peak_memory import peak_extra_bytes  # bench/peak_memory.py
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import Method, make_method
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import Method, make_method
 
 from .common import (
     MMAP_THRESHOLD,

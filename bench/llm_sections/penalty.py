@@ -13,10 +13,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2LMHeadModel
 
 from drosim.dro import wasserstein_penalty
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import Method, make_method
-from drosim.llm.objective import input_grad_sq_norms
-from drosim.llm.update import pair_logprobs
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import Method, make_method
+from drosim.llm.components.objective import input_grad_sq_norms
+from drosim.llm.components.update import pair_logprobs
 
 from .common import (
     BETA,

@@ -10,10 +10,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import Method, make_method
-from drosim.llm.objective import robust_objective
-from drosim.llm.update import pair_logprobs
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import Method, make_method
+from drosim.llm.components.objective import robust_objective
+from drosim.llm.components.update import pair_logprobs
 
 from .common import BETA, ETA, RADII, WARMUP_PAIRS, baseline_of, target_of, verdict
 from .timing import StepRunner, median_time, timed

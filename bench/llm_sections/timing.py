@@ -10,9 +10,9 @@ from collections.abc import Callable
 import torch
 from transformers import GPT2LMHeadModel
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.methods import Method
-from drosim.llm.update import update_step
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.methods import Method
+from drosim.llm.components.update import update_step
 
 from .common import BETA, ETA, LR, MAX_GRAD_NORM, Settings
 

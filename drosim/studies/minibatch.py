@@ -27,7 +27,7 @@ batch (where the plain mean's gradient vanishes, so g_full is the robust correct
     the Wasserstein penalty its dual lambda* = sqrt(mean_N ||grad_z l||^2) is held fixed
     (rho sqrt(M) = min_lambda rho (M / lambda + lambda) / 2). Unbiased at fixed w by
     linearity. For the divergence sets this is the LLM trainer's ``robust_scope:
-    iteration`` (drosim.llm.objective.IterationLosses, with current losses); the trainer
+    iteration`` (drosim.llm.components.objective.IterationLosses, with current losses); the trainer
     offers no iteration scope for a Wasserstein set;
 * the value bias E_B[F_B] - F_N (<= 0) and an upper bound on its size.
 
@@ -91,8 +91,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              "draws": 8000, "dim": 8, "noise": 0.5, "seed": 0},
 }
 ESTIMATORS = ("minibatch", "iteration")
-# The LLM trainer's defaults (drosim.llm.config.TrainConfig; tests/test_minibatch.py checks
-# they agree): pairs per iteration, pairs per optimiser step, and each family's radius.
+# The LLM trainer's defaults (drosim.llm.components.config.TrainConfig; tests/test_minibatch.py
+# checks they agree): pairs per iteration, pairs per optimiser step, and each family's radius.
 TRAINER_PAIRS = 32
 TRAINER_MINIBATCH = 16
 TRAINER_RADII = {"chi2": 0.01, "kl": 0.01, "kl_temperature": 0.1, "wasserstein": 0.01}

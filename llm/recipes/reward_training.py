@@ -8,7 +8,7 @@ paper's six emotions). From a causal-LM base the classification head is new (tha
 point); from a classifier with other labels the head is replaced.
 
 The classifier is trained on the plain texts, so the folder's tokenizer is written without
-a chat template: :class:`~drosim.llm.rewards.SequenceClassifierReward` then scores the
+a chat template: :class:`~drosim.llm.components.rewards.SequenceClassifierReward` then scores the
 plain text ``prompt + " " + response`` rather than a chat rendering it never saw.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from drosim.llm.data import read_table
-from drosim.llm.recipes import (
+from drosim.llm.components.data import read_table
+from drosim.llm.recipes.stage0 import (
     check_recipe,
     check_rows,
     claimed,
@@ -44,7 +44,7 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
     Args:
         model: a local folder or hub name (a classifier, or a base model whose new head is
             trained).
-        data: a table (see :func:`drosim.llm.data.read_table`).
+        data: a table (see :func:`drosim.llm.components.data.read_table`).
         out: the folder to write (new or empty unless ``overwrite``).
         text_field: the column of the texts.
         label_field: the column of the labels (ints or strings).
@@ -52,7 +52,7 @@ def train_reward(model: str, data: str, out: str | Path, *, text_field: str = "t
             (which names them itself); ``None``: string labels sorted, or the ints.
         split: the split of a ``DatasetDict`` folder or hub dataset.
         eval_fraction: the seeded random fraction of rows held out for the accuracy.
-        epochs, lr, batch_size, max_length, seed, bf16: as :func:`drosim.llm.sft.sft`.
+        epochs, lr, batch_size, max_length, seed, bf16: as :func:`drosim.llm.recipes.sft.sft`.
         trust_remote_code: allow a model folder that ships custom code.
         overwrite: replace a non-empty ``out`` and any interrupted run's checkpoints.
         resume: continue an interrupted run (same arguments) from ``<out>.work/``.
@@ -112,7 +112,7 @@ def read_labelled(data: str, split: str, *, text_field: str, label_field: str,
     """The texts of ``data``'s table, its class names and each row's class id.
 
     Args:
-        data: a table (see :func:`drosim.llm.data.read_table`).
+        data: a table (see :func:`drosim.llm.components.data.read_table`).
         split: the split of a ``DatasetDict`` folder or hub dataset.
         text_field: the column of the texts.
         label_field: the column of the labels.

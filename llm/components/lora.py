@@ -94,7 +94,7 @@ def causal_lm(policy: nn.Module) -> nn.Module:
     ``transformers`` model (its LoRA layers inside, the same parameters), else ``policy``.
 
     The ``PeftModel`` wrapper computes the same, but its ``forward`` signature hides
-    ``logits_to_keep`` (:func:`drosim.llm.logprobs.accepts_logits_to_keep`): through it
+    ``logits_to_keep`` (:func:`drosim.llm.components.logprobs.accepts_logits_to_keep`): through it
     every position's logits would be computed, not just the response's.
 
     Example:

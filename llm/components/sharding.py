@@ -9,8 +9,8 @@ Two things differ from FSDP2's defaults, both on purpose:
 
 - gradients are SUMMED over ranks, not averaged: the robust objective's surrogate loss on
   each rank already carries the global 1/N and dual weights (see
-  :mod:`drosim.llm.objective`), exactly as the hand-written all-reduce of an unsharded run
-  sums them;
+  :mod:`drosim.llm.components.objective`), exactly as the hand-written all-reduce of an unsharded
+  run sums them;
 - the model is flagged as FSDP-managed for ``transformers``' ``generate``, which then keeps
   every rank stepping (``synced_gpus``) until all ranks' samples have ended: each forward
   is a collective, so a rank whose responses end early must keep calling it.

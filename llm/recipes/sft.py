@@ -2,13 +2,13 @@
 
     sft("meta-llama/Llama-3.2-1B", "hh.parquet", "models/sft", field="chosen")
 
-The data is one column of a table read by :func:`drosim.llm.data.read_table`:
+The data is one column of a table read by :func:`drosim.llm.components.data.read_table`:
 
 - plain text (a string): the LM loss covers every token, an EOS appended so the model
   learns to stop;
 - a conversation (a list of ``{"role", "content"}`` messages, or an Anthropic-HH transcript,
-  read whole by :func:`drosim.llm.data.hh_conversation`): rendered with the tokenizer's chat
-  template, the loss on the assistant turns only (each turn's text and the end-of-turn
+  read whole by :func:`drosim.llm.components.data.hh_conversation`): rendered with the tokenizer's
+  chat template, the loss on the assistant turns only (each turn's text and the end-of-turn
   tokens its template writes after it). The turns are found by rendering the conversation
   up to each assistant message; a template that does not render a conversation as the
   concatenation of its turns (one that rewrites earlier turns), or a slow tokenizer (no
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from drosim.llm.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
-from drosim.llm.recipes import (
+from drosim.llm.components.data import HH_HUMAN, Message, as_messages, hh_conversation, read_table
+from drosim.llm.recipes.stage0 import (
     check_recipe,
     claimed,
     fit,
@@ -48,8 +48,8 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
 
     Args:
         model: a local folder or hub name of a causal LM (and its tokenizer).
-        data: a table (see :func:`drosim.llm.data.read_table`; a ``.txt`` file is one text
-            per line).
+        data: a table (see :func:`drosim.llm.components.data.read_table`; a ``.txt`` file is one
+            text per line).
         out: the folder to write (new or empty unless ``overwrite``).
         field: the column to train on; ``None``: ``"text"``, else ``"messages"``.
         split: the split of a ``DatasetDict`` folder or hub dataset.
@@ -86,7 +86,7 @@ def sft(model: str, data: str, out: str | Path, *, field: str | None = None,
     """
     from transformers import Trainer
 
-    from drosim.llm.export import load_pretrained_policy
+    from drosim.llm.recipes.export import load_pretrained_policy
 
     out = Path(out)
     work = check_recipe(out, model, epochs=epochs, lr=lr, batch_size=batch_size,

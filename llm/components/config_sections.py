@@ -1,10 +1,10 @@
 """The training config's sections: every key's type, default and one-line documentation.
 
 Each section is a dataclass whose fields carry their documentation in
-``field(metadata={"doc": ...})``; :class:`drosim.llm.config.TrainConfig` is their flat
+``field(metadata={"doc": ...})``; :class:`drosim.llm.components.config.TrainConfig` is their flat
 composition, so a key is read as ``config.lr`` and written as ``lr``, ``loop.lr`` or
 ``loop: {lr: ...}``. The README's key table and ``llm/configs/demo.yaml``'s comments are
-generated from these fields (:mod:`drosim.llm.config_docs`).
+generated from these fields (:mod:`drosim.llm.components.config_docs`).
 
 The world (policy, prompts, reward model, mixtures) has no default: a run names it, e.g.
 ``model: demo`` and the rest of ``llm/configs/demo.yaml`` for the built-in tiny world.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drosim.llm.methods import (
+from drosim.llm.components.methods import (
     DEFAULT_KL_TAU,
     DEFAULT_W_P,
     DEFAULT_W_RHO,
@@ -26,9 +26,9 @@ from drosim.llm.methods import (
     Method,
     make_method,
 )
-from drosim.llm.rollout_engines import DTYPES as ROLLOUT_DTYPES
-from drosim.llm.rollout_engines import ENGINES
-from drosim.llm.sharding import SHARDINGS
+from drosim.llm.components.rollout_engines import DTYPES as ROLLOUT_DTYPES
+from drosim.llm.components.rollout_engines import ENGINES
+from drosim.llm.components.sharding import SHARDINGS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -36,7 +36,7 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 def doc(text: str) -> dict[str, str]:
     """A config key's field metadata: its one-line documentation, read by
-    :mod:`drosim.llm.config_docs` (``field(default=..., metadata=doc("..."))``)."""
+    :mod:`drosim.llm.components.config_docs` (``field(default=..., metadata=doc("..."))``)."""
     return {"doc": text}
 
 
@@ -212,10 +212,10 @@ class MixtureSection:
 
 @dataclass
 class AlgorithmSection:
-    """The training method: its pointwise loss and ambiguity set (drosim.llm.methods)."""
+    """The training method: its pointwise loss and ambiguity set (drosim.llm.components.methods)."""
 
     method: str = field(default="rebel", metadata=doc(
-        "the method, one of drosim.llm.methods.METHODS"))
+        "the method, one of drosim.llm.components.methods.METHODS"))
     eta: float = field(default=0.1, metadata=doc("REBEL's step size"))
     beta: float = field(default=0.1, metadata=doc("DPO's / IPO's beta"))
     chi2_rho: float | None = field(default=None, metadata=doc(
@@ -239,12 +239,12 @@ class AlgorithmSection:
 
 
     def build_method(self) -> Method:
-        """The section's :class:`~drosim.llm.methods.Method`: its radii resolved by
-        :func:`~drosim.llm.methods.make_method` (a null radius is not given, so that
+        """The section's :class:`~drosim.llm.components.methods.Method`: its radii resolved by
+        :func:`~drosim.llm.components.methods.make_method` (a null radius is not given, so that
         ``protect_fraction`` may set the ball, else ``DEFAULT_RADIUS``), with ``w_gradient``.
 
         Raises:
-            ValueError: as :func:`~drosim.llm.methods.make_method`.
+            ValueError: as :func:`~drosim.llm.components.methods.make_method`.
         """
         return make_method(self.method, chi2_rho=self.chi2_rho, kl_rho=self.kl_rho,
                            kl_tau=self.kl_tau, w_rho=self.w_rho, w_p=self.w_p,
@@ -323,7 +323,7 @@ class LoraSection:
     def check_lora(self) -> None:
         """No adapter keys without a rank; with one, a rank >= 1, an alpha > 0, a dropout in
         [0, 1) and a non-empty target list. (Target modules that name nothing are refused
-        when the adapter is built, by :func:`drosim.llm.lora.apply_lora`.)
+        when the adapter is built, by :func:`drosim.llm.components.lora.apply_lora`.)
 
         Raises:
             ValueError: naming the key(s).

@@ -1,4 +1,5 @@
-"""What the stage-0 recipes (:mod:`~drosim.llm.sft`, :mod:`~drosim.llm.reward_training`) share.
+"""What the stage-0 recipes (:mod:`~drosim.llm.recipes.sft`,
+:mod:`~drosim.llm.recipes.reward_training`) share.
 
 Both train with ``transformers``' ``Trainer`` and write a Hugging Face folder:
 
@@ -29,10 +30,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from drosim.llm.checkpoint import check_model_folder
-from drosim.llm.export import claimed_output, holds_files, write_pretrained
-from drosim.llm.rewards import refuse_untrusted_code
-from drosim.llm.runtime import StopFlag
+from drosim.llm.components.checkpoint import check_model_folder
+from drosim.llm.components.rewards import refuse_untrusted_code
+from drosim.llm.components.runtime import StopFlag
+from drosim.llm.recipes.export import claimed_output, holds_files, write_pretrained
 
 WORK_SUFFIX = ".work"
 METRICS_FILE = "train_metrics.json"
@@ -117,7 +118,7 @@ def check_recipe(out: Path, model: str, *, epochs: float, lr: float, batch_size:
 
 @contextlib.contextmanager
 def claimed(out: Path, *, overwrite: bool, resume: bool) -> Iterator[None]:
-    """Hold ``out`` for the whole recipe (:func:`drosim.llm.export.claimed_output`: one
+    """Hold ``out`` for the whole recipe (:func:`drosim.llm.recipes.export.claimed_output`: one
     writer at a time) and, with ``overwrite`` and without ``resume``, delete the stale work
     dir only once it is held (not another writer's checkpoints).
 

@@ -12,7 +12,7 @@ writes:
 - ``rewards.png``: reward against iteration, one panel per mixture, a line per method (mean
   over seeds, range shaded).
 
-The demo (:mod:`drosim.llm.demo`) writes the same three files for its runs.
+The demo (:mod:`drosim.llm.recipes.demo`) writes the same three files for its runs.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from drosim.llm.config import load_config
-from drosim.llm.rewards import mixture_name
+from drosim.llm.components.config import load_config
+from drosim.llm.components.rewards import mixture_name
 
 COLUMNS = ["method", "seed", "iteration", "mixture", "reward", "win_rate"]
 

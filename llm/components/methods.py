@@ -29,8 +29,13 @@ from typing import Literal
 from torch import Tensor
 
 from drosim.dro import KL, AmbiguitySet, Chi2, KLTemperature, Wasserstein
-from drosim.llm.batch import PairBatch
-from drosim.llm.losses import dpo_losses, ipo_losses, preferences_from_rewards, rebel_losses
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.losses import (
+    dpo_losses,
+    ipo_losses,
+    preferences_from_rewards,
+    rebel_losses,
+)
 
 Pointwise = Literal["rebel", "dpo", "ipo"]
 # The family of a method's ambiguity set; None: the plain mean.

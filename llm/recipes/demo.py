@@ -2,11 +2,11 @@
 
 ``drosim-llm demo --out DIR`` does, with nothing downloaded:
 
-1. generate a corpus from :mod:`drosim.llm.demo_world`'s grammar, train a word-level
+1. generate a corpus from :mod:`drosim.llm.components.demo_world`'s grammar, train a word-level
    tokenizer on it and pre-train a small GPT-2 (saved once to ``DIR/base``);
 2. fine-tune that policy online with every method of the demo (REBEL, chi2-REBEL, KL-REBEL,
    W-REBEL, DPO) for several seeds, on the training mixture of two rule-based objectives
-   (``llm/configs/demo.yaml``); each run is an ordinary :func:`drosim.llm.trainer.train` run
+   (``llm/configs/demo.yaml``); each run is an ordinary :func:`drosim.llm.recipes.trainer.train` run
    in ``DIR/runs/<method>-seed<k>``, resumed if it was interrupted and skipped if finished
    (a run of another configuration there is refused; ``--smoke`` keeps its own
    ``DIR/base-smoke`` and ``DIR/runs-smoke``); ``DIR`` is locked for the whole demo (one
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from drosim.llm.config import TrainConfig, bundled_config_path, load_config
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.report import COLUMNS, plot_rewards, read_eval_metrics, summarise
-from drosim.llm.rewards import mixture_name
-from drosim.llm.trainer import previous_run, saved_config_changes, train
+from drosim.llm.components.config import TrainConfig, bundled_config_path, load_config
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.rewards import mixture_name
+from drosim.llm.recipes.report import COLUMNS, plot_rewards, read_eval_metrics, summarise
+from drosim.llm.recipes.trainer import previous_run, saved_config_changes, train
 from drosim.output import ensure_writable, locked
 
 DEMO_METHODS = ("rebel", "chi2-rebel", "kl-rebel", "w-rebel", "dpo")
@@ -49,7 +49,7 @@ def run_demo(out: str | Path, *, smoke: bool = False, methods: Sequence[str] = D
 
     Returns:
         Columns method, seed, iteration, mixture, reward, win_rate (also written to
-        ``rewards.csv``; see :mod:`drosim.llm.report`).
+        ``rewards.csv``; see :mod:`drosim.llm.recipes.report`).
     """
     out = Path(out)
     # The smoke configuration keeps its own base and runs: a later full demo into the same

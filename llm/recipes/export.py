@@ -29,7 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from drosim.llm.checkpoint import (
+from drosim.llm.components.checkpoint import (
     CHECKPOINTS_DIR,
     DCP_DIR,
     MODEL_FILE,
@@ -38,8 +38,8 @@ from drosim.llm.checkpoint import (
     is_sharded_checkpoint,
     verify_checkpoint,
 )
-from drosim.llm.config import load_config
-from drosim.llm.lora import ADAPTER_DIR, apply_lora, is_lora, merged_copy
+from drosim.llm.components.config import load_config
+from drosim.llm.components.lora import ADAPTER_DIR, apply_lora, is_lora, merged_copy
 from drosim.output import LOCK_FILE, ensure_writable, locked
 
 FINAL_DIR = "final"

@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from drosim.llm.data import Prompt, prompt_text
-from drosim.llm.rewards import RewardModel, mixture_name, mixture_weights, score
-from drosim.llm.rollout import sample_pairs, warn_truncated
-from drosim.llm.runtime import all_gather_equal, is_distributed
+from drosim.llm.components.data import Prompt, prompt_text
+from drosim.llm.components.rewards import RewardModel, mixture_name, mixture_weights, score
+from drosim.llm.components.rollout import sample_pairs, warn_truncated
+from drosim.llm.components.runtime import all_gather_equal, is_distributed
 
 
 @torch.no_grad()
@@ -37,11 +37,11 @@ def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
         tokenizer: its tokenizer.
         reward_model: scores (prompt, response) under named objectives.
         prompts: n held-out prompts (strings or message lists; the reward model is given
-            :func:`~drosim.llm.data.prompt_text` of each, the original text).
+            :func:`~drosim.llm.components.data.prompt_text` of each, the original text).
         temperature, top_p, max_new_tokens: sampling parameters.
         batch_size: prompts per ``generate`` call.
         seed: seed of the sampling noise (the global RNG is restored afterwards).
-        chat_template, max_prompt_tokens: as :func:`~drosim.llm.rollout.render_prompts`;
+        chat_template, max_prompt_tokens: as :func:`~drosim.llm.components.rollout.render_prompts`;
             the prompts cut are counted in one warning.
         stop_token_ids: ids that end a response besides EOS, as in training.
 
@@ -49,7 +49,7 @@ def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
         ``(n, 2, objectives)`` float32 scores, on the CPU.
 
     Raises:
-        ValueError: no prompts, or as :func:`~drosim.llm.rewards.score`.
+        ValueError: no prompts, or as :func:`~drosim.llm.components.rewards.score`.
     """
     if not prompts:
         raise ValueError("evaluation needs at least one prompt")

@@ -6,7 +6,7 @@
     objective.loss.backward(); all-reduce(sum) the gradients; clip; step
 
 With ``robust_scope=iteration`` the trainer passes an ``aggregate`` instead
-(:class:`drosim.llm.objective.IterationLosses`): the same step, its weights those of the
+(:class:`drosim.llm.components.objective.IterationLosses`): the same step, its weights those of the
 iteration's worst case.
 
 A Wasserstein method's penalty needs the gradient of ||grad_z l_i||^2: by default a forward
@@ -17,8 +17,8 @@ Data parallelism is done by hand rather than with ``DistributedDataParallel``: t
 objective already couples the ranks through its gathered dual, its surrogate gradients must be
 SUMMED (not averaged) over ranks, and DDP's reducer does not support the double backward of
 the exact Wasserstein gradient. One flattened all-reduce per step does the same communication.
-A policy sharded with FSDP2 (:mod:`drosim.llm.sharding`) reduce-scatters, and sums, its own
-gradients during the backward instead.
+A policy sharded with FSDP2 (:mod:`drosim.llm.components.sharding`) reduce-scatters, and sums, its
+own gradients during the backward instead.
 
 The policy is always fed token ids; a Wasserstein method reads (and, for the finite
 difference, shifts) the input embeddings through a hook on the embedding layer
@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.methods import W_GRADIENTS, Method
-from drosim.llm.objective import (
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.methods import W_GRADIENTS, Method
+from drosim.llm.components.objective import (
     Aggregate,
     RobustDiagnostics,
     RobustObjective,
@@ -50,8 +50,8 @@ from drosim.llm.objective import (
     robust_coefficients,
     robust_objective,
 )
-from drosim.llm.runtime import all_reduce, sum_gradients_over_ranks
-from drosim.llm.sharding import is_sharded
+from drosim.llm.components.runtime import all_reduce, sum_gradients_over_ranks
+from drosim.llm.components.sharding import is_sharded
 
 WGradient = Literal["exact", "finite-difference"]
 
@@ -313,8 +313,8 @@ def update_step(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair
 
     Args:
         policy: the causal LM being trained: unwrapped (its gradients are then summed over
-            ranks here) or sharded by :func:`drosim.llm.sharding.shard_policy` (FSDP2 sums
-            them in the backward).
+            ranks here) or sharded by :func:`drosim.llm.components.sharding.shard_policy` (FSDP2
+            sums them in the backward).
         optimizer: its optimiser.
         batch: this rank's share of the global minibatch.
         method: pointwise loss and ambiguity set.

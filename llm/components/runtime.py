@@ -1,7 +1,7 @@
 """What a training run needs from the machine it runs on, apart from what it trains.
 
-The online loop (:mod:`drosim.llm.trainer`) and the stage-0 recipes
-(:mod:`drosim.llm.sft`, :mod:`drosim.llm.reward_training`) share it:
+The online loop (:mod:`drosim.llm.recipes.trainer`) and the stage-0 recipes
+(:mod:`drosim.llm.recipes.sft`, :mod:`drosim.llm.recipes.reward_training`) share it:
 
     processes      is_distributed, Distributed (this rank's place), init_distributed,
                    resolve_device / use_device

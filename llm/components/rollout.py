@@ -6,8 +6,8 @@ up to and including its first end token (EOS, or one of the caller's stop ids); 
 ``generate`` writes after it is padding. :func:`pairs_from_completions` lays out token ids
 sampled elsewhere (a vLLM engine) in the same way. The pi_t log-probabilities REBEL needs are
 not recorded here: the trainer computes them with the update's own forward
-(:func:`drosim.llm.update.record_sampling_logprobs`), so that pi_theta and pi_t round alike,
-whichever engine sampled.
+(:func:`drosim.llm.components.update.record_sampling_logprobs`), so that pi_theta and pi_t round
+alike, whichever engine sampled.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from drosim.llm.data import Prompt, prompt_text
+from drosim.llm.components.data import Prompt, prompt_text
 
 
 class SampledPairs(NamedTuple):

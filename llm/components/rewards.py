@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from drosim.llm.batch import nonfinite_rows_error
+from drosim.llm.components.batch import nonfinite_rows_error
 
 
 class RewardModel(Protocol):

@@ -18,7 +18,7 @@
         score_batch        rewards under every objective, mixed by the training mixture
                            (a random minority_fraction of the pairs: by the minority
                            mixture)
-        update             `epochs` passes of minibatch updates (drosim.llm.update), the
+        update             `epochs` passes of minibatch updates (drosim.llm.components.update), the
                            ambiguity set around each minibatch or, with
                            robust_scope=iteration, around all of the iteration's pairs
         evaluate           every `eval_every` iterations: held-out prompts (split over the
@@ -32,14 +32,14 @@ checkpoint: weights, optimiser, scheduler, iteration and data position are resto
 iteration draws its randomness from a seed of (run, rank, iteration), so on CPU a resumed run
 ends with the same bits as an uninterrupted one. Under ``torchrun`` every rank samples its own
 share of the prompts and the robust objective is global over ranks (see
-:mod:`drosim.llm.objective`); whatever is written once per run is written by rank 0 while the
-others wait. With ``sharding: fsdp2`` the policy and reference are sharded over the ranks
-(:mod:`drosim.llm.sharding`): every forward is then a collective, and checkpoints are written
-by all ranks together. Evaluation splits the held-out prompts over the ranks.
+:mod:`drosim.llm.components.objective`); whatever is written once per run is written by rank 0 while
+the others wait. With ``sharding: fsdp2`` the policy and reference are sharded over the ranks
+(:mod:`drosim.llm.components.sharding`): every forward is then a collective, and checkpoints are
+written by all ranks together. Evaluation splits the held-out prompts over the ranks.
 
 The process group, devices, seeds, signals, metrics file and collectives are the runtime's
-(:mod:`drosim.llm.runtime`); ``model: demo`` is built by :mod:`drosim.llm.demo_world`, so
-the trainer never imports the demo that calls it.
+(:mod:`drosim.llm.components.runtime`); ``model: demo`` is built by
+:mod:`drosim.llm.components.demo_world`, so the trainer never imports the demo that calls it.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
-from drosim.llm.batch import PairBatch
-from drosim.llm.checkpoint import (
+from drosim.llm.components.batch import PairBatch
+from drosim.llm.components.checkpoint import (
     CorruptCheckpointError,
     TrainState,
     check_model_folder,
@@ -71,7 +71,7 @@ from drosim.llm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from drosim.llm.config import (
+from drosim.llm.components.config import (
     TrainConfig,
     check_token_ids,
     config_method,
@@ -80,14 +80,18 @@ from drosim.llm.config import (
     save_config,
     validate_config,
 )
-from drosim.llm.data import Prompt, PromptStream, load_prompts, prompt_text
-from drosim.llm.evaluation import gather_scores, mixture_report, prompt_shard, sample_scores
-from drosim.llm.export import FINAL_DIR, load_pretrained_policy, write_pretrained
-from drosim.llm.logprobs import sequence_logprobs
-from drosim.llm.lora import apply_lora, causal_lm, reference_model
-from drosim.llm.methods import Method
-from drosim.llm.objective import IterationLosses
-from drosim.llm.rewards import (
+from drosim.llm.components.data import Prompt, PromptStream, load_prompts, prompt_text
+from drosim.llm.components.evaluation import (
+    gather_scores,
+    mixture_report,
+    prompt_shard,
+    sample_scores,
+)
+from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.lora import apply_lora, causal_lm, reference_model
+from drosim.llm.components.methods import Method
+from drosim.llm.components.objective import IterationLosses
+from drosim.llm.components.rewards import (
     NormalizedReward,
     RewardModel,
     SequenceClassifierReward,
@@ -96,15 +100,19 @@ from drosim.llm.rewards import (
     refuse_untrusted_code,
     score,
 )
-from drosim.llm.rollout import (
+from drosim.llm.components.rollout import (
     SampledPairs,
     check_prompt_lengths,
     disable_dropout,
     render_prompts,
     warn_truncated,
 )
-from drosim.llm.rollout_engines import RolloutEngine, check_rollout_engine, make_rollout_engine
-from drosim.llm.runtime import (
+from drosim.llm.components.rollout_engines import (
+    RolloutEngine,
+    check_rollout_engine,
+    make_rollout_engine,
+)
+from drosim.llm.components.runtime import (
     Distributed,
     MetricsLog,
     StopFlag,
@@ -115,13 +123,14 @@ from drosim.llm.runtime import (
     seed_everything,
     use_device,
 )
-from drosim.llm.sharding import is_sharded, shard_policy
-from drosim.llm.update import (
+from drosim.llm.components.sharding import is_sharded, shard_policy
+from drosim.llm.components.update import (
     StepStats,
     maybe_compile,
     record_sampling_logprobs,
     update_step,
 )
+from drosim.llm.recipes.export import FINAL_DIR, load_pretrained_policy, write_pretrained
 from drosim.output import OutputError, ensure_writable, locked
 
 EVAL_SEED = 1234
@@ -174,7 +183,7 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
     if source == "demo":
         # imported here: the demo world needs transformers' tokenizer training, which a
         # run on a real model never loads
-        from drosim.llm.demo_world import build_demo_base
+        from drosim.llm.components.demo_world import build_demo_base
 
         world = world or Distributed()
         if world.is_main:
@@ -194,7 +203,7 @@ def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
     ``reward_max_length`` (and transformers' default attention kernel); either one with the fixed
     ``reward_normalization`` when given."""
     if config.reward == "demo":
-        from drosim.llm.demo_world import OBJECTIVES
+        from drosim.llm.components.demo_world import OBJECTIVES
 
         reward_model: RewardModel = WordListReward(OBJECTIVES)
     else:
@@ -317,7 +326,7 @@ def check_resume(config: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 def check_model_folders(config: TrainConfig) -> None:
     """Refuse a damaged local model, tokenizer or reward folder
-    (:func:`drosim.llm.checkpoint.check_model_folder`) before anything is written.
+    (:func:`drosim.llm.components.checkpoint.check_model_folder`) before anything is written.
 
     Raises:
         ValueError: naming the key, the file and what is wrong.
@@ -369,9 +378,9 @@ def check_prompts_fit(config: TrainConfig, policy: nn.Module, tokenizer,
     outside the tokenizer's vocabulary.
 
     Raises:
-        ValueError: from :func:`drosim.llm.rollout.render_prompts`,
-            :func:`drosim.llm.rollout.check_prompt_lengths` (naming the prompt) and
-            :func:`drosim.llm.config.check_token_ids`.
+        ValueError: from :func:`drosim.llm.components.rollout.render_prompts`,
+            :func:`drosim.llm.components.rollout.check_prompt_lengths` (naming the prompt) and
+            :func:`drosim.llm.components.config.check_token_ids`.
     """
     # len(tokenizer), not the embedding's rows: those are often padded past the real tokens
     check_token_ids(config, len(tokenizer))
@@ -449,7 +458,7 @@ class Run:
     update_policy: nn.Module
     tokenizer: Any
     # the frozen initial policy of the DPO-type methods (None under LoRA: the adapter is
-    # disabled instead, see drosim.llm.lora.reference_model)
+    # disabled instead, see drosim.llm.components.lora.reference_model)
     reference: nn.Module | None
     reward_model: RewardModel
     alpha: torch.Tensor  # (objectives,) training mixture weights
@@ -648,7 +657,7 @@ def start_iteration(run: Run, batch: PairBatch, order: torch.Tensor,
                     ) -> tuple[PairBatch, IterationLosses | None]:
     """What the iteration's first step needs from pi_t = pi_theta_t, from one no-grad
     forward of every pair, minibatch by minibatch in the first epoch's ``order``
-    (:func:`drosim.llm.update.record_sampling_logprobs`):
+    (:func:`drosim.llm.components.update.record_sampling_logprobs`):
 
     * a REBEL-type method's log pi_t, so that the first step's policy term
       log pi_theta - log pi_t is exactly 0;
@@ -718,7 +727,7 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
 
 def robust_record(steps: list[StepStats]) -> dict[str, float]:
     """The ``robust/`` keys of a metrics line: each diagnostic's mean over the steps
-    (:class:`drosim.llm.objective.RobustDiagnostics`), ``robust/dual`` only where the set
+    (:class:`drosim.llm.components.objective.RobustDiagnostics`), ``robust/dual`` only where the set
     solves one."""
     record = {}
     if steps[0].robust.dual is not None:
@@ -780,7 +789,7 @@ def finish(run: Run) -> None:
     """Rank 0 saves the final policy and tokenizer as a Hugging Face folder; the others
     wait. A sharded policy is first gathered, on the CPU, by every rank together; a LoRA
     policy is written merged, its adapter also in ``final/adapter``
-    (:func:`drosim.llm.export.write_pretrained`)."""
+    (:func:`drosim.llm.recipes.export.write_pretrained`)."""
     full = None
     if is_sharded(run.policy):
         full = get_model_state_dict(run.policy, options=StateDictOptions(

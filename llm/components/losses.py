@@ -1,8 +1,9 @@
 """Pointwise losses on response pairs: REBEL, DPO and IPO.
 
 Each function maps a batch of n pairs (y, y') to n per-sample losses; a robust method is one
-of these losses aggregated by :func:`drosim.dro.robust_mean` (see :mod:`drosim.llm.objective`).
-Log-probabilities come as ``(n, 2)`` tensors, column 0 for y and column 1 for y'.
+of these losses aggregated by :func:`drosim.dro.robust_mean` (see
+:mod:`drosim.llm.components.objective`). Log-probabilities come as ``(n, 2)`` tensors, column 0 for
+y and column 1 for y'.
 
 REBEL (Gao et al. 2024), with pi_t the policy that sampled the pair:
 

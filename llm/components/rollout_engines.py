@@ -6,14 +6,15 @@ The trainer calls ``engine.sync_weights(policy)`` once per iteration, then
 stop id, counted in it):
 
 - :class:`HFGenerateEngine` (``rollout_engine: hf``, the default) samples from the live
-  policy with ``transformers``' ``generate`` (:func:`~drosim.llm.rollout.sample_pairs`: KV
-  cache on, both samples of every prompt in one call), under bf16 autocast on CUDA by
+  policy with ``transformers``' ``generate`` (:func:`~drosim.llm.components.rollout.sample_pairs`:
+  KV cache on, both samples of every prompt in one call), under bf16 autocast on CUDA by
   default and in float32 on the CPU;
 - :class:`VLLMEngine` (``rollout_engine: vllm``) samples with a ``vllm.LLM`` colocated on the
   training GPU, its weights loaded from the policy's ``state_dict`` every iteration.
 
 Whichever engine sampled, the log-probabilities of pi_t are recomputed by the update's own
-forward (:func:`drosim.llm.update.record_sampling_logprobs`); an engine only chooses tokens.
+forward (:func:`drosim.llm.components.update.record_sampling_logprobs`); an engine only chooses
+tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from drosim.llm.data import Prompt, prompt_text
-from drosim.llm.rollout import (
+from drosim.llm.components.data import Prompt, prompt_text
+from drosim.llm.components.rollout import (
     SampledPairs,
     check_prompt_lengths,
     check_sampling,
@@ -42,7 +43,7 @@ from drosim.llm.rollout import (
 )
 
 if TYPE_CHECKING:
-    from drosim.llm.config import TrainConfig
+    from drosim.llm.components.config import TrainConfig
 
 ENGINES: tuple[str, ...] = ("hf", "vllm")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
@@ -57,7 +58,7 @@ class SamplingSettings:
         temperature: > 0.
         top_p: nucleus mass in (0, 1].
         max_new_tokens: response length cap >= 1.
-        chat_template, max_prompt_tokens: as :func:`~drosim.llm.rollout.render_prompts`.
+        chat_template, max_prompt_tokens: as :func:`~drosim.llm.components.rollout.render_prompts`.
         stop_token_ids: extra ids that end a response, beside EOS.
     """
 

@@ -21,8 +21,8 @@ run needs in-process:
   a word-level tokenizer, a 2-layer GPT-2 configuration and a short causal-LM pretraining
   run on the corpus (about ten seconds on one CPU thread), the reference policy of the demo.
 * :func:`build_demo_base` -- all three, saved once as a Hugging Face folder: the concrete
-  ``model`` a ``model: demo`` run (:mod:`drosim.llm.trainer`) and the demo's runs
-  (:mod:`drosim.llm.demo`) load.
+  ``model`` a ``model: demo`` run (:mod:`drosim.llm.recipes.trainer`) and the demo's runs
+  (:mod:`drosim.llm.recipes.demo`) load.
 
 Everything is deterministic in its seed: the grammar draws from ``random.Random(seed)`` and
 pretraining from ``torch.manual_seed(seed)`` and a seeded ``torch.Generator``.

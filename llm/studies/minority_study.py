@@ -1,7 +1,7 @@
 """Heterogeneous annotators in the LLM demo: does a robust set protect a minority objective,
 beyond what a smaller REBEL step buys by itself, and only when that objective was seen?
 
-    python -m drosim.llm.minority_study --out DIR [--seeds 0,...,19]
+    python -m drosim.llm.studies.minority_study --out DIR [--seeds 0,...,19]
         [--methods rebel,chi2-rebel,kl-rebel] [--step-scales 0.25,0.5]
         [--variants seen,unseen] [--fraction 0.2] [--rho RHO] [--smoke]
 
@@ -21,7 +21,7 @@ the minority's own, seen, objective in the unseen one.)
 
 Every method and seed is an ordinary demo run (``llm/configs/demo.yaml``, or ``smoke.yaml``
 with ``--smoke``) on the demo's pre-trained base (``DIR/base``, built once and reused, as
-:func:`drosim.llm.demo.run_demo` does). Beside the methods, REBEL runs with shorter steps
+:func:`drosim.llm.recipes.demo.run_demo` does). Beside the methods, REBEL runs with shorter steps
 (``eta`` times each ``--step-scales`` value, arms ``rebel-eta<s>x``), paired by seed: with the
 initial policy (eta -> 0) and REBEL (the full step) they trace REBEL's step frontier in the
 (training reward, protected reward) plane, what a smaller step buys by itself.
@@ -74,12 +74,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
-from drosim.llm.config import TrainConfig, bundled_config_path, load_config
-from drosim.llm.demo import check_same_configuration
-from drosim.llm.demo_world import build_demo_base
-from drosim.llm.report import read_eval_metrics
-from drosim.llm.rewards import mixture_name
-from drosim.llm.trainer import previous_run, train
+from drosim.llm.components.config import TrainConfig, bundled_config_path, load_config
+from drosim.llm.components.demo_world import build_demo_base
+from drosim.llm.components.rewards import mixture_name
+from drosim.llm.recipes.demo import check_same_configuration
+from drosim.llm.recipes.report import read_eval_metrics
+from drosim.llm.recipes.trainer import previous_run, train
 from drosim.radius import smallest_group_share
 
 STUDY_METHODS = ("rebel", "chi2-rebel", "kl-rebel")
@@ -479,7 +479,7 @@ def _numbers(text: str, kind: type) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m drosim.llm.minority_study",
+    parser = argparse.ArgumentParser(prog="python -m drosim.llm.studies.minority_study",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seeds", default=",".join(map(str, range(20))),

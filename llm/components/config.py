@@ -1,8 +1,8 @@
 """Training configuration: typed sections, read from YAML and ``key=value`` overrides.
 
 :class:`TrainConfig` is the flat composition of the sections of
-:mod:`drosim.llm.config_sections`, where every key's type, default and doc live. Values are
-layered as defaults <- YAML file <- command-line overrides, a key written flat (``lr``) or in
+:mod:`drosim.llm.components.config_sections`, where every key's type, default and doc live. Values
+are layered as defaults <- YAML file <- command-line overrides, a key written flat (``lr``) or in
 its section (``loop.lr``, ``loop: {lr: ...}``), type-checked against the annotations and
 validated, so a typo or a nonsensical value fails before any model is loaded; parsing imports
 no model or update code::
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from drosim.llm.config_sections import (
+from drosim.llm.components.config_sections import (
     KEY_SECTIONS,
     SECTIONS,
     AlgorithmSection,
@@ -40,11 +40,12 @@ from drosim.llm.config_sections import (
     require,
     require_choice,
 )
-from drosim.llm.data import read_text
-from drosim.llm.methods import METHODS, W_GRADIENTS, Method
-from drosim.llm.objective import ROBUST_SCOPES
+from drosim.llm.components.data import read_text
+from drosim.llm.components.methods import METHODS, W_GRADIENTS, Method
+from drosim.llm.components.objective import ROBUST_SCOPES
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
+# the YAML files are package data of drosim.llm, one folder above this sub-package
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TrainConfig(SystemSection, LoraSection, RolloutSection, LoopSection, Algor
                   MixtureSection, RewardSection, DataSection, PolicySection):
     """Everything that defines a training run; see ``llm/configs/*.yaml`` for examples.
 
-    The flat composition of the sections of :mod:`drosim.llm.config_sections` (the bases,
+    The flat composition of the sections of :mod:`drosim.llm.components.config_sections` (the bases,
     listed last section first so that the fields come in ``SECTIONS`` order), which hold every
     key's type, default and documentation. The world (policy, prompts, reward model,
     mixtures) has no default: a run names it, e.g. ``model: demo`` and the rest of
@@ -82,7 +83,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     Later sources win: defaults <- YAML file <- overrides. Override values are parsed as YAML,
     so ``lr=3e-4``, ``bf16=true``, ``tokenizer=null`` and ``train_mixture={joy: 0.7, calm: 0.3}``
     all work. A key is named flat (``lr``) or in its section (``loop.lr=3e-4`` in an override,
-    ``loop: {lr: 3e-4}`` in a file; :data:`drosim.llm.config_sections.SECTIONS`).
+    ``loop: {lr: 3e-4}`` in a file; :data:`drosim.llm.components.config_sections.SECTIONS`).
 
     Args:
         path: a YAML mapping of keys (or sections of keys) to values, or ``None`` for the
@@ -366,8 +367,8 @@ def validate_config(config: TrainConfig) -> Method:
         config: the config to check.
 
     Returns:
-        The run's :class:`~drosim.llm.methods.Method` (:func:`config_method`), built once here
-        for the trainer to use.
+        The run's :class:`~drosim.llm.components.methods.Method` (:func:`config_method`), built once
+        here for the trainer to use.
 
     Raises:
         ValueError: naming the first offending field and what it must be: a world field (model,
@@ -499,7 +500,7 @@ def check_token_ids(config: TrainConfig, vocab_size: int) -> None:
 
 def config_method(config: TrainConfig) -> Method:
     """The config's method (its ``algorithm`` section), its radii resolved by
-    :func:`drosim.llm.methods.make_method`, with its ``w_gradient``.
+    :func:`drosim.llm.components.methods.make_method`, with its ``w_gradient``.
 
     A radius left null is not given: ``protect_fraction`` may then set the method's ball,
     else it is ``DEFAULT_RADIUS``; a given one is exclusive with ``protect_fraction``.

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from drosim.llm.sharding import is_sharded
+from drosim.llm.components.sharding import is_sharded
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -115,8 +115,8 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write a checkpoint of the run and point ``latest`` at it.
 
-    A sharded model (:func:`drosim.llm.sharding.shard_policy`) is saved in the sharded format
-    by :func:`save_sharded_checkpoint`: every rank must then call this function.
+    A sharded model (:func:`drosim.llm.components.sharding.shard_policy`) is saved in the sharded
+    format by :func:`save_sharded_checkpoint`: every rank must then call this function.
 
     The checkpoint is written into a temporary sibling directory, every file is fsynced, and
     only then is the directory renamed to ``run_dir/checkpoints/iteration-NNNNNN`` and

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from drosim.dro import KL, AmbiguitySet, Chi2, DROResult, as_ambiguity_set
-from drosim.llm.runtime import gather_detached
+from drosim.llm.components.runtime import gather_detached
 
 ROBUST_SCOPES: tuple[str, ...] = ("minibatch", "iteration")
 
