@@ -24,7 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 def torchrun(out: Path, base: Path, *extra: str) -> list[str]:
     """A 2-rank sharded CPU run of the smoke config, a checkpoint after every iteration."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    # --standalone: a free port of its own, never one that another job still holds
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "drosim.llm.cli", "train", "--config", "smoke", "checkpoint_every=1",
             "sharding=fsdp2", "progress=false", f"model={base}", f"out_dir={out}", *extra]
 

@@ -182,7 +182,7 @@ def _write_failure_as_oserror(root: Path, iteration: int):
     staging: list[Path] = []
     try:
         yield staging
-    except (OSError, RuntimeError, SafetensorError) as error:
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:
         code = getattr(error, "errno", None) or _full_disk_errno(root)
         for path in staging:
             shutil.rmtree(path, ignore_errors=True)
@@ -224,8 +224,7 @@ def save_sharded_checkpoint(
     state_json = _state_json(state, keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
     main = dist.get_rank() == 0
-    staging: list[Path] = []
-    with _sharded_write_failure_as_oserror(root, state.iteration, staging, main):
+    with _sharded_write_failure_as_oserror(root, state.iteration) as staging:
         tmp = [None]
         if main:
             root.mkdir(parents=True, exist_ok=True)
@@ -267,31 +266,24 @@ def _agree_or_raise(failed: bool) -> None:
 
 
 @contextlib.contextmanager
-def _sharded_write_failure_as_oserror(root: Path, iteration: int, staging: list[Path],
-                                      main: bool):
+def _sharded_write_failure_as_oserror(root: Path, iteration: int):
     """:func:`_write_failure_as_oserror` for every rank of a sharded save: a rank whose write
-    failed tells the others at the next agreement (:func:`_agree_or_raise`), rank 0 removes
-    the temporary directory, and every rank raises the same one-line ``OSError``.
+    failed tells the others at the next agreement (:func:`_agree_or_raise`), and every rank
+    raises the same one-line ``OSError`` (rank 0, the only one that stages, removes the
+    temporary directory).
 
     DCP reports a failed write on any rank to every rank as a ``CheckpointException``.
     """
-    try:
-        yield
-    except _PeerFailed as error:
-        if main:
-            for path in staging:
-                shutil.rmtree(path, ignore_errors=True)
-        raise OSError(_full_disk_errno(root), _failure_message(
-            root, iteration, "another rank could not write its shards")) from error
-    except (OSError, RuntimeError, SafetensorError, CheckpointException) as error:
-        with contextlib.suppress(_PeerFailed):
-            _agree_or_raise(True)
-        if main:
-            for path in staging:
-                shutil.rmtree(path, ignore_errors=True)
-        code = getattr(error, "errno", None) or _full_disk_errno(root)
-        reason = getattr(error, "strerror", None) or os.strerror(code)
-        raise OSError(code, _failure_message(root, iteration, reason)) from error
+    with _write_failure_as_oserror(root, iteration) as staging:
+        try:
+            yield staging
+        except _PeerFailed:
+            raise OSError(_full_disk_errno(root), "another rank could not write its shards"
+                          ) from None
+        except (OSError, RuntimeError, SafetensorError, CheckpointException):
+            with contextlib.suppress(_PeerFailed):
+                _agree_or_raise(True)
+            raise
 
 
 def _state_json(state: TrainState, keep: int) -> str:
