@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each block's activations in the backward (default on "
                              "for llama-1b)")
+    parser.add_argument("--packing", action="store_true",
+                        help="padding-free (packed) update forwards, as the trainer's packing")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak for the MFU column (default: known "
                              "for H100 / H200 / A100)")
@@ -184,6 +186,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Settings, str | None]:
         sections=tuple(name for name in SECTIONS if name in args.sections.split(",")),
         memory_jobs=args.memory_jobs, seed=args.seed, quick=quick, out_dir=args.out_dir,
         gradient_checkpointing=args.gradient_checkpointing or model == "llama-1b",
+        packing=args.packing,
         peak_tflops=args.peak_tflops or (known_peak_tflops() if cuda else None))
     if settings.seq_len < 8:
         parser.error("--seq-len must be at least 8")

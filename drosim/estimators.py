@@ -540,7 +540,7 @@ def _logistic_step_from_zero(problem: Problem) -> Tensor:
     gradient is -beta / 2 E_P[(2 o - 1) dphi] and the Hessian beta^2 / 4 E_P[dphi dphi^T]
     + ridge I (a regularised least-squares fit of the labels)."""
     grad, curv = problem.mean_gradient_at_zero()
-    hessian = problem.weighted_gram(curv)  # the transposed copy the Newton steps read anyway
+    hessian = problem.weighted_gram(curv)
     eye = torch.eye(grad.shape[-1], dtype=grad.dtype, device=grad.device)
     hessian = hessian + problem.ridge.reshape(-1, 1, 1) * eye
     return -least_squares(hessian, grad)

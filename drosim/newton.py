@@ -47,6 +47,7 @@ _BACKTRACKS = 30  # step sizes 1, 1/2, ..., 2^-29
 _RAY = [0.25**k for k in range(7)]  # points t * u on the rays out of the kink at w = 0
 _COLLAPSE = 1e-4  # ||w|| / ||w start|| below which Newton has collapsed into that kink
 _COMPACT = 0.75  # the share of live trials from which a batch is compacted
+_GRAM_CHUNK_BYTES = 1 << 21  # a chunk of scaled features that stays in a CPU core's cache
 
 
 class Fit(NamedTuple):
@@ -126,30 +127,37 @@ class Problem:
     linear: Tensor | None = None  # (T, d): adds <linear, w> (a dual certificate's term)
 
     @cached_property
-    def dphi_t(self) -> Tensor:
-        """dphi transposed, contiguous ``(T, d, n)``: :meth:`weighted_gram` reads it as both
-        factors, the layout in which the batched product runs fastest (about 1.35x faster
-        than from dphi's own layout on one CPU thread)."""
-        return self.dphi.transpose(-1, -2).contiguous()
-
-    @cached_property
     def workspace(self) -> Tensor:
-        """A buffer of dphi_t's size that every weighted Gram matrix reuses (a fresh
-        allocation of that size costs about as much as filling it)."""
-        return torch.empty_like(self.dphi_t)
+        """A buffer for one chunk of dphi scaled per sample (:meth:`weighted_gram`), about
+        2 MiB: small enough to stay in cache between the scaling and the product that reads
+        it, and reused by every Newton step (a fresh buffer costs as much as filling it)."""
+        t, n, d = self.dphi.shape
+        chunk = min(t, max(1, _GRAM_CHUNK_BYTES // (n * d * self.dphi.element_size())))
+        return torch.empty(chunk, n, d, dtype=self.dphi.dtype, device=self.dphi.device)
 
     @cached_property
     def gram(self) -> Tensor:
         """``(T, d, d)`` dphi^T diag(n p) dphi = n E_P[dphi dphi^T]: the least-squares normal
-        equations' matrix, read in dphi's own layout (one product does not pay for the
-        transposed copy)."""
-        weighted = (self.dphi if self.weights is None
-                    else self.dphi * (self.weights * self.dphi.shape[1]).unsqueeze(-1))
-        return weighted.transpose(-1, -2) @ self.dphi
+        equations' matrix."""
+        if self.weights is None:
+            return self.dphi.mT @ self.dphi
+        return self.weighted_gram(self.weights * self.dphi.shape[1])
 
     def weighted_gram(self, c: Tensor) -> Tensor:
         """``(T, d, d)`` dphi^T diag(c) dphi for per-sample weights c ``(T, n)``."""
-        return torch.mul(self.dphi_t, c.unsqueeze(-2), out=self.workspace) @ self.dphi_t.mT
+        if self.dphi.device.type != "cpu":
+            return (self.dphi * c.unsqueeze(-1)).mT @ self.dphi
+        # On CPU a loop over chunks of trials (never over samples): each chunk's scaled copy
+        # is read back from cache, about 1.3x faster than one pass over the whole batch.
+        out = torch.empty(*c.shape[:-1], self.dphi.shape[-1], self.dphi.shape[-1],
+                          dtype=c.dtype, device=c.device)
+        step = self.workspace.shape[0]
+        for start in range(0, c.shape[0], step):
+            part = slice(start, start + step)
+            rows = self.dphi[part]
+            scaled = torch.mul(rows, c[part].unsqueeze(-1), out=self.workspace[:rows.shape[0]])
+            torch.bmm(scaled.mT, rows, out=out[part])
+        return out
 
     def scores(self, w: Tensor) -> Tensor:
         """``(T, n)`` s_i = <w, dphi_i> for w ``(T, d)``."""
@@ -217,25 +225,24 @@ class Problem:
         return self.spec.solve_dual(self.loss.value(s), start, weights=self.weights)
 
     def subset(self, keep: Tensor) -> Problem:
-        """The problem of the trials where ``keep`` ``(T,)`` is True (with their rows of the
-        transposed copy, where made: gathering them is cheaper than transposing anew)."""
+        """The problem of the trials where ``keep`` ``(T,)`` is True (sharing the Gram
+        matrices' buffer)."""
         other = Problem(self.dphi[keep], replace(self.loss, target=self.loss.target[keep]),
                         self.spec, self.unit[keep], self.penalty[keep], self.ridge[keep],
                         self._rows(self.weights, keep), self._rows(self.linear, keep))
-        if "dphi_t" in self.__dict__:
-            other.__dict__["dphi_t"] = self.dphi_t[keep]
+        if "workspace" in self.__dict__:
+            other.__dict__["workspace"] = self.workspace
         return other
 
     def with_spec(self, spec: object, **changes: Tensor | None) -> Problem:
         """The same data under another aggregation (e.g. a smoothed set), with ``changes``
-        to the other fields (unit, penalty, ridge, weights, linear). The transposed copy of
-        dphi and the Hessian's buffer are shared, not rebuilt."""
+        to the other fields (unit, penalty, ridge, weights, linear). The Gram matrices' buffer
+        is shared, not rebuilt."""
         fields = {"unit": self.unit, "penalty": self.penalty, "ridge": self.ridge,
                   "weights": self.weights, "linear": self.linear, **changes}
         other = Problem(self.dphi, self.loss, spec, **fields)
-        for cached in ("dphi_t", "workspace"):
-            if cached in self.__dict__:
-                other.__dict__[cached] = self.__dict__[cached]
+        if "workspace" in self.__dict__:
+            other.__dict__["workspace"] = self.workspace
         return other
 
     def minimise(self, w: Tensor, *, kink_at_zero: bool = False,

@@ -88,7 +88,8 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
     measured = (
         _summary(table, verdicts) + " " + " ".join(texts) + " " + _scales_text(scales)
         + _uncertified_text(per_trial.attrs.get("uncertified", []), scales)
-        + f" Radii chosen by drosim.radius.validated_radius on a pilot batch of training "
+        + " " + _grid_text(table)
+        + " Radii chosen by drosim.radius.validated_radius on a pilot batch of training "
         "pairs grouped by annotator (worst group's held-out loss, one-standard-error rule), "
         "never on the test metric; the oracle radius (largest gain on the test metric) is "
         "context. Intervals: 90%, bootstrapped by world seed (clusters: "
@@ -113,9 +114,11 @@ def run(preset: Preset = "quick", out: Path = Path("figures"), **overrides: obje
 
 def with_oracle(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with columns oracle (True on the grid radius of largest gain, per world and
-    method) and grid_end: where that radius is an end of the grid, "smallest", "largest" or
-    "point-mass radius" (the largest when it is chi2's (n - 1) / 2 or KL's log n: past it every
-    ball gives the same minimax fit, so it ends the radius axis, not only the grid); "" inside.
+    method) and grid_end: where that radius is an end of the grid, "" inside. Two ends are
+    ends of the radius axis itself, not truncations: "radius 0" (the plain loss: no ball
+    helps) and "point-mass radius" (the largest when it is chi2's (n - 1) / 2 or KL's log n:
+    past it every ball gives the same minimax fit). "smallest" and "largest" are truncations
+    (a grid that starts above 0, or ends below the point-mass radius).
 
     Args:
         table: the output of :func:`drosim.studies.shift.frontier_gain`.
@@ -132,12 +135,21 @@ def with_oracle(table: pd.DataFrame) -> pd.DataFrame:
     pairs = top["pairs"].to_numpy(dtype=float)
     point_mass = np.where(top["family"] == "chi2", np.isclose(rho, (pairs - 1) / 2),
                           (top["family"] == "kl") & np.isclose(rho, np.log(pairs)))
-    end = np.where(rho == low, "smallest", np.where(
+    end = np.where(rho == low, np.where(rho == 0, "radius 0", "smallest"), np.where(
         rho == high, np.where(point_mass, "point-mass radius", "largest"), ""))
     table = table.assign(oracle=False, grid_end="")
     table.loc[top.index, "oracle"] = True
     table.loc[top.index, "grid_end"] = end
     return table
+
+
+def _grid_text(table: pd.DataFrame) -> str:
+    """Where the oracle radii sit on the grids: inside, or at which end."""
+    ends = table.loc[table["oracle"], "grid_end"].replace("", "inside").value_counts()
+    counts = ", ".join(f"{where}: {count}" for where, count in ends.items())
+    return ("Radius grids run from 0 (the plain loss at the same step) to the point-mass "
+            "radius (chi2 (n - 1) / 2, KL log n; Wasserstein to 3), both ends of the radius "
+            f"axis; best grid radius per world and method: {counts}.")
 
 
 def part(rows: pd.DataFrame) -> str:

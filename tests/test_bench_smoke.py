@@ -192,3 +192,85 @@ def test_emotion_pipeline_bench_tiny(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, str(script), "--out", str(out), "--tiny"],
                            capture_output=True, text=True)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+# ------------------------------------------------------------- bench/bench_iteration.py
+
+
+@pytest.fixture(scope="module")
+def bench_iteration() -> ModuleType:
+    """bench/bench_iteration.py imported as a module."""
+    pytest.importorskip("transformers")
+    return _import_bench_script("bench_iteration")
+
+
+def test_iteration_bench_drosim_quick(bench_iteration: ModuleType, tmp_path: Path) -> None:
+    """drosim's half runs one tiny iteration without TRL: every phase is timed, the phases
+    add up to the total, and every response has the full new_tokens."""
+    assert bench_iteration.main(["--quick", "--frameworks", "rebel", "--out-dir",
+                                 str(tmp_path)]) == 0
+    md = (tmp_path / "iteration_cpu_quick.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and rows[1].startswith("| drosim rebel |")  # header, drosim only
+    assert "not measured" in md  # no GRPO, no ratio
+    settings = bench_iteration.Settings(**bench_iteration.QUICK)
+    timing = bench_iteration.time_framework(
+        bench_iteration.write_world(tmp_path / "world", settings), settings, "rebel",
+        tmp_path / "run")
+    phases = (timing.generation_s, timing.reward_s, timing.update_s)
+    assert all(s > 0 for s in phases)
+    assert sum(phases) == pytest.approx(timing.total_s, rel=1e-6)
+    assert timing.tokens == settings.samples * settings.new_tokens  # min = max new tokens
+
+
+def test_iteration_bench_refuses_without_trl(bench_iteration: ModuleType,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Asked for a TRL trainer where TRL is not importable, it says how to get it."""
+    monkeypatch.setattr(bench_iteration, "trl_available", lambda: False)
+    assert bench_iteration.main(["--quick", "--frameworks", "rebel,grpo"]) == 2
+    assert "run bench/iteration_env.sh" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the GPU variant is refused, not run on the CPU
+        with pytest.raises(SystemExit):
+            bench_iteration.parse_args(["--vllm", "--device", "cuda"])
+
+
+# ------------------------------------------------------- bench/gpu_iteration_session.sh
+
+
+def test_gpu_iteration_session_dry_run() -> None:
+    """The prepared GPU session parses, and every script and option it names exists."""
+    import os
+    import subprocess
+
+    script = BENCH.with_name("gpu_iteration_session.sh")
+    result = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True,
+                            text=True, cwd=BENCH.parents[1], timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "dry-run: 0 problem(s)" in result.stdout
+    for name in ("bench_llama_1b", "bench_iteration", "vllm_equivalence"):
+        assert f"dry-run: {name}" in result.stdout
+
+
+def test_llm_bench_flop_rates_count_real_tokens_only(bench_llm: ModuleType) -> None:
+    """Padding adds no FLOPs: the same sequences padded wider give the same rates, and
+    attention counts each sequence's own length squared."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from drosim.llm.components.batch import PairBatch
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    lengths = torch.tensor([[3, 5], [2, 7]])
+
+    def batch(width: int) -> PairBatch:
+        mask = (torch.arange(width) < lengths[..., None]).long()
+        zeros = torch.zeros(2, 2)
+        return PairBatch(mask, mask, mask, zeros, zeros, zeros)
+
+    rates = bench_llm.steps.flop_rates(model, batch(8), 2.0, 100.0)
+    params = sum(p.numel() for p in model.parameters())
+    assert rates["model_tflops"] == pytest.approx(6 * params * 17 / 2.0 / 1e12)
+    assert rates["attention_tflops"] == pytest.approx(6 * 2 * 16 * (9 + 25 + 4 + 49) / 2e12)
+    assert rates["mfu"] == pytest.approx(rates["model_tflops"] / 100.0)
+    assert bench_llm.steps.flop_rates(model, batch(32), 2.0, 100.0) == pytest.approx(rates)

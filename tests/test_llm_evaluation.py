@@ -3,16 +3,40 @@ the reward model options it depends on (fixed normalisation, cut long inputs, dt
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.distributed as dist
-from llm_helpers import run_on_two_ranks, shared_pair_batch
+from llm_helpers import run_on_two_ranks, shared_pair_batch, tiny_model, tiny_tokenizer
 from llm_stand_ins import char_tokenizer, tiny_classifier_folder
 
-from drosim.llm.components.evaluation import gather_scores, mixture_report, prompt_shard, win_rate
-from drosim.llm.components.rewards import CallableReward, NormalizedReward, SequenceClassifierReward
+from drosim.llm.components.evaluation import (
+    engine_scores,
+    gather_scores,
+    mixture_report,
+    prompt_shard,
+    sample_scores,
+    win_rate,
+)
+from drosim.llm.components.rewards import (
+    CallableReward,
+    NormalizedReward,
+    SequenceClassifierReward,
+    score,
+)
+from drosim.llm.components.rollout import sample_pairs
+from drosim.llm.components.rollout_engines import (
+    HFGenerateEngine,
+    SamplingSettings,
+    resolve_rollout_dtype,
+)
+
+EVAL_PROMPTS = ["[BOS] w3 w4", "[BOS] w5", "[BOS] w6 w7 w8", "[BOS] w9", "[BOS] w10 w11"]
+# responses are told apart by their length and their characters
+TEXT_REWARD = CallableReward(lambda p, r: [[float(len(t)), float(sum(map(ord, t)) % 101)]
+                                           for t in r], ("length", "characters"))
 
 
 def test_win_rate_counts_every_pair_and_ties_half():
@@ -166,3 +190,99 @@ def test_win_rates_survive_a_resume_and_a_damaged_baseline_only_costs_them(tmp_p
     assert "no win rates: cannot read" in capsys.readouterr().err
     assert without[-1]["iteration"] == 2 and "win_rate/mean" not in without[-1]
     assert without[-1]["reward/mean"] == resumed[-1]["reward/mean"]  # the run itself is intact
+
+
+# ------------------------------------------------- evaluation sampling on the rollout engine
+
+
+def generate_scores(policy, tokenizer, prompts, *, seed: int, batch_size: int, **sampling):
+    """What evaluation computed before it sampled through an engine: ``sample_pairs`` in
+    float32, batch by batch, from a forked RNG seeded with ``seed``."""
+    scores = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            pairs = sample_pairs(policy, tokenizer, chunk, **sampling)
+            responses = [r for pair in pairs.responses for r in pair]
+            texts = [p for p in chunk for _ in range(2)]
+            scores.append(score(TEXT_REWARD, texts, responses).view(len(chunk), 2, -1))
+    return torch.cat(scores)
+
+
+def test_the_hf_engine_on_the_cpu_evaluates_as_generate_did():
+    policy, tokenizer = tiny_model(dtype=torch.float32), tiny_tokenizer()
+    assert resolve_rollout_dtype("auto", "cpu") == torch.float32  # the run's CPU engine
+    expected = generate_scores(policy, tokenizer, EVAL_PROMPTS, seed=7, batch_size=2,
+                               temperature=0.9, max_new_tokens=5)
+    engine = HFGenerateEngine(tokenizer, SamplingSettings(temperature=0.9, max_new_tokens=5))
+    engine.sync_weights(policy)
+    assert torch.equal(engine_scores(engine, TEXT_REWARD, EVAL_PROMPTS, batch_size=2, seed=7),
+                       expected)
+    assert torch.equal(sample_scores(policy, tokenizer, TEXT_REWARD, EVAL_PROMPTS,
+                                     temperature=0.9, max_new_tokens=5, batch_size=2, seed=7),
+                       expected)
+
+
+def test_engine_evaluation_leaves_the_global_rng_untouched_and_uses_its_seed():
+    policy, tokenizer = tiny_model(dtype=torch.float32), tiny_tokenizer()
+    engine = HFGenerateEngine(tokenizer, SamplingSettings(max_new_tokens=5))
+    engine.sync_weights(policy)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = engine_scores(engine, TEXT_REWARD, EVAL_PROMPTS, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(engine_scores(engine, TEXT_REWARD, EVAL_PROMPTS, seed=1), first)
+    assert not torch.equal(engine_scores(engine, TEXT_REWARD, EVAL_PROMPTS, seed=2), first)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        engine_scores(engine, TEXT_REWARD, [])
+
+
+class SnapshotEngine(HFGenerateEngine):
+    """An HF engine that samples from a copy of the policy taken at each sync, as vLLM does
+    (its own weights), and records its calls in ``log``."""
+
+    def __init__(self, *args, log: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = log
+
+    def sync_weights(self, policy):
+        self.log.append(("sync", None))
+        super().sync_weights(copy.deepcopy(policy))
+
+    def sample(self, prompts):
+        self.log.append(("sample", list(prompts)))
+        return super().sample(prompts)
+
+
+def test_a_run_evaluates_through_its_engine_synced_after_the_update(tmp_path, monkeypatch):
+    from drosim.llm.components.config import bundled_config_path, load_config
+    from drosim.llm.recipes import trainer
+
+    def evaluations(out, engine_log=None) -> list[dict]:
+        if engine_log is not None:
+            def snapshot_engine(config, policy, tokenizer, device):
+                engine = SnapshotEngine(tokenizer, SamplingSettings.from_config(config),
+                                        dtype=resolve_rollout_dtype(config.rollout_dtype,
+                                                                    device), log=engine_log)
+                engine.sync_weights(policy)
+                return engine
+            monkeypatch.setattr(trainer, "make_rollout_engine", snapshot_engine)
+        config = load_config(bundled_config_path("smoke"), [
+            f"out_dir={out}", "iterations=2", "eval_every=1", "progress=false"])
+        trainer.train(config)
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "eval"]
+
+    live = evaluations(tmp_path / "live")
+    log: list = []
+    snapshot = evaluations(tmp_path / "snapshot", log)
+    config = load_config(bundled_config_path("smoke"))
+    eval_prompts = trainer.load_run_prompts(config)[1]
+    # every evaluation (iterations 0, 1, 2) samples the held-out prompts, right after a sync
+    evaluated = [i for i, (kind, prompts) in enumerate(log) if prompts == eval_prompts]
+    assert len(evaluated) == 3
+    assert all(log[i - 1] == ("sync", None) for i in evaluated)
+    # from the updated weights: as the engine sharing the live policy samples
+    assert [r["iteration"] for r in snapshot] == [0, 1, 2]
+    assert snapshot == live

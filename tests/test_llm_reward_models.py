@@ -10,6 +10,9 @@ the module writes a marker file when imported, which shows whether ``transformer
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import llm_stand_ins as stand_ins
@@ -160,3 +163,113 @@ def test_training_on_a_custom_multi_head_reward_model(armolike, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "objective/joy" in r]
     assert evaluated and "objective/calm" in evaluated[-1]
+
+
+# ------------------------------------------------------------ reward_batch_size, sorting
+
+# Texts of very different lengths, so that batching in order of length pads less.
+LONG_AND_SHORT = (["a", "a long prompt of many characters", "b", "another long prompt here",
+                   "c", "mid prompt", "d"], ["x", "a long response", "y", "z", "also long w",
+                                             "q", "r"])
+
+
+def padded_widths(reward: SequenceClassifierReward, monkeypatch) -> list[tuple[int, int]]:
+    """The ``(rows, width)`` of every forward the reward model runs on LONG_AND_SHORT."""
+    shapes = []
+    forward = reward.model.forward
+
+    def recording(input_ids, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(reward.model, "forward", recording)
+    reward(*LONG_AND_SHORT)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    return stand_ins.tiny_classifier_folder(tmp_path_factory.mktemp("classifier") / "c")
+
+
+@pytest.fixture(scope="module")
+def left_padded_classifier(tmp_path_factory) -> Path:
+    """The classifier with a tokenizer that pads on the left (as a policy's does)."""
+    folder = stand_ins.tiny_classifier_folder(tmp_path_factory.mktemp("left") / "c")
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "padding_side": "left"}))
+    return folder
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("sort_by_length", [False, True])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_scores_do_not_depend_on_the_batch_size_or_sorting(classifier, left_padded_classifier,
+                                                           batch_size, sort_by_length,
+                                                           padding_side):
+    folder = classifier if padding_side == "right" else left_padded_classifier
+    alone = SequenceClassifierReward(folder, batch_size=1, sort_by_length=False)
+    reward = SequenceClassifierReward(folder, batch_size=batch_size,
+                                      sort_by_length=sort_by_length)
+    assert reward.tokenizer.padding_side == padding_side
+    expected = alone(*LONG_AND_SHORT)  # one text per forward: no padding at all
+    torch.testing.assert_close(reward(*LONG_AND_SHORT), expected, atol=1e-5, rtol=0)
+    # the rows are the callers' order: each differs from the others
+    assert len({tuple(row.tolist()) for row in expected}) == len(expected)
+
+
+def test_sorting_by_length_pads_less(classifier, monkeypatch):
+    shapes = {}
+    for sort in (False, True):
+        reward = SequenceClassifierReward(classifier, batch_size=2, sort_by_length=sort)
+        shapes[sort] = padded_widths(reward, monkeypatch)
+    assert [rows for rows, _ in shapes[True]] == [2, 2, 2, 1]  # batch_size texts a forward
+    widths = [width for _, width in shapes[True]]
+    assert widths == sorted(widths, reverse=True)  # the longest first
+    padded = {sort: sum(rows * width for rows, width in s) for sort, s in shapes.items()}
+    assert padded[True] < padded[False]
+
+
+def test_reward_batch_size_reaches_the_reward_model(classifier, tmp_path, monkeypatch):
+    from drosim.llm.components.config import bundled_config_path, load_config
+    from drosim.llm.recipes.trainer import load_reward_model
+
+    config = load_config(bundled_config_path("smoke"), [
+        f"reward={classifier}", "reward_batch_size=3", f"out_dir={tmp_path}"])
+    reward = load_reward_model(config, "cpu")
+    assert reward.batch_size == 3
+    assert [rows for rows, _ in padded_widths(reward, monkeypatch)] == [3, 3, 1]
+    default = load_config(bundled_config_path("smoke"), [f"reward={classifier}"])
+    assert load_reward_model(default, "cpu").batch_size == default.reward_batch_size
+
+
+@pytest.mark.parametrize("override, match", [
+    ("reward_batch_size=0", "reward_batch_size must be >= 1, got 0"),
+    ("reward_batch_size=-4", "reward_batch_size must be >= 1, got -4"),
+    ("reward_batch_size=2.5", "reward_batch_size: expected an integer"),
+    ("reward_batch_size=true", "reward_batch_size: expected an integer"),
+])
+def test_a_bad_reward_batch_size_is_refused_at_load(override, match):
+    from drosim.llm.components.config import bundled_config_path, load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config(bundled_config_path("smoke"), [override])
+
+
+def test_a_reward_model_refuses_a_batch_size_below_one(classifier):
+    with pytest.raises(ValueError, match="reward_batch_size must be >= 1, got 0"):
+        SequenceClassifierReward(classifier, batch_size=0)
+
+
+def test_the_batch_bench_times_every_setting_and_agrees_with_unbatched_scores(tmp_path):
+    out = tmp_path / "reward_batch.md"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "reward_batch.py"
+    subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0].split()[0]), r[1].strip()) for r in rows] == [
+        (b, sort) for b in (8, 16, 32, 64, 128) for sort in ("no", "yes")]
+    assert all(float(r[-1]) < 1e-5 for r in rows)  # batching changes no score
+    assert sum("(fastest)" in r[0] for r in rows) == 1

@@ -286,6 +286,33 @@ def test_the_vllm_engine_wiring(monkeypatch):
                                                     stop_token_ids=[STOP]))
 
 
+def test_a_vllm_evaluation_seeds_its_requests_from_the_evaluation_seed(monkeypatch):
+    from drosim.llm.components.evaluation import engine_scores
+    from drosim.llm.components.rewards import CallableReward
+
+    for key in ENV_KEYS:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm([[9, EOS], [8, EOS]] * 2, calls))
+    engine = VLLMEngine("some/model", tiny_tokenizer(), SamplingSettings(max_new_tokens=4),
+                        device="cpu", dtype=torch.float32, gpu_memory_utilization=0.25)
+    reward = CallableReward(lambda p, r: [[float(len(t))] for t in r], ["length"])
+
+    def request_seeds(seed: int) -> list[int]:
+        engine_scores(engine, reward, ["[BOS] w6 w7", "[BOS]"], seed=seed)
+        return [params.seed for params in calls["params"]]
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = request_seeds(1)
+    assert torch.equal(torch.get_rng_state(), state)  # the training RNG is untouched
+    assert request_seeds(1) == first  # every evaluation samples with the same noise
+    assert request_seeds(2) != first
+    torch.manual_seed(1)  # the seeds are drawn from the evaluation seed's RNG
+    assert first[0] == int(torch.randint(2**31, ()))
+
+
 # ------------------------------------------------------------------ config and refusals
 
 

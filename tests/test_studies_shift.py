@@ -104,7 +104,9 @@ def test_radius_grids_end_at_the_point_mass_radii() -> None:
 
     assert chi2[-1] == pytest.approx(Chi2.protecting(1 / n).rho) == (n - 1) / 2
     assert kl[-1] == pytest.approx(KL.protecting(1 / n).rho)
-    assert all(np.diff(chi2) > 0) and len(shift.radius_grid("wasserstein", n, 4)) == 4
+    # Radius 0, the plain loss, is the axis's other end: a best radius of 0 says no ball helps.
+    assert chi2[0] == kl[0] == 0.0 and len(chi2) == 6
+    assert all(np.diff(chi2) > 0) and len(shift.radius_grid("wasserstein", n, 4)) == 5
     with pytest.raises(ValueError, match="family must be one of"):
         shift.radius_grid("tv", n, 5)
     with pytest.raises(ValueError, match="at least 3 points"):
@@ -118,7 +120,7 @@ def test_every_loss_has_its_frontier_and_its_robust_versions() -> None:
     robust = {m.name for m, _ in runs if m.family != "none"}
     assert frontier == {(loss, shift.ETA * s) for loss in shift.LOSSES for s in shift.STEP_SCALES}
     assert robust == {"chi2-REBEL", "KL-REBEL", "W-REBEL", "chi2-DPO", "KL-DPO", "W-DPO"}
-    assert len(runs) == len(frontier) + ROBUST_METHODS * 3
+    assert len(runs) == len(frontier) + ROBUST_METHODS * (3 + 1)  # radius 0 on top
 
 
 def test_rewards_are_exact_expected_rewards(tiny_frame: pd.DataFrame) -> None:
@@ -263,6 +265,8 @@ def test_oracle_flags_the_best_grid_radius_and_the_grid_ends() -> None:
     assert (flagged["grid_end"] == "").all()
     assert check.with_oracle(table.assign(gain=[0.3, 0.2, 0.1, 0.2]))["grid_end"].iloc[0] == \
         "smallest"
+    assert check.with_oracle(table.assign(rho=[0.0, 1.0, 10.0, 1.0], gain=[0.0, -0.1, -0.2, 0.2])
+                             )["grid_end"].iloc[0] == "radius 0"
     # 10 = (21 - 1) / 2: chi2's point-mass radius, past which no ball differs.
     top = check.with_oracle(table.assign(gain=[0.0, 0.1, 0.3, 0.2]))["grid_end"].iloc[2]
     assert top == "point-mass radius"

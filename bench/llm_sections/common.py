@@ -101,6 +101,7 @@ class Settings:
     out_dir: Path
     gradient_checkpointing: bool = False
     peak_tflops: float | None = None
+    packing: bool = False  # padding-free update forwards (the trainer's ``packing`` key)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -38,7 +38,8 @@ def header(settings: Settings, model: GPT2LMHeadModel, argv: Sequence[str]) -> l
             f"({prompt_width_of(settings.seq_len)} prompt + "
             f"{settings.seq_len - prompt_width_of(settings.seq_len)} response positions), "
             f"bf16 autocast: {settings.bf16}, gradient checkpointing: "
-            f"{settings.gradient_checkpointing}, dense bf16 peak for MFU: "
+            f"{settings.gradient_checkpointing}, packing: {settings.packing}, dense bf16 peak "
+            "for MFU: "
             f"{settings.peak_tflops or 'unknown'} TFLOP/s",
             f"- host: {device}; torch {torch.__version__}, {torch.get_num_threads()} intra-op "
             f"threads; {settings.repeats} rounds; load average at start "

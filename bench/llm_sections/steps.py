@@ -35,22 +35,33 @@ def flop_rates(model: nn.Module, batch: PairBatch, seconds: float, peak_tflops: 
                ) -> dict[str, float]:
     """Model FLOP/s of a step and its MFU over the device's dense bf16 peak.
 
+    Only real tokens count (``attention_mask == 1``: prompt and response, never padding),
+    so the rates are the same whether the step ran on padded or on packed rows, and
+    padding's wasted work lowers the MFU instead of inflating it.
     model_tflops = 6 x parameters x real tokens / seconds (forward 2, backward 4 FLOPs per
     parameter and token; the embedding table counted once, tied or not). Attention's
     score and value products are stated apart: attention_tflops = 6 x layers x width x
-    (mean real length) x real tokens / seconds (causal: half of 12 L d T). Gradient
-    checkpointing's recomputed forward is not counted (MFU, not hardware utilisation), nor
-    are a Wasserstein method's second forward and backward: its MFU is that of the plain
-    step's useful work done in its time.
+    sum over sequences of (real length)^2 / seconds (causal: half of 12 L d T^2 per
+    sequence). Gradient checkpointing's recomputed forward is not counted (MFU, not
+    hardware utilisation), nor are a Wasserstein method's second forward and backward: its
+    MFU is that of the plain step's useful work done in its time.
+
+    Args:
+        model: the policy (its parameters and ``config``'s layers and width).
+        batch: the step's batch; ``attention_mask`` ``(n, 2, T)``.
+        seconds: the step's time, > 0.
+        peak_tflops: the device's dense bf16 peak, or None (no ``mfu``).
+
+    Returns:
+        ``model_tflops``, ``attention_tflops`` and, with a peak, ``mfu``.
     """
     params = sum(p.numel() for p in model.parameters())
-    tokens = float(batch.attention_mask.sum())
-    rows = batch.attention_mask.flatten(0, 1)
-    mean_length = tokens / rows.shape[0]
+    lengths = batch.attention_mask.flatten(0, 1).sum(-1).double()
     config = model.config
     layers, width = config.num_hidden_layers, config.hidden_size
-    rates = {"model_tflops": 6 * params * tokens / seconds / 1e12,
-             "attention_tflops": 6 * layers * width * mean_length * tokens / seconds / 1e12}
+    rates = {"model_tflops": 6 * params * float(lengths.sum()) / seconds / 1e12,
+             "attention_tflops": 6 * layers * width * float(lengths.square().sum())
+             / seconds / 1e12}
     if peak_tflops:
         rates["mfu"] = rates["model_tflops"] / peak_tflops
     return rates

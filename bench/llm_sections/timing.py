@@ -60,4 +60,5 @@ class StepRunner:
     def step(self, method: Method, batch: PairBatch) -> None:
         """One ``update_step`` of ``method`` on ``batch`` (ETA, BETA, MAX_GRAD_NORM)."""
         update_step(self.model, self.optimizer, batch, method, eta=ETA, beta=BETA,
-                    max_grad_norm=MAX_GRAD_NORM, autocast_dtype=self.settings.autocast_dtype)
+                    max_grad_norm=MAX_GRAD_NORM, autocast_dtype=self.settings.autocast_dtype,
+                    packing=self.settings.packing)

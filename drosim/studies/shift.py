@@ -28,11 +28,11 @@ seen in training:
 Methods: for each loss (REBEL's regression, DPO's logistic fit of Bradley-Terry labels) the
 plain method over a step-size frontier (eta times 0 .. 1.5: a policy that moves less also
 loses less under the conflicting mixtures), and its chi-square, KL and Wasserstein versions
-over a radius grid per family (:func:`radius_grid`) that runs up to the ball of point masses
-(chi-square (n - 1) / 2, KL log n) where the fit is the worst single pair's. A robust method
-helps beyond a shorter step only if it lies above its own loss's frontier:
-:func:`frontier_gain` measures by how much. Its radius is reported twice: the one chosen by
-:func:`drosim.radius.validated_radius` on a pilot batch of training pairs grouped by
+over a radius grid per family (:func:`radius_grid`) that runs from 0 (the plain loss) up to
+the ball of point masses (chi-square (n - 1) / 2, KL log n) where the fit is the worst single
+pair's. A robust method helps beyond a shorter step only if it lies above its own loss's
+frontier: :func:`frontier_gain` measures by how much. Its radius is reported twice: the one
+chosen by :func:`drosim.radius.validated_radius` on a pilot batch of training pairs grouped by
 annotator (rule "validated", what the verdicts use), and every grid radius (rule "grid",
 whose best is the oracle: chosen on the test metric, context only).
 
@@ -218,20 +218,24 @@ def mixture_grid(step: int = GRID_STEP, dtype: torch.dtype = torch.float64,
 
 
 def radius_grid(family: str, n: int, points: int) -> tuple[float, ...]:
-    """A log grid of ``points`` radii for one family with n pairs per round.
+    """Radius 0 and a log grid of ``points`` positive radii for one family with n pairs per
+    round: the whole radius axis, both of whose ends are natural.
 
-    chi-square runs from 0.01 to (n - 1) / 2 and KL from 0.003 to log n: the point-mass
-    radii (``protecting(1 / n)``), from which the ball holds every single pair and the fit
-    is the worst pair's (a Chebyshev or max-margin fit), the same at every larger radius: the
-    grid's top is the end of the radius axis, not a truncation. Wasserstein runs from 0.003
-    to 3 (in units of dphi, whose norm is about 1.4), past which W-REBEL's fit is w = 0.
+    Radius 0 is the plain loss at the robust methods' step (every ball is {P}); its gain over
+    the own loss's frontier is 0, so a best radius of 0 says that no ball helps. The positive
+    radii run, for chi-square, from 0.01 to (n - 1) / 2 and, for KL, from 0.003 to log n:
+    the point-mass radii (``protecting(1 / n)``), from which the ball holds every single pair
+    and the fit is the worst pair's (a Chebyshev or max-margin fit), the same at every larger
+    radius: the grid's top is the end of the radius axis, not a truncation. Wasserstein runs
+    from 0.003 to 3 (in units of dphi, whose norm is about 1.4), past which W-REBEL's fit is
+    w = 0.
 
     Raises:
         ValueError: an unknown family, n < 4 or fewer than 3 points (no interior).
 
     Example:
         >>> [round(r, 6) for r in radius_grid("chi2", 66, 3)]
-        [0.01, 0.570088, 32.5]
+        [0.0, 0.01, 0.570088, 32.5]
     """
     if family not in ROBUST:
         raise ValueError(f"family must be one of {tuple(ROBUST)}, got {family!r}")
@@ -239,7 +243,7 @@ def radius_grid(family: str, n: int, points: int) -> tuple[float, ...]:
         raise ValueError(f"need n >= 4 and at least 3 points, got n = {n}, points = {points}")
     low, high = {"chi2": (0.01, (n - 1) / 2), "kl": (0.003, math.log(n)),
                  "wasserstein": (0.003, 3.0)}[family]
-    return tuple(float(r) for r in np.geomspace(low, high, points))
+    return (0.0, *(float(r) for r in np.geomspace(low, high, points)))
 
 
 def methods(radii: tuple[float, ...] | None, n: int = PAIRS, points: int = 5
@@ -250,7 +254,7 @@ def methods(radii: tuple[float, ...] | None, n: int = PAIRS, points: int = 5
     Args:
         radii: the radii of every family, or None for :func:`radius_grid`'s.
         n: pairs per round (sets the grids' point-mass ends).
-        points: radii per family of the grids.
+        points: positive radii per family of the grids (radius 0 comes on top).
 
     Returns:
         The frontier first, then the robust methods.
@@ -405,7 +409,9 @@ def _validated_rows(cells: list[_Cell], grid_rows: pd.DataFrame, config: dict[st
     The pilot batch is as many pairs as training uses (rounds x pairs per round), drawn
     from the initial policy with its own random stream and grouped by annotator (the pairs
     record who scored them; one group in a world of one mixture);
-    :func:`drosim.radius.validated_radius` picks among the grid's radii.
+    :func:`drosim.radius.validated_radius` picks among the grid's positive radii: the
+    verdicts judge a robust method, so its rule chooses a ball, never radius 0 (the plain
+    loss, which the grid keeps as the oracle's lower end).
     """
     features = cells[0].world.features
     alpha0 = torch.tensor(ALPHA_0).to(features)
@@ -422,6 +428,7 @@ def _validated_rows(cells: list[_Cell], grid_rows: pd.DataFrame, config: dict[st
     for (name, loss, family), rows in robust.groupby(["method", "loss", "family"], sort=False):
         target = torch.cat([p.dr if loss == "rebel" else p.pref for p in pilots])
         radii = np.sort(rows["rho"].unique())
+        radii = radii[radii > 0]
         choice = validated_radius(dphi, target, groups, family, radii, loss=loss,
                                   seed=config["seed"])
         chosen = keys.assign(method=name, rho=choice.radius)
@@ -653,7 +660,10 @@ def plot(per_trial: pd.DataFrame, out_dir: Path | str) -> list[Path]:
             top.plot(row["rho"], row["gain"], "*", color=METHOD_COLOURS[row["method"]], ms=11,
                      mec="k", mew=0.5)
         top.axhline(0.0, color="k", lw=1)
-        top.set_xscale("log")
+        # Linear below the smallest positive radius, so that radius 0 (the plain loss) shows.
+        positive = mine.loc[mine["rho"] > 0, "rho"]
+        top.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
+        top.set_xlim(left=0.0)
         top.set_xlabel("radius ρ (Wasserstein: in units of dφ)")
         top.set_ylabel("worst case minus own loss's step frontier")
         seen = WORLDS[world].seen

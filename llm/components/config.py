@@ -384,11 +384,11 @@ def validate_config(config: TrainConfig) -> Method:
             Wasserstein gradient, a ``reward_output`` that is not an attribute name, an empty
             ``reward_heads`` or one with a negative index or an empty label, ``reward_output`` /
             ``reward_heads`` with ``reward=demo``, an empty ``prompt_field``, ``prompt_split``
-            or ``eval_prompt_split``, ``max_prompt_tokens`` or ``reward_max_length`` below 1, an
-            unknown ``dtype`` or ``reward_dtype``, an empty ``attn_implementation``, a
-            ``reward_normalization`` entry that is not [shift, scale] with a finite shift and a
-            finite scale > 0, a LoRA key out of range or not allowed, an unknown
-            ``rollout_engine`` or ``rollout_dtype``, a negative stop id, a
+            or ``eval_prompt_split``, ``max_prompt_tokens``, ``reward_max_length`` or
+            ``reward_batch_size`` below 1, an unknown ``dtype`` or ``reward_dtype``, an empty
+            ``attn_implementation``, a ``reward_normalization`` entry that is not [shift, scale]
+            with a finite shift and a finite scale > 0, a LoRA key out of range or not allowed,
+            an unknown ``rollout_engine`` or ``rollout_dtype``, a negative stop id, a
             ``vllm_gpu_memory_utilization`` outside (0, 1), ``rollout_engine=vllm`` with
             ``sharding=fsdp2`` or LoRA, a ``minority_fraction`` outside [0, 1) or too small for
             one pair per iteration, or a ``minority_mixture`` without a fraction > 0 or the

@@ -26,6 +26,7 @@ from drosim.llm.components.methods import (
     Method,
     make_method,
 )
+from drosim.llm.components.rewards import DEFAULT_BATCH_SIZE as REWARD_BATCH_SIZE
 from drosim.llm.components.rollout_engines import DTYPES as ROLLOUT_DTYPES
 from drosim.llm.components.rollout_engines import ENGINES
 from drosim.llm.components.sharding import SHARDINGS
@@ -138,13 +139,17 @@ class RewardSection:
         " tokens, warned); null: the model's own limit"))
     reward_dtype: str = field(default="auto", metadata=doc(
         "the reward model's weights: auto (bf16 on CUDA), float32 or bfloat16"))
+    reward_batch_size: int = field(default=REWARD_BATCH_SIZE, metadata=doc(
+        "texts per reward model forward, in training and evaluation, batched longest first; "
+        "8: the fastest on one CPU thread in bench/results/reward_batch_cpu.md (CUDA not "
+        "measured: bench/reward_batch.py --device cuda)"))
 
 
     def check_reward_model(self) -> None:
         """The reward keys that can be checked without the model: the output attribute is an
         identifier, every head an index >= 0 or a non-empty label, the rule-based demo reward
-        (which has neither) not given them, a known dtype, an input budget >= 1, and affine
-        maps that keep every score finite and its order (scale > 0).
+        (which has neither) not given them, a known dtype, an input budget and a batch size
+        >= 1, and affine maps that keep every score finite and its order (scale > 0).
 
         Raises:
             ValueError: naming the key.
@@ -166,6 +171,7 @@ class RewardSection:
                              "the rule-based reward=demo has none: leave them unset")
         require_choice(self, "reward_dtype", ("auto", *DTYPES))
         require(self, "reward_max_length", lambda v: v is None or v >= 1, ">= 1 or null")
+        require(self, "reward_batch_size", lambda v: v >= 1, ">= 1")
         for objective, pair in (self.reward_normalization or {}).items():
             if not (len(pair) == 2 and math.isfinite(pair[0]) and math.isfinite(pair[1])
                     and pair[1] > 0):
@@ -282,8 +288,8 @@ class RolloutSection:
     top_p: float = field(default=1.0, metadata=doc("nucleus sampling's top_p, in (0, 1]"))
     max_new_tokens: int = field(default=12, metadata=doc("the longest response, in tokens"))
     rollout_engine: str = field(default="hf", metadata=doc(
-        "what samples the training pairs: hf (transformers' generate) or vllm (CUDA only, pip "
-        "install 'drosim[vllm]'); evaluation always uses hf"))
+        "what samples the training pairs and the evaluations': hf (transformers' generate) or "
+        "vllm (CUDA only, pip install 'drosim[vllm]')"))
     rollout_dtype: str = field(default="auto", metadata=doc(
         "the sampling precision: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16"))
     stop_token_ids: list[int] | None = field(default=None, metadata=doc(
@@ -363,6 +369,10 @@ class SystemSection:
         "recompute activations in the backward"))
     compile: bool = field(default=False, metadata=doc(
         "torch.compile the update's forward and backward (not the Wasserstein methods)"))
+    packing: bool = field(default=True, metadata=doc(
+        "padding-free update forwards: the pairs' real tokens concatenated into rows, "
+        "per-sequence position ids, attention masked per sequence (where the policy's "
+        "attention kernel supports it; else padded, said once in the run log)"))
     sharding: str = field(default="none", metadata=doc(
         "none, or fsdp2 (shards weights, gradients, optimiser)"))
     tensorboard: bool = field(default=False, metadata=doc("also log the metrics to TensorBoard"))

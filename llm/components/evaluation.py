@@ -1,14 +1,17 @@
 """Held-out evaluation under a grid of reward mixtures, trained-on and unseen.
 
-The policy samples two responses for each held-out prompt; their objective scores are taken
-once (:func:`sample_scores`), and every mixture alpha of the grid is scored as the mean of
-sum_j alpha_j r_j (:func:`mixture_report`). The report gives each objective's mean, each
-mixture's mean reward, their mean and their worst case (the robust metric), and, against the
-initial policy's scores on the same prompts, each mixture's win rate. Under ``torchrun`` the
-prompts are split over the ranks (:func:`prompt_shard`) and the scores gathered
-(:func:`gather_scores`). Sampling runs inside ``torch.random.fork_rng`` with a fixed seed
-(per rank): every evaluation of a run sees the same sampling noise (lower-variance curves)
-and leaves the training RNG untouched, which exact resume relies on.
+The policy samples two responses for each held-out prompt, through the run's rollout engine
+(:func:`engine_scores`: the engine, dtype and sampling settings of training, so that the
+initial evaluation and every later one sample alike), or through ``generate`` on a bare
+policy (:func:`sample_scores`); their objective scores are taken once, and every mixture
+alpha of the grid is scored as the mean of sum_j alpha_j r_j (:func:`mixture_report`). The
+report gives each objective's mean, each mixture's mean reward, their mean and their worst
+case (the robust metric), and, against the initial policy's scores on the same prompts, each
+mixture's win rate. Under ``torchrun`` the prompts are split over the ranks
+(:func:`prompt_shard`) and the scores gathered (:func:`gather_scores`). Sampling runs inside
+``torch.random.fork_rng`` with a fixed seed (per rank): every evaluation of a run sees the
+same sampling noise (lower-variance curves) and leaves the training RNG untouched, which
+exact resume relies on.
 """
 
 from __future__ import annotations
@@ -20,57 +23,93 @@ from torch import Tensor, nn
 
 from drosim.llm.components.data import Prompt, prompt_text
 from drosim.llm.components.rewards import RewardModel, mixture_name, mixture_weights, score
-from drosim.llm.components.rollout import sample_pairs, warn_truncated
+from drosim.llm.components.rollout import warn_truncated
+from drosim.llm.components.rollout_engines import HFGenerateEngine, RolloutEngine, SamplingSettings
 from drosim.llm.components.runtime import all_gather_equal, is_distributed
 
 
 @torch.no_grad()
-def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
-                  prompts: Sequence[Prompt], *, temperature: float = 1.0, top_p: float = 1.0,
-                  max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0,
-                  chat_template: bool | None = False, max_prompt_tokens: int | None = None,
-                  stop_token_ids: Sequence[int] = ()) -> Tensor:
-    """The objective scores of two sampled responses per prompt.
+def engine_scores(engine: RolloutEngine, reward_model: RewardModel, prompts: Sequence[Prompt],
+                  *, batch_size: int = 64, seed: int = 0,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """The objective scores of two responses per prompt, sampled by a rollout engine.
+
+    The engine samples as it does for training (its weights, dtype and sampling settings),
+    but from the fixed ``seed``: the global torch RNG (and ``device``'s, on CUDA) is forked,
+    seeded, and restored afterwards. The HF engine draws its noise from that RNG; the vLLM
+    engine seeds each request from it, so both give the same samples at every evaluation of
+    a run and leave the training RNG as it was.
 
     Args:
-        policy: causal LM.
-        tokenizer: its tokenizer.
+        engine: the rollout engine, its weights already synced to the policy to evaluate.
         reward_model: scores (prompt, response) under named objectives.
         prompts: n held-out prompts (strings or message lists; the reward model is given
             :func:`~drosim.llm.components.data.prompt_text` of each, the original text).
-        temperature, top_p, max_new_tokens: sampling parameters.
-        batch_size: prompts per ``generate`` call.
-        seed: seed of the sampling noise (the global RNG is restored afterwards).
-        chat_template, max_prompt_tokens: as :func:`~drosim.llm.components.rollout.render_prompts`;
-            the prompts cut are counted in one warning.
-        stop_token_ids: ids that end a response besides EOS, as in training.
+        batch_size: prompts per ``engine.sample`` call.
+        seed: seed of the sampling noise.
+        device: the device the engine samples on (its CUDA RNG is forked too).
 
     Returns:
         ``(n, 2, objectives)`` float32 scores, on the CPU.
 
     Raises:
-        ValueError: no prompts, or as :func:`~drosim.llm.components.rewards.score`.
+        ValueError: no prompts, or as the engine's ``sample`` or
+            :func:`~drosim.llm.components.rewards.score`.
+
+    Example:
+        >>> engine = HFGenerateEngine(tok, SamplingSettings(max_new_tokens=8))  # doctest: +SKIP
+        >>> engine.sync_weights(policy)                                   # doctest: +SKIP
+        >>> engine_scores(engine, reward, ["Tell me a story"]).shape      # doctest: +SKIP
+        torch.Size([1, 2, 3])
     """
     if not prompts:
         raise ValueError("evaluation needs at least one prompt")
-    device = next(policy.parameters()).device
-    devices = [device] if device.type == "cuda" else []
+    device = torch.device(device)
     scores, truncated = [], 0
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
-            pairs = sample_pairs(policy, tokenizer, chunk, temperature=temperature,
-                                 top_p=top_p, max_new_tokens=max_new_tokens,
-                                 chat_template=chat_template,
-                                 max_prompt_tokens=max_prompt_tokens,
-                                 stop_token_ids=stop_token_ids)
+            pairs = engine.sample(chunk)
             truncated += pairs.truncated
             responses = [r for pair in pairs.responses for r in pair]
             texts = [prompt_text(p) for p in chunk for _ in range(2)]
             scores.append(score(reward_model, texts, responses).view(len(chunk), 2, -1))
-    warn_truncated(truncated, len(prompts), "evaluation", max_prompt_tokens)
+    warn_truncated(truncated, len(prompts), "evaluation", engine.settings.max_prompt_tokens)
     return torch.cat(scores)
+
+
+def sample_scores(policy: nn.Module, tokenizer, reward_model: RewardModel,
+                  prompts: Sequence[Prompt], *, temperature: float = 1.0, top_p: float = 1.0,
+                  max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0,
+                  chat_template: bool | None = False, max_prompt_tokens: int | None = None,
+                  stop_token_ids: Sequence[int] = (), dtype: torch.dtype = torch.float32
+                  ) -> Tensor:
+    """:func:`engine_scores` of a :class:`HFGenerateEngine` on ``policy`` (``generate``);
+    a training run evaluates with its own engine instead.
+
+    Args:
+        policy: causal LM.
+        tokenizer: its tokenizer.
+        reward_model, prompts, batch_size, seed: as :func:`engine_scores`.
+        temperature, top_p, max_new_tokens: sampling parameters.
+        chat_template, max_prompt_tokens: as :func:`~drosim.llm.components.rollout.render_prompts`;
+            the prompts cut are counted in one warning.
+        stop_token_ids: ids that end a response besides EOS, as in training.
+        dtype: the sampling precision (bfloat16: under autocast), as ``rollout_dtype``.
+
+    Returns:
+        ``(n, 2, objectives)`` float32 scores, on the CPU.
+
+    Raises:
+        ValueError: as :func:`engine_scores`.
+    """
+    settings = SamplingSettings(temperature, top_p, max_new_tokens, chat_template,
+                                max_prompt_tokens, tuple(stop_token_ids))
+    engine = HFGenerateEngine(tokenizer, settings, dtype=dtype)
+    engine.sync_weights(policy)
+    return engine_scores(engine, reward_model, prompts, batch_size=batch_size, seed=seed,
+                         device=next(policy.parameters()).device)
 
 
 def win_rate(scores: Tensor, baseline: Tensor) -> Tensor:

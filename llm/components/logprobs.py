@@ -17,12 +17,24 @@ left-padded row gives the same numbers as the same row unpadded. A row whose res
 empty has log-probability 0 and is flagged in :attr:`SequenceLogProbs.empty`; the authors'
 public code instead re-tokenises every prompt in a Python loop to find where its response
 starts.
+
+Packing (:func:`packed_sequence_logprobs`) drops the padding instead: every row's real tokens
+are laid end to end in rows of bounded length (:func:`pack_layout`), each sequence's position
+ids restarting at 0, and the model is called with ``attention_mask=None``. transformers then
+detects the packed sequences from the position ids (``masking_utils.
+find_packed_sequence_indices``): SDPA, eager and flex_attention get a block-diagonal causal
+(document) mask, and ``attn_implementation=flash_attention_2`` (CUDA) runs its variable-length
+kernel with the sequences' boundaries. The numbers are those of the padded forward, to
+rounding.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -290,3 +302,364 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     if "logits_to_keep" not in kwargs:
         logits = logits[:, columns]
     return response_logprobs(logits, input_ids, response_mask, first_column=columns.start)
+
+
+# The attention kernels whose transformers integration isolates packed sequences found from
+# the position ids (a document mask for the first three, varlen boundaries for flash).
+PACKING_ATTENTION = frozenset({"sdpa", "eager", "flex_attention", "flash_attention_2",
+                               "flash_attention_3"})
+
+
+def packing_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run packed rows, or None when it can.
+
+    It can when it is a transformers model (seen through a ``torch.compile`` wrapper and a
+    PEFT model) whose forward takes ``position_ids`` and whose ``attn_implementation`` is
+    one of :data:`PACKING_ATTENTION`.
+
+    Example:
+        >>> from torch import nn
+        >>> packing_refusal(nn.Linear(2, 2))
+        'Linear is not a transformers model'
+    """
+    from transformers import PreTrainedModel
+
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "get_base_model"):  # a PEFT model passes its kwargs on to this one
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        return f"{type(model).__name__} is not a transformers model"
+    if not _forward_accepts(type(model), "position_ids"):
+        return f"{type(model).__name__}.forward takes no position_ids"
+    kernel = getattr(model.config, "_attn_implementation", None)
+    if kernel not in PACKING_ATTENTION:
+        return (f"attn_implementation {kernel!r} does not isolate packed sequences (one of "
+                f"{', '.join(sorted(PACKING_ATTENTION))} does)")
+    return None
+
+
+def varlen_attention(model: nn.Module) -> bool:
+    """Whether the model attends with a flash-attention kernel, which finds packed
+    sequences from the position ids of a single row only (transformers'
+    ``_is_packed_sequence`` needs batch size 1): its rows are then packed into one."""
+    model = getattr(model, "_orig_mod", model)
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", "")).startswith("flash_attention")
+
+
+def model_layout(model: nn.Module, attention_mask: Tensor) -> PackedLayout:
+    """The :func:`pack_layout` for ``model``'s attention kernel.
+
+    A flash-attention kernel (:func:`varlen_attention`) costs per sequence: every sequence
+    goes into one row, no padding at all. A dense kernel (SDPA, eager) masks whole rows, so
+    longer rows pack tighter but attend further: per position a layer's matrix products cost
+    about 24 D^2 FLOPs (D the hidden size) and its masked attention 4 C D (C the row
+    length). The row length with the least modelled work, positions x (1 + C / (6 D)), is
+    taken among :func:`row_lengths`: ragged lengths pack into longer rows, near-equal ones
+    stay one per row.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=11))
+        >>> ragged = (torch.arange(12)[None] < torch.tensor([[12], [4], [5], [3]])).long()
+        >>> model_layout(model, ragged).sequence.shape  # 2 rows of 12, not 4
+        torch.Size([2, 12])
+    """
+    if varlen_attention(model):
+        return pack_layout(attention_mask, one_row=True)
+    width = model.get_input_embeddings().embedding_dim
+    lengths = attention_mask.bool().sum(-1).cpu()
+    if bool((lengths == 0).any()):
+        return pack_layout(attention_mask)  # which names the empty rows
+    shapes = {}
+    for capacity in row_lengths(lengths):
+        row_of, _ = _bin_sequences(lengths, capacity)
+        used = torch.zeros(int(row_of.max()) + 1, dtype=torch.long).index_add(0, row_of, lengths)
+        shapes[capacity] = (used.numel(), int(used.max()))  # rows, trimmed row length
+    best = min(shapes, key=lambda c: shapes[c][0] * shapes[c][1]
+               * (1 + shapes[c][1] / (6 * width)))
+    return pack_layout(attention_mask, capacity=best)
+
+
+def row_lengths(lengths: Tensor) -> list[int]:
+    """The row lengths :func:`model_layout` tries for sequences of ``lengths``: the longest
+    sequence times 1, 2, 4 and 8, and the total split evenly over 1, 2, 3, 4, 6, 8, ...
+    rows (with 5% slack for the greedy bins), none below the longest or above 8 times it.
+
+    Example:
+        >>> import torch
+        >>> row_lengths(torch.tensor([4, 3, 3, 2]))
+        [4, 5, 6, 7, 8, 12, 13, 16, 32]
+    """
+    longest, total = int(lengths.max()), int(lengths.sum())
+    counts = sorted({round(2 ** (k / 2)) for k in range(2 * total.bit_length() + 1)})
+    even = [-(-total * slack // (100 * r)) for r in counts for slack in (100, 105)]
+    return sorted({c for c in [longest * k for k in (1, 2, 4, 8)] + even
+                   if longest <= c <= 8 * longest})
+
+
+def supports_packing(model: nn.Module) -> bool:
+    """Whether :func:`packed_sequence_logprobs` can run ``model`` (:func:`packing_refusal`)."""
+    return packing_refusal(model) is None
+
+
+class PackedLayout(NamedTuple):
+    """Where the real tokens of a padded ``(batch, T)`` batch sit in packed ``(rows, capacity)``
+    rows (:func:`pack_layout`).
+
+    Attributes:
+        sequence: ``(rows, capacity)`` the padded row owning each packed position, -1 on
+            padding (the unused tail of a row).
+        position_ids: ``(rows, capacity)`` positions restarting at 0 for every sequence; the
+            padding tail counts from 0 too, so it is a sequence of its own that no real
+            token attends to.
+        source: ``(tokens,)`` flat index ``row * T + column`` of every real token in the
+            padded batch.
+        target: ``(tokens,)`` its flat index ``row * capacity + column`` in the packed rows.
+    """
+
+    sequence: Tensor
+    position_ids: Tensor
+    source: Tensor
+    target: Tensor
+
+    def pack(self, values: Tensor, fill: float = 0) -> Tensor:
+        """``(batch, T, ...)`` values (ids, masks, embeddings) in the packed layout,
+        ``(rows, capacity, ...)``, ``fill`` on padding; differentiable.
+
+        Example:
+            >>> import torch
+            >>> mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+            >>> pack_layout(mask).pack(torch.tensor([[7, 8, 9], [5, 6, 6]])).tolist()
+            [[8, 9], [5, 0]]
+        """
+        rows, capacity = self.sequence.shape
+        flat = values.reshape(-1, *values.shape[2:])
+        out = flat.new_full((rows * capacity, *values.shape[2:]), fill)
+        out = out.index_put((self.target,), flat[self.source])
+        return out.view(rows, capacity, *values.shape[2:])
+
+    def padding_fraction(self) -> float:
+        """The share of packed positions that hold no real token."""
+        return 1 - self.target.numel() / self.sequence.numel()
+
+
+def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row: bool = False
+                ) -> PackedLayout:
+    """Bin the real tokens of every row of a padded batch into rows of at most ``capacity``
+    columns (trimmed to the fullest row).
+
+    Row by row (a loop over output rows, never over sequences), the longest unplaced
+    sequence opens a row and the shortest unplaced ones fill what it leaves, as many as fit
+    (one binary search on the suffix sums of the sorted lengths). With the default capacity
+    a packed row costs no more attention than a padded one (the dense SDPA mask of a row is
+    quadratic in its length); :func:`model_layout` weighs longer rows. Measured on CPU,
+    forward and backward of a 64-wide two-layer GPT-2 on 128 sequences of 2-64 tokens:
+    padded 0.26 s (50% padding), rows of the longest 0.18 s (10%), of twice and three times
+    it 0.28 s and 0.33 s; on 64 sequences they tie (0.08 s).
+
+    Args:
+        attention_mask: ``(batch, T)``, 1 on real tokens, at least one per row.
+        capacity: the longest row, at least the longest sequence (the default).
+        one_row: pack every sequence into a single row instead (for flash attention's
+            variable-length kernel, :func:`model_layout`).
+
+    Returns:
+        :class:`PackedLayout`.
+
+    Raises:
+        ValueError: a row without a real token, or a capacity below the longest sequence.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 1]])
+        >>> layout = pack_layout(mask)
+        >>> layout.sequence.tolist(), layout.position_ids.tolist()
+        ([[0, 0, 0], [1, 1, 2]], [[0, 1, 2], [0, 1, 0]])
+    """
+    real = attention_mask.bool()
+    lengths = real.sum(-1)
+    if bool((lengths == 0).any()):
+        rows = torch.nonzero(lengths == 0).flatten().tolist()
+        raise ValueError(f"rows {rows} have no real token to pack")
+    host_lengths = lengths.cpu()
+    longest = int(host_lengths.max())
+    if one_row:
+        capacity = int(host_lengths.sum())
+    elif capacity is None:
+        capacity = longest
+    elif capacity < longest:
+        raise ValueError(f"capacity {capacity} is below the longest sequence, {longest}")
+    row_of, offset = _bin_sequences(host_lengths, capacity)
+    used = torch.zeros(int(row_of.max()) + 1, dtype=torch.long).index_add(0, row_of,
+                                                                          host_lengths)
+    capacity = int(used.max())  # no row reaches past its fullest
+    row_of, offset, used = (t.to(attention_mask.device) for t in (row_of, offset, used))
+    source = torch.nonzero(real.flatten()).flatten()
+    owner = source // attention_mask.shape[1]
+    rank = (real.long().cumsum(-1) - 1).flatten()[source]  # position within its sequence
+    target = row_of[owner] * capacity + offset[owner] + rank
+    rows = int(row_of.max()) + 1
+    sequence = torch.full((rows * capacity,), -1, dtype=torch.long, device=real.device)
+    sequence[target] = owner
+    column = torch.arange(capacity, device=real.device)
+    # The tail restarts at 0 every `longest` columns: a sequence of its own, at positions
+    # the model's position table holds.
+    tail = (column - used[:, None]).remainder(longest)
+    position_ids = tail.flatten().index_put((target,), rank)
+    return PackedLayout(sequence.view(rows, capacity), position_ids.view(rows, capacity),
+                        source, target)
+
+
+def _bin_sequences(lengths: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """The packed row and starting column of every sequence (``lengths``: ``(batch,)`` on
+    the CPU, none above ``capacity``), largest first, the row's rest filled with the
+    shortest."""
+    order = lengths.argsort(descending=True, stable=True)
+    sizes = lengths[order]
+    # suffix[k] = sizes[k:].sum(), non-increasing in k; negated for bisect
+    suffix = torch.cat([sizes.flip(0).cumsum(0).flip(0), sizes.new_zeros(1)])
+    negated = (-suffix).tolist()
+    row_sorted = torch.empty_like(sizes)
+    offset_sorted = torch.empty_like(sizes)
+    low, high, row = 0, len(sizes), 0
+    while low < high:
+        largest = int(sizes[low])
+        row_sorted[low], offset_sorted[low] = row, 0
+        low += 1
+        # the smallest k with sizes[k:high].sum() <= capacity - largest
+        k = bisect.bisect_left(negated, negated[high] - (capacity - largest), low, high)
+        row_sorted[k:high] = row
+        offset_sorted[k:high] = largest + suffix[k] - suffix[k:high]
+        high, row = k, row + 1
+    row_of, offset = torch.empty_like(sizes), torch.empty_like(sizes)
+    row_of[order], offset[order] = row_sorted, offset_sorted
+    return row_of, offset
+
+
+@contextlib.contextmanager
+def head_on_positions(model: nn.Module, positions: Tensor) -> Iterator[list[bool]]:
+    """Run the model's LM head (``get_output_embeddings()``) only on ``positions``.
+
+    A forward pre-hook replaces the head's ``(rows, K, D)`` input by its ``(1, P, D)``
+    hidden states at the ``P`` true entries of ``positions``, so the forward returns
+    ``(1, P, V)`` logits (what the model does after the head, e.g. a logit soft-cap, is
+    elementwise and still applies). The yielded list holds True once the hook fired; left
+    empty (the logits are then the head's usual ones) for a head whose input has another
+    shape, a model without ``get_output_embeddings``, or a ``torch.compile`` wrapper (a hook
+    added per call would recompile its graph).
+
+    Args:
+        model: a causal LM.
+        positions: ``(rows, K)`` bool, the kept columns' positions to score.
+
+    Yields:
+        ``[True]`` after a forward whose head ran on the positions, else ``[]``.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11))
+        >>> keep = torch.tensor([[False, True, True], [True, False, False]])
+        >>> with head_on_positions(model, keep) as gathered:
+        ...     logits = model(input_ids=torch.ones(2, 3, dtype=torch.long)).logits
+        >>> gathered, tuple(logits.shape)
+        ([True], (1, 3, 11))
+    """
+    fired: list[bool] = []
+    head = (None if hasattr(model, "_orig_mod") or not hasattr(model, "get_output_embeddings")
+            else model.get_output_embeddings())
+    if head is None:
+        yield fired
+        return
+
+    def gather(module: nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0]
+        if fired or hidden.shape[:2] != positions.shape:
+            return None
+        fired.append(True)
+        return (hidden[positions].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield fired
+    finally:
+        handle.remove()
+
+
+def packed_sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                             response_mask: Tensor, *, inputs_embeds: Tensor | None = None,
+                             layout: PackedLayout | None = None) -> SequenceLogProbs:
+    """:func:`sequence_logprobs` without padding: one forward of the packed rows.
+
+    The rows (:func:`pack_layout`) are fed with per-sequence position ids and
+    ``attention_mask=None``, from which transformers builds each sequence's own causal mask
+    (SDPA / eager / flex_attention: a block-diagonal document mask; flash_attention_2 on
+    CUDA: variable-length boundaries, all sequences in one row). The LM head runs only on
+    the positions that predict a response token: :func:`head_on_positions` gathers their
+    hidden states at its input (a packed row mixes prompts and responses, so the column
+    span ``logits_to_keep`` keeps is nearly the whole row). Their log-probabilities
+    (:func:`token_logprobs`) are summed per original row.
+
+    Args:
+        model: a causal LM that :func:`supports_packing`.
+        input_ids, attention_mask, response_mask: ``(batch, T)`` as for
+            :func:`sequence_logprobs`.
+        inputs_embeds: optional ``(batch, T, D)`` input embeddings, in the padded layout.
+        layout: the batch's :func:`pack_layout` (when None, :func:`model_layout`'s).
+
+    Returns:
+        :class:`SequenceLogProbs` in the padded batch's row order; ``logprobs`` carries the
+        autograd graph.
+
+    Raises:
+        ValueError: see :func:`check_sequence_batch`, or a model that cannot pack
+            (:func:`packing_refusal`).
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> _ = torch.manual_seed(0)
+        >>> config = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11)
+        >>> model = GPT2LMHeadModel(config).eval()
+        >>> ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 0]])
+        >>> attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+        >>> resp = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 0, 0]])
+        >>> packed = packed_sequence_logprobs(model, ids, attn, resp)
+        >>> padded = sequence_logprobs(model, ids, attn, resp)
+        >>> bool(torch.allclose(packed.logprobs, padded.logprobs, atol=1e-6))
+        True
+    """
+    check_sequence_batch(input_ids, attention_mask, response_mask)
+    refusal = packing_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"cannot pack the update's forward: {refusal}")
+    layout = model_layout(model, attention_mask) if layout is None else layout
+    # The padding tail repeats a real token: a pad id in the ids with no attention mask
+    # would draw transformers' "padded without a mask" warning.
+    ids = layout.pack(input_ids, fill=int(input_ids.flatten()[layout.source[0]]))
+    response = layout.pack(response_mask)
+    inputs = ({"inputs_embeds": layout.pack(inputs_embeds)} if inputs_embeds is not None
+              else {"input_ids": ids})
+    columns = prediction_columns(response)
+    kwargs = {}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = torch.arange(columns.start, columns.stop,
+                                                device=input_ids.device)
+    # column c predicts token c + 1 of its row, a response token of the same sequence (a
+    # sequence never starts with one)
+    predicts = response[:, columns.start + 1:columns.stop + 1].bool()
+    targets = ids[:, columns.start + 1:columns.stop + 1]
+    with head_on_positions(model, predicts) as gathered:
+        logits = model(**inputs, attention_mask=None, position_ids=layout.position_ids,
+                       use_cache=False, **kwargs).logits
+    if gathered:
+        logits = logits[0]
+    else:
+        logits = (logits if "logits_to_keep" in kwargs else logits[:, columns])[predicts]
+    per_token = token_logprobs(logits, targets[predicts])
+    owner = layout.sequence[:, columns][predicts]
+    logprobs = per_token.new_zeros(input_ids.shape[0]).index_add(0, owner, per_token)
+    num_tokens = response_mask[:, 1:].long().sum(-1)
+    return SequenceLogProbs(logprobs, num_tokens, num_tokens == 0)

@@ -101,20 +101,28 @@ class RobustObjective(NamedTuple):
     diagnostics: RobustDiagnostics
 
 
-def input_grad_sq_norms(losses: Tensor, inputs: Tensor) -> Tensor:
+def input_grad_sq_norms(losses: Tensor, inputs: Tensor, *, owners: Tensor | None = None
+                        ) -> Tensor:
     """||grad_{z_i} l_i||^2 for every sample, from one ``autograd.grad`` call.
 
-    Valid when sample i's loss depends only on its own rows of ``inputs`` (true for a
-    transformer without batch-mixing layers). The result keeps the graph
-    (``create_graph=True``) so a penalty built on it trains the parameters.
+    Valid when sample i's loss depends only on its own tokens of ``inputs`` (true for a
+    transformer without batch-mixing layers, and for packed rows whose attention keeps each
+    sequence to itself). The result keeps the graph (``create_graph=True``) so a penalty
+    built on it trains the parameters.
 
     Args:
         losses: ``(n,)`` per-sample losses.
         inputs: ``(n * k, ...)`` tensor the losses were computed from; rows ``i*k .. i*k+k-1``
-            belong to sample i (k = 2 for response pairs).
+            belong to sample i (k = 2 for response pairs). With ``owners``: ``(R, C, D)``
+            token embeddings in any layout (e.g. packed rows).
+        owners: ``(R, C)`` the sample owning each token of ``inputs``, -1 on padding; None
+            for the row layout above.
 
     Returns:
         ``(n,)`` squared Euclidean norms, differentiable.
+
+    Raises:
+        ValueError: row-layout ``inputs`` whose rows are not a multiple of the samples.
 
     Example:
         >>> import torch
@@ -122,15 +130,38 @@ def input_grad_sq_norms(losses: Tensor, inputs: Tensor) -> Tensor:
         >>> input_grad_sq_norms((z ** 2).sum(-1), z).tolist()  # grad = 2 z
         [20.0, 100.0]
     """
-    if inputs.shape[0] % losses.shape[0] != 0:
+    if owners is None and inputs.shape[0] % losses.shape[0] != 0:
         raise ValueError(f"inputs have {inputs.shape[0]} rows, not a multiple of the "
                          f"{losses.shape[0]} losses")
     (grad,) = torch.autograd.grad(losses.sum(), inputs, create_graph=True)
-    return grad.reshape(losses.shape[0], -1).square().sum(-1)
+    if owners is None:
+        return grad.reshape(losses.shape[0], -1).square().sum(-1)
+    return sample_sums(grad.square().sum(-1), owners, losses.shape[0])
+
+
+def sample_sums(values: Tensor, owners: Tensor, n: int) -> Tensor:
+    """Sum per-token ``values`` over the tokens of each sample (a segment sum).
+
+    Args:
+        values: ``(R, C)`` one value per token.
+        owners: ``(R, C)`` the sample index of each token in ``[0, n)``, -1 for none.
+        n: the number of samples.
+
+    Returns:
+        ``(n,)`` sums, differentiable in ``values``.
+
+    Example:
+        >>> import torch
+        >>> sample_sums(torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([[1, -1, 1]]), 2).tolist()
+        [0.0, 5.0]
+    """
+    keep = owners >= 0
+    return values.new_zeros(n).index_add(0, owners[keep], values[keep])
 
 
 def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
-                     inputs: Tensor | None = None) -> RobustObjective:
+                     inputs: Tensor | None = None, owners: Tensor | None = None
+                     ) -> RobustObjective:
     """The robust aggregate of a (possibly distributed) minibatch's per-sample losses.
 
     Args:
@@ -138,6 +169,8 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
         spec: a ``drosim.dro`` ambiguity set, or None for the mean.
         inputs: the input embeddings the losses were computed from (see
             :func:`input_grad_sq_norms`); required by a Wasserstein spec only.
+        owners: ``(R, C)`` the sample owning each token of ``inputs`` (-1 on padding) when
+            they are not in the ``(n * k, ...)`` row layout, e.g. packed rows.
 
     Returns:
         :class:`RobustObjective`.
@@ -161,7 +194,7 @@ def robust_objective(losses: Tensor, spec: AmbiguitySet | None, *,
         if inputs is None:
             raise ValueError("a Wasserstein objective needs the input embeddings the losses "
                              "were computed from")
-        local.append(input_grad_sq_norms(losses, inputs))
+        local.append(input_grad_sq_norms(losses, inputs, owners=owners))
     value, coefficients, diagnostics = robust_coefficients(local, spec)
     loss = sum((c * t).sum() for c, t in zip(coefficients, local, strict=True))
     return RobustObjective(loss, value, coefficients[0], diagnostics)

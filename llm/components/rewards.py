@@ -25,6 +25,11 @@ from torch import Tensor
 
 from drosim.llm.components.batch import nonfinite_rows_error
 
+# Texts per reward forward pass (reward_batch_size): the fastest of 8 to 128, sorted by
+# length, for the 4-layer classifier on one CPU thread in bench/results/reward_batch_cpu.md
+# (bench/reward_batch.py; 3x the former 64's rate). Not measured on CUDA.
+DEFAULT_BATCH_SIZE = 8
+
 
 class RewardModel(Protocol):
     """Scores responses under several named objectives."""
@@ -189,7 +194,9 @@ class SequenceClassifierReward:
     Args:
         model_name_or_path: path or hub name of an ``AutoModelForSequenceClassification``.
         device: where to run it.
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass (``reward_batch_size``), >= 1. Each batch is
+            padded to its longest text, so the texts are batched in order of length
+            (``sort_by_length``) and the scores returned in the callers' order.
         max_length: the most tokens scored per text, capped at the model's own limit
             (:func:`input_limit`); ``None``: that limit. A longer conversation loses its first
             tokens (the response, at the end, is kept) and is counted in ``truncated``.
@@ -199,20 +206,24 @@ class SequenceClassifierReward:
         heads: objective name -> head index or ``id2label`` name, in order; ``None``: every
             label of the config's ``id2label``, named by it.
         dtype: the weights' dtype; ``None``: bfloat16 on CUDA, else float32.
+        sort_by_length: batch the texts longest first, so that each batch carries little
+            padding (the scores are the same to float rounding); false: in the given order.
 
     Raises:
-        ValueError: custom code without ``trust_remote_code``, missing weights, a head label
-            not in ``id2label``, or (on a probe forward) an ``output`` the model's output
-            lacks or a head index beyond its columns.
+        ValueError: a ``batch_size`` below 1, custom code without ``trust_remote_code``,
+            missing weights, a head label not in ``id2label``, or (on a probe forward) an
+            ``output`` the model's output lacks or a head index beyond its columns.
     """
 
     def __init__(self, model_name_or_path: str | Path, *, device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int | None = 1024, separator: str = " ",
-                 trust_remote_code: bool = False, output: str = "logits",
-                 heads: Mapping[str, int | str] | None = None,
-                 dtype: torch.dtype | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_length: int | None = 1024,
+                 separator: str = " ", trust_remote_code: bool = False,
+                 output: str = "logits", heads: Mapping[str, int | str] | None = None,
+                 dtype: torch.dtype | None = None, sort_by_length: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"reward_batch_size must be >= 1, got {batch_size!r}")
         refuse_untrusted_code("reward", model_name_or_path, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path,
                                                        trust_remote_code=trust_remote_code)
@@ -233,7 +244,7 @@ class SequenceClassifierReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.objectives, self.columns = self._resolve_heads(heads)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.sort_by_length = device, batch_size, sort_by_length
         self.separator, self.output = separator, output
         # A reward_max_length above the model's positions would index past its position
         # table (an IndexError deep in the forward): the model's limit wins.
@@ -242,7 +253,8 @@ class SequenceClassifierReward:
         self.max_length: int | None = min(limits, default=None)
         self.limited_by_model = self.max_length is not None and self.max_length != max_length
         self.truncated = 0  # texts cut to max_length so far
-        self._forward(self.format(["Hi"], ["Hello"]))  # a wrong output or head fails now
+        # a wrong output or head fails now
+        self._forward(self._token_rows(self.format(["Hi"], ["Hello"])))
         self.truncated = 0
 
     def _resolve_heads(self, heads: Mapping[str, int | str] | None
@@ -270,16 +282,25 @@ class SequenceClassifierReward:
             [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
             tokenize=False) for p, r in pairs]
 
-    @torch.no_grad()
-    def _forward(self, texts: list[str]) -> Tensor:
-        """``(len(texts), objectives)`` scores of one batch of formatted texts."""
+    def _token_rows(self, texts: list[str]) -> list[list[int]]:
+        """The token ids of formatted texts, each cut to its last ``max_length`` (counted in
+        ``truncated``)."""
         # a chat template writes its own special tokens (BOS): not twice
         rows = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template,
                               truncation=False)["input_ids"]
         if self.max_length is not None:
             self.truncated += sum(len(row) > self.max_length for row in rows)
             rows = [row[-self.max_length:] for row in rows]
-        encoded = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)
+        return rows
+
+    @torch.no_grad()
+    def _forward(self, rows: list[list[int]]) -> Tensor:
+        """``(len(rows), objectives)`` scores of one batch of token rows, padded together."""
+        # On the right, whatever the tokenizer's side: left padding would shift a shorter
+        # text's positions (a score depending on its batch), and ArmoRM reads the token
+        # before the first pad.
+        encoded = self.tokenizer.pad({"input_ids": rows}, padding_side="right",
+                                     return_tensors="pt").to(self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             output = self.model(**encoded)
         scores = getattr(output, self.output, None)
@@ -287,7 +308,7 @@ class SequenceClassifierReward:
             present = list(output.keys()) if hasattr(output, "keys") else dir(output)
             raise ValueError(f"reward_output={self.output!r}: the reward model's output has no "
                              f"such tensor; it has {present}")
-        scores = scores.float().reshape(len(texts), -1)  # ArmoRM's score is (batch, 1)
+        scores = scores.float().reshape(len(rows), -1)  # ArmoRM's score is (batch, 1)
         too_far = [c for c in self.columns if not 0 <= c < scores.shape[1]]
         if too_far:
             raise ValueError(f"reward_heads: head {too_far[0]} is out of range; the output "
@@ -298,8 +319,14 @@ class SequenceClassifierReward:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         texts = self.format(prompts, responses)
         before = self.truncated
-        scores = torch.cat([self._forward(texts[start:start + self.batch_size])
-                            for start in range(0, len(texts), self.batch_size)])
+        rows = self._token_rows(texts)
+        order = torch.arange(len(rows))
+        if self.sort_by_length:  # longest first: the batch needing most memory runs first
+            order = torch.argsort(torch.tensor([len(row) for row in rows]), descending=True,
+                                  stable=True)
+        scores = torch.empty(len(rows), len(self.objectives))
+        for batch in order.split(self.batch_size):
+            scores[batch] = self._forward([rows[i] for i in batch.tolist()])
         if self.truncated > before:
             limit = (f"the reward model's {self.max_length} positions" if self.limited_by_model
                      else f"reward_max_length = {self.max_length} tokens")

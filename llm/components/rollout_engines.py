@@ -1,9 +1,11 @@
 """Rollout engines: what samples the two responses of every prompt from pi_t.
 
 The trainer calls ``engine.sync_weights(policy)`` once per iteration, then
-``engine.sample(prompts)``. Two engines share one output layout, :class:`SampledPairs`
-(left-padded prompt, right-padded responses, the response mask ending at the first EOS or
-stop id, counted in it):
+``engine.sample(prompts)``; an evaluation syncs again (it follows the iteration's update) and
+samples the held-out prompts through the same engine, from its own fixed seed
+(:func:`drosim.llm.components.evaluation.engine_scores`). Two engines share one output
+layout, :class:`SampledPairs` (left-padded prompt, right-padded responses, the response mask
+ending at the first EOS or stop id, counted in it):
 
 - :class:`HFGenerateEngine` (``rollout_engine: hf``, the default) samples from the live
   policy with ``transformers``' ``generate`` (:func:`~drosim.llm.components.rollout.sample_pairs`:
@@ -82,6 +84,7 @@ class RolloutEngine(Protocol):
     """Samples two responses per prompt from the current policy pi_t."""
 
     name: str
+    settings: SamplingSettings
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Make the engine sample from ``policy``'s current weights (once per iteration,

@@ -52,6 +52,7 @@ import pickle
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -82,12 +83,12 @@ from drosim.llm.components.config import (
 )
 from drosim.llm.components.data import Prompt, PromptStream, load_prompts, prompt_text
 from drosim.llm.components.evaluation import (
+    engine_scores,
     gather_scores,
     mixture_report,
     prompt_shard,
-    sample_scores,
 )
-from drosim.llm.components.logprobs import sequence_logprobs
+from drosim.llm.components.logprobs import packing_refusal, sequence_logprobs
 from drosim.llm.components.lora import apply_lora, causal_lm, reference_model
 from drosim.llm.components.methods import Method
 from drosim.llm.components.objective import IterationLosses
@@ -199,9 +200,10 @@ def load_policy(config: TrainConfig, out_dir: Path, world: Distributed | None = 
 
 def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
     """The demo's word-list reward, or a ``transformers`` reward model read with the config's
-    ``trust_remote_code``, ``reward_output``, ``reward_heads``, ``reward_dtype`` and
-    ``reward_max_length`` (and transformers' default attention kernel); either one with the fixed
-    ``reward_normalization`` when given."""
+    ``trust_remote_code``, ``reward_output``, ``reward_heads``, ``reward_dtype``,
+    ``reward_max_length`` and ``reward_batch_size`` (and transformers' default attention
+    kernel); either one with the fixed ``reward_normalization`` when given. The one model
+    scores the training pairs and the evaluations."""
     if config.reward == "demo":
         from drosim.llm.components.demo_world import OBJECTIVES
 
@@ -212,7 +214,7 @@ def load_reward_model(config: TrainConfig, device: str) -> RewardModel:
             reward_model = SequenceClassifierReward(
                 config.reward, device=device, trust_remote_code=config.trust_remote_code,
                 output=config.reward_output, heads=config.reward_heads, dtype=dtype,
-                max_length=config.reward_max_length)
+                max_length=config.reward_max_length, batch_size=config.reward_batch_size)
     if config.reward_normalization:
         reward_model = NormalizedReward(reward_model, config.reward_normalization)
     return reward_model
@@ -466,7 +468,7 @@ class Run:
     eval_prompts: list[Prompt]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    engine: RolloutEngine  # samples the training pairs (evaluation samples with generate)
+    engine: RolloutEngine  # samples the training pairs and the evaluation's
     # (objectives,) weights of the minority's mixture; None: every pair uses alpha
     minority_alpha: torch.Tensor | None = None
 
@@ -625,69 +627,116 @@ def score_batch(run: Run, prompts: list[str], pairs: SampledPairs) -> PairBatch:
 def update(run: Run, batch: PairBatch) -> list[StepStats]:
     """``epochs`` passes over the batch in random minibatches, one optimiser step each.
 
-    Before the first step (:func:`start_iteration`) a REBEL-type method records log pi_t, and
-    ``robust_scope=iteration`` fills its loss cache; each step of that scope then weighs its
-    minibatch by the worst case over the whole cache (:class:`IterationLosses`), which lives
-    for this iteration's epochs only (nothing of it is checkpointed: checkpoints fall
-    between iterations).
+    Before the first step ``robust_scope=iteration`` fills its loss cache
+    (:func:`start_iteration`), and a REBEL-type method records log pi_t
+    (:func:`pending_sampling_logprobs`; the first minibatch's comes from its own step's
+    forward, at theta_t). Each step of the iteration scope weighs its minibatch by the worst
+    case over the whole cache (:class:`IterationLosses`), which lives for this iteration's
+    epochs only (nothing of it is checkpointed: checkpoints fall between iterations). The
+    forwards are packed where :func:`update_packing` allows.
     """
     config = run.config
     autocast_dtype = torch.bfloat16 if config.bf16 else None
+    packing = update_packing(run)
     steps = []
-    iteration_losses = None
+    iteration_losses = pending = None
     for epoch in range(config.epochs):
         order = torch.randperm(run.local_pairs).to(run.device)
         if epoch == 0:
-            batch, iteration_losses = start_iteration(run, batch, order, autocast_dtype)
+            batch, iteration_losses = start_iteration(run, batch, order, autocast_dtype,
+                                                      packing)
+            pending = pending_sampling_logprobs(run, batch, order, autocast_dtype, packing)
         for start in range(0, run.local_pairs, run.local_minibatch):
             rows = order[start:start + run.local_minibatch]
             aggregate = (None if iteration_losses is None
                          else partial(iteration_losses.objective, rows=rows))
+            sampling_out = None if pending is None else pending.new_empty(len(rows), 2)
             steps.append(update_step(
                 run.update_policy, run.optimizer, batch.select(rows), run.method,
                 eta=config.eta, beta=config.beta, max_grad_norm=config.max_grad_norm,
                 autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient,
-                aggregate=aggregate))
+                aggregate=aggregate, packing=packing, sampling_out=sampling_out))
+            if sampling_out is not None:
+                pending[rows] = sampling_out
+                batch, pending = replace(batch, sampling_logprobs=pending), None
     run.scheduler.step()
     return steps
 
 
-def start_iteration(run: Run, batch: PairBatch, order: torch.Tensor,
-                    autocast_dtype: torch.dtype | None
-                    ) -> tuple[PairBatch, IterationLosses | None]:
-    """What the iteration's first step needs from pi_t = pi_theta_t, from one no-grad
-    forward of every pair, minibatch by minibatch in the first epoch's ``order``
-    (:func:`drosim.llm.components.update.record_sampling_logprobs`):
+# The policies whose fallback to padded forwards was reported: once per run.
+_PADDED_NOTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    * a REBEL-type method's log pi_t, so that the first step's policy term
-      log pi_theta - log pi_t is exactly 0;
-    * with ``robust_scope=iteration``, every pair's loss at theta_t, the
-      :class:`IterationLosses` cache (for REBEL the policy term is then 0; the DPO-type
-      methods pay this forward for it).
+
+def update_packing(run: Run) -> bool:
+    """Whether the update packs its forwards: ``packing`` is on and the policy's attention
+    kernel isolates packed sequences (:func:`drosim.llm.components.logprobs.packing_refusal`);
+    a fallback to padded forwards is said once in the run's log."""
+    if not run.config.packing:
+        return False
+    refusal = packing_refusal(run.update_policy)
+    if refusal is not None and run.policy not in _PADDED_NOTED:
+        _PADDED_NOTED.add(run.policy)
+        if run.world.is_main:
+            print(f"drosim-llm: packing=true, but {refusal}: the update's forwards stay "
+                  "padded", file=sys.stderr)
+    return refusal is None
+
+
+def start_iteration(run: Run, batch: PairBatch, order: torch.Tensor,
+                    autocast_dtype: torch.dtype | None, packing: bool = False
+                    ) -> tuple[PairBatch, IterationLosses | None]:
+    """What ``robust_scope=iteration`` needs before the iteration's first step: every pair's
+    loss at theta_t, the :class:`IterationLosses` cache, from one no-grad forward of every
+    pair, minibatch by minibatch in the first epoch's ``order``
+    (:func:`drosim.llm.components.update.record_sampling_logprobs`). A REBEL-type method's
+    log pi_t comes from the same forward (its policy term is then 0); the DPO-type methods
+    pay this forward for the cache. Under ``robust_scope=minibatch``, nothing
+    (:func:`pending_sampling_logprobs` records REBEL's log pi_t).
 
     Args:
         run: the run (its policy at theta_t).
         batch: this rank's ``(local_pairs,)`` pairs.
         order: ``(local_pairs,)`` the first epoch's permutation.
         autocast_dtype: the update's autocast dtype, or None.
+        packing: whether the update's forwards are packed (the recording packs alike).
 
     Returns:
-        The batch (with ``sampling_logprobs`` for REBEL) and the loss cache (None for
-        ``robust_scope=minibatch``).
+        The batch (with ``sampling_logprobs`` for REBEL under the iteration scope) and the
+        loss cache (None for ``robust_scope=minibatch``).
     """
-    rebel = run.method.pointwise == "rebel"
-    iteration = run.config.robust_scope == "iteration"
-    if not (rebel or iteration):
+    if run.config.robust_scope != "iteration":
         return batch, None
     logprobs = record_sampling_logprobs(
         run.update_policy, batch, order, run.local_minibatch, method=run.method,
-        autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient)
-    if rebel:
+        autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient, packing=packing)
+    if run.method.pointwise == "rebel":
         batch = replace(batch, sampling_logprobs=logprobs)
-    if not iteration:
-        return batch, None
     losses = run.method.losses(logprobs, batch, eta=run.config.eta, beta=run.config.beta)
     return batch, IterationLosses(losses, run.method.spec)
+
+
+def pending_sampling_logprobs(run: Run, batch: PairBatch, order: torch.Tensor,
+                              autocast_dtype: torch.dtype | None, packing: bool = False
+                              ) -> torch.Tensor | None:
+    """A REBEL-type method's log pi_t that :func:`start_iteration` did not record, computed
+    as the first epoch's updates will compute log pi_theta, so that each iteration's first
+    step sees a policy term of exactly 0.
+
+    The first minibatch is left out: its step's own forward, at theta_t, supplies its log
+    pi_t (``update_step(..., sampling_out=...)``), so an iteration of one minibatch runs no
+    recording forward at all.
+
+    Returns:
+        ``(local_pairs, 2)`` log pi_t, NaN on the first minibatch's rows (``order[:m]``),
+        which its step fills; None when nothing is pending (a DPO-type method, or the batch
+        has its log pi_t already).
+    """
+    if run.method.pointwise != "rebel" or batch.sampling_logprobs is not None:
+        return None
+    return record_sampling_logprobs(
+        run.update_policy, batch, order, run.local_minibatch, method=run.method,
+        autocast_dtype=autocast_dtype, w_gradient=run.method.w_gradient, packing=packing,
+        skip_first=True)
 
 
 def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs,
@@ -702,7 +751,9 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
     global minibatch, or all of the iteration's pairs), averaged over the iteration's steps:
     ``robust/dual`` (eta* or tau*; omitted for a set that solves no dual: the mean, a fixed
     temperature, a Wasserstein penalty), ``robust/max_weight`` (the largest weight q_i) and
-    ``robust/effective_pairs`` (1 / sum_i q_i^2).
+    ``robust/effective_pairs`` (1 / sum_i q_i^2). ``update_padding_fraction`` is the
+    share of padding among the token positions of the update's forwards (rank 0's; near 0
+    with ``packing``).
     """
     # one all-reduce and one host sync for every count of the line, over all ranks
     reward_sum, pair_count, empty, truncated, minority, rate = global_sums([
@@ -715,6 +766,7 @@ def train_record(run: Run, iteration: int, batch: PairBatch, pairs: SampledPairs
             "loss": sum(s.mean_loss for s in steps) / len(steps),
             "grad_norm": sum(s.grad_norm for s in steps) / len(steps),
             "max_weight": max(s.max_weight for s in steps),
+            "update_padding_fraction": sum(s.padding_fraction for s in steps) / len(steps),
             **robust_record(steps),
             "empty_responses": int(empty),
             "truncated_prompts": int(truncated),
@@ -740,17 +792,24 @@ def robust_record(steps: list[StepStats]) -> dict[str, float]:
 
 def evaluate(run: Run, iteration: int, log: MetricsLog | None) -> None:
     """Score the held-out prompts under the mixture grid, each rank its share, and have
-    rank 0 log the report. The first evaluation's scores (the initial policy's) are kept in
-    ``out_dir/eval_initial.pt``: later reports give win rates against them."""
+    rank 0 log the report. The responses are sampled by the run's rollout engine
+    (:func:`~drosim.llm.components.evaluation.engine_scores`), its weights synced first, so
+    that every evaluation samples with the training rollouts' engine and dtype. The first
+    evaluation's scores (the initial policy's) are kept in ``out_dir/eval_initial.pt``: later
+    reports give win rates against them."""
     config = run.config
     world = run.world
     shard = prompt_shard(run.eval_prompts, world.rank, world.world_size)
-    local = sample_scores(run.policy, run.tokenizer, run.reward_model, shard,
-                          temperature=config.temperature, top_p=config.top_p,
-                          max_new_tokens=config.max_new_tokens,
-                          seed=EVAL_SEED + world.rank, chat_template=config.chat_template,
-                          max_prompt_tokens=config.max_prompt_tokens,
-                          stop_token_ids=config.stop_token_ids or ())
+    # The training rollouts' engine and dtype, from the weights just updated (an engine
+    # with its own copy, vLLM, last synced before this iteration's update), sampled as
+    # roll_out samples: the policy in eval mode.
+    run.policy.eval()
+    run.engine.sync_weights(run.policy)
+    try:
+        local = engine_scores(run.engine, run.reward_model, shard,
+                              seed=EVAL_SEED + world.rank, device=run.device)
+    finally:
+        run.policy.train()
     scores = gather_scores(local, len(run.eval_prompts), run.device)
     if not world.is_main:
         return
