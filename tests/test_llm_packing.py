@@ -352,12 +352,11 @@ def test_smoke_runs_packed_and_padded_end_at_the_same_weights(tmp_path, base):
 def test_a_run_whose_policy_cannot_pack_says_so_once_and_stays_padded(capsys):
     policy = tiny_model(seed=0)
     policy.config._attn_implementation = "paged|sdpa"
-    run = SimpleNamespace(config=SimpleNamespace(packing=True), policy=policy,
-                          update_policy=policy, world=SimpleNamespace(is_main=True))
-    assert update_packing(run) is False and update_packing(run) is False
+    config, world = SimpleNamespace(packing=True), SimpleNamespace(is_main=True)
+    # decided once per run (set_up), so said once
+    assert update_packing(config, policy, world) is False
     assert capsys.readouterr().err.count("the update's forwards stay padded") == 1
-    run.update_policy = run.policy = tiny_model(seed=0)
-    assert update_packing(run) is True
-    run.config.packing = False
-    assert update_packing(run) is False
+    assert update_packing(config, tiny_model(seed=0), world) is True
+    config.packing = False
+    assert update_packing(config, tiny_model(seed=0), world) is False
     assert capsys.readouterr().err == ""

@@ -369,17 +369,14 @@ def model_layout(model: nn.Module, attention_mask: Tensor) -> PackedLayout:
     if varlen_attention(model):
         return pack_layout(attention_mask, one_row=True)
     width = model.get_input_embeddings().embedding_dim
-    lengths = attention_mask.bool().sum(-1).cpu()
-    if bool((lengths == 0).any()):
-        return pack_layout(attention_mask)  # which names the empty rows
+    lengths = _host_lengths(attention_mask)
     shapes = {}
     for capacity in row_lengths(lengths):
-        row_of, _ = _bin_sequences(lengths, capacity)
-        used = torch.zeros(int(row_of.max()) + 1, dtype=torch.long).index_add(0, row_of, lengths)
+        used = _bin_sequences(lengths, capacity)[2]
         shapes[capacity] = (used.numel(), int(used.max()))  # rows, trimmed row length
     best = min(shapes, key=lambda c: shapes[c][0] * shapes[c][1]
                * (1 + shapes[c][1] / (6 * width)))
-    return pack_layout(attention_mask, capacity=best)
+    return pack_layout(attention_mask, capacity=best, lengths=lengths)
 
 
 def row_lengths(lengths: Tensor) -> list[int]:
@@ -445,8 +442,8 @@ class PackedLayout(NamedTuple):
         return 1 - self.target.numel() / self.sequence.numel()
 
 
-def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row: bool = False
-                ) -> PackedLayout:
+def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row: bool = False,
+                lengths: Tensor | None = None) -> PackedLayout:
     """Bin the real tokens of every row of a padded batch into rows of at most ``capacity``
     columns (trimmed to the fullest row).
 
@@ -464,6 +461,8 @@ def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row:
         capacity: the longest row, at least the longest sequence (the default).
         one_row: pack every sequence into a single row instead (for flash attention's
             variable-length kernel, :func:`model_layout`).
+        lengths: ``(batch,)`` the rows' real tokens on the CPU, where the caller read them
+            already (the layout's shapes are read on the host: one device sync).
 
     Returns:
         :class:`PackedLayout`.
@@ -479,11 +478,7 @@ def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row:
         ([[0, 0, 0], [1, 1, 2]], [[0, 1, 2], [0, 1, 0]])
     """
     real = attention_mask.bool()
-    lengths = real.sum(-1)
-    if bool((lengths == 0).any()):
-        rows = torch.nonzero(lengths == 0).flatten().tolist()
-        raise ValueError(f"rows {rows} have no real token to pack")
-    host_lengths = lengths.cpu()
+    host_lengths = _host_lengths(attention_mask) if lengths is None else lengths
     longest = int(host_lengths.max())
     if one_row:
         capacity = int(host_lengths.sum())
@@ -491,16 +486,13 @@ def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row:
         capacity = longest
     elif capacity < longest:
         raise ValueError(f"capacity {capacity} is below the longest sequence, {longest}")
-    row_of, offset = _bin_sequences(host_lengths, capacity)
-    used = torch.zeros(int(row_of.max()) + 1, dtype=torch.long).index_add(0, row_of,
-                                                                          host_lengths)
-    capacity = int(used.max())  # no row reaches past its fullest
+    row_of, offset, used = _bin_sequences(host_lengths, capacity)
+    rows, capacity = used.numel(), int(used.max())  # no row reaches past its fullest
     row_of, offset, used = (t.to(attention_mask.device) for t in (row_of, offset, used))
     source = torch.nonzero(real.flatten()).flatten()
     owner = source // attention_mask.shape[1]
     rank = (real.long().cumsum(-1) - 1).flatten()[source]  # position within its sequence
     target = row_of[owner] * capacity + offset[owner] + rank
-    rows = int(row_of.max()) + 1
     sequence = torch.full((rows * capacity,), -1, dtype=torch.long, device=real.device)
     sequence[target] = owner
     column = torch.arange(capacity, device=real.device)
@@ -512,10 +504,19 @@ def pack_layout(attention_mask: Tensor, *, capacity: int | None = None, one_row:
                         source, target)
 
 
-def _bin_sequences(lengths: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+def _host_lengths(attention_mask: Tensor) -> Tensor:
+    """``(batch,)`` real tokens per row, on the CPU, or a ValueError naming empty rows."""
+    lengths = attention_mask.bool().sum(-1).cpu()
+    if bool((lengths == 0).any()):
+        rows = torch.nonzero(lengths == 0).flatten().tolist()
+        raise ValueError(f"rows {rows} have no real token to pack")
+    return lengths
+
+
+def _bin_sequences(lengths: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
     """The packed row and starting column of every sequence (``lengths``: ``(batch,)`` on
     the CPU, none above ``capacity``), largest first, the row's rest filled with the
-    shortest."""
+    shortest; and ``(rows,)`` the tokens each row holds."""
     order = lengths.argsort(descending=True, stable=True)
     sizes = lengths[order]
     # suffix[k] = sizes[k:].sum(), non-increasing in k; negated for bisect
@@ -535,7 +536,7 @@ def _bin_sequences(lengths: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
         high, row = k, row + 1
     row_of, offset = torch.empty_like(sizes), torch.empty_like(sizes)
     row_of[order], offset[order] = row_sorted, offset_sorted
-    return row_of, offset
+    return row_of, offset, torch.zeros(row, dtype=torch.long).index_add(0, row_of, lengths)
 
 
 @contextlib.contextmanager

@@ -52,7 +52,6 @@ import pickle
 import shutil
 import sys
 import time
-import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -471,6 +470,7 @@ class Run:
     engine: RolloutEngine  # samples the training pairs and the evaluation's
     # (objectives,) weights of the minority's mixture; None: every pair uses alpha
     minority_alpha: torch.Tensor | None = None
+    packing: bool = False  # whether the update's forwards are packed (update_packing)
 
     @property
     def local_pairs(self) -> int:
@@ -538,11 +538,11 @@ def set_up(config: TrainConfig, world: Distributed,
     warmup = config.warmup_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / warmup) if warmup else 1.0)
-    return Run(config, out_dir, world, device, method, policy,
-               maybe_compile(causal_lm(policy), config.compile), tokenizer, reference,
-               reward_model, alpha, stream, eval_prompts,
+    update_policy = maybe_compile(causal_lm(policy), config.compile)
+    return Run(config, out_dir, world, device, method, policy, update_policy, tokenizer,
+               reference, reward_model, alpha, stream, eval_prompts,
                optimizer, scheduler, make_rollout_engine(config, policy, tokenizer, device),
-               minority_alpha)
+               minority_alpha, update_packing(config, update_policy, world))
 
 
 def resume_from(run: Run) -> TrainState | None:
@@ -633,11 +633,11 @@ def update(run: Run, batch: PairBatch) -> list[StepStats]:
     forward, at theta_t). Each step of the iteration scope weighs its minibatch by the worst
     case over the whole cache (:class:`IterationLosses`), which lives for this iteration's
     epochs only (nothing of it is checkpointed: checkpoints fall between iterations). The
-    forwards are packed where :func:`update_packing` allows.
+    forwards are packed where :func:`update_packing` allowed (``run.packing``).
     """
     config = run.config
     autocast_dtype = torch.bfloat16 if config.bf16 else None
-    packing = update_packing(run)
+    packing = run.packing
     steps = []
     iteration_losses = pending = None
     for epoch in range(config.epochs):
@@ -663,22 +663,17 @@ def update(run: Run, batch: PairBatch) -> list[StepStats]:
     return steps
 
 
-# The policies whose fallback to padded forwards was reported: once per run.
-_PADDED_NOTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def update_packing(run: Run) -> bool:
-    """Whether the update packs its forwards: ``packing`` is on and the policy's attention
-    kernel isolates packed sequences (:func:`drosim.llm.components.logprobs.packing_refusal`);
-    a fallback to padded forwards is said once in the run's log."""
-    if not run.config.packing:
+def update_packing(config: TrainConfig, update_policy: nn.Module, world: Distributed) -> bool:
+    """Whether the update packs its forwards (decided once, by :func:`set_up`): ``packing``
+    is on and the policy's attention kernel isolates packed sequences
+    (:func:`drosim.llm.components.logprobs.packing_refusal`); a fallback to padded forwards
+    is said in the run's log."""
+    if not config.packing:
         return False
-    refusal = packing_refusal(run.update_policy)
-    if refusal is not None and run.policy not in _PADDED_NOTED:
-        _PADDED_NOTED.add(run.policy)
-        if run.world.is_main:
-            print(f"drosim-llm: packing=true, but {refusal}: the update's forwards stay "
-                  "padded", file=sys.stderr)
+    refusal = packing_refusal(update_policy)
+    if refusal is not None and world.is_main:
+        print(f"drosim-llm: packing=true, but {refusal}: the update's forwards stay padded",
+              file=sys.stderr)
     return refusal is None
 
 
